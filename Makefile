@@ -1,0 +1,37 @@
+# ganforge: every target works on a fresh clone; the first one creates .venv and installs into it.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# torch/torchvision: the pair these CPU machines carry from local disk (see constraints.txt); on a GPU box
+# override TORCH_PKGS, e.g. make install TORCH_PKGS="torch torchvision".
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
+export WANDB_SILENT = true
+
+.PHONY: install demo test test-fast bench clean
+
+$(BIN)/ganforge: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PKGS)
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(BIN)/ganforge
+
+data/digits32/manifest.json: | $(BIN)/ganforge
+	$(BIN)/ganforge data shards builtin:digits data/digits32 --resolution 32 --shard-size 256
+
+demo: data/digits32/manifest.json
+	$(BIN)/ganforge train configs/dev/dcgan-digits.yaml --run-dir runs/demo-dcgan-digits --resume auto
+
+test: $(BIN)/ganforge
+	$(BIN)/python -m pytest
+
+test-fast: $(BIN)/ganforge
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(BIN)/ganforge
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf runs data/digits32 .pytest_cache

@@ -1,0 +1,8 @@
+"""GAN networks as plain ``nn.Module``s, one file per family, looked up through :mod:`.registry`."""
+from architectures import dcgan, mlp  # noqa: F401  (each module registers its family)
+from architectures import biggan  # noqa: F401
+from architectures import stylegan2  # noqa: F401
+from architectures import progan  # noqa: F401
+from architectures.registry import REGISTRY, Architecture, ArchConfig, ImageSpec, count_params, get
+
+__all__ = ["REGISTRY", "Architecture", "ArchConfig", "ImageSpec", "count_params", "get"]

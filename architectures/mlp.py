@@ -1,0 +1,72 @@
+"""The fully connected GAN of the original paper (Goodfellow et al. 2014) and most tutorials.
+
+G: z → Dense → LeakyReLU → … → Dense → tanh, reshaped to an image. D: image → Dense → LeakyReLU →
+… → Dense → one logit. Conditional models concatenate a learned label embedding to z (G) and to the
+flattened image (D), as in Mirza & Osindero 2014.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from architectures.registry import Architecture, ArchConfig, ImageSpec, register
+
+
+class MLPConfig(ArchConfig):
+    """Sizes of the fully connected G and D."""
+
+    arch: Literal["mlp"] = "mlp"
+    z_dim: int = Field(64, ge=1, description="latent size")
+    hidden: int = Field(256, ge=1, description="width of every hidden layer")
+    layers: int = Field(3, ge=1, le=16, description="hidden layers in G and in D")
+    label_dim: int = Field(16, ge=1, description="label embedding size (conditional models)")
+    leak: float = Field(0.2, ge=0.0, lt=1.0, description="LeakyReLU negative slope")
+
+
+def _mlp(sizes: list[int], leak: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.LeakyReLU(leak))
+    return nn.Sequential(*layers)
+
+
+class MLPGenerator(nn.Module):
+    """z (and label) → flat vector → tanh image."""
+
+    def __init__(self, cfg: MLPConfig, spec: ImageSpec):
+        super().__init__()
+        self.z_dim, self.spec = cfg.z_dim, spec
+        self.embed = nn.Embedding(spec.num_classes, cfg.label_dim) if spec.num_classes else None
+        n_in = cfg.z_dim + (cfg.label_dim if self.embed is not None else 0)
+        n_out = spec.channels * spec.resolution**2
+        self.net = _mlp([n_in] + [cfg.hidden] * cfg.layers + [n_out], cfg.leak)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(c)], dim=1)
+        s = self.spec
+        return torch.tanh(self.net(z)).view(-1, s.channels, s.resolution, s.resolution)
+
+
+class MLPDiscriminator(nn.Module):
+    """Flat image (and label) → one logit."""
+
+    def __init__(self, cfg: MLPConfig, spec: ImageSpec):
+        super().__init__()
+        self.embed = nn.Embedding(spec.num_classes, cfg.label_dim) if spec.num_classes else None
+        n_in = spec.channels * spec.resolution**2 + (cfg.label_dim if self.embed is not None else 0)
+        self.net = _mlp([n_in] + [cfg.hidden] * cfg.layers + [1], cfg.leak)
+
+    def forward(self, img: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        x = img.flatten(1)
+        if self.embed is not None:
+            x = torch.cat([x, self.embed(c)], dim=1)
+        return self.net(x).squeeze(1)
+
+
+register(Architecture("mlp", MLPConfig, MLPGenerator, MLPDiscriminator))

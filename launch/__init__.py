@@ -1,0 +1,1 @@
+"""Entry points: the ``ganforge`` command line, and the modules that launchers run."""

@@ -1,0 +1,168 @@
+"""Checkpoints: one directory per save, written atomically, verified on load, never unpickling code.
+
+A checkpoint ``ckpt-<step>/`` holds ``state.pt`` (every piece of training state: nets, optimizers,
+EMA, scaler, counters, RNG states, data position), ``config.yaml`` (the resolved config) and, last,
+``COMPLETE.json`` with the sha256 of the other files. It is written under a temporary name and
+renamed into place, so a crash mid-write leaves the previous checkpoints as they were and no
+half-written directory is ever picked: only directories with a ``COMPLETE.json`` count, and their
+checksums are verified before loading. ``state.pt`` is read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from architectures.registry import StrictConfig
+from orchestrator.data import sha256_file
+
+STATE, CONFIG, COMPLETE, BEST = "state.pt", "config.yaml", "COMPLETE.json", "BEST"
+NAME = re.compile(r"^ckpt-(\d{9})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or loaded; the message names the path."""
+
+
+class CheckpointConfig(StrictConfig):
+    """When to save and how many to keep."""
+
+    every_kimg: float = Field(50.0, gt=0, description="save every this many thousand images")
+    keep_last: int = Field(3, ge=1, description="keep this many newest checkpoints (plus any marked best)")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml: str, keep_last: int) -> Path:
+    """Write ``ckpt-<step>`` atomically, then prune old ones; returns its path."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"ckpt-{step:09d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        tmp.mkdir()
+        torch.save(state, tmp / STATE)
+        (tmp / CONFIG).write_text(config_yaml)
+        sums = {name: sha256_file(tmp / name) for name in (STATE, CONFIG)}
+        for name in (STATE, CONFIG):
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        with open(tmp / COMPLETE, "w") as f:
+            json.dump({"step": step, "sha256": sums, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step after a resume: swap it out, then delete it
+            old = root / f".old-{final.name}-{time.monotonic_ns()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free if root.exists() else 0
+        raise CheckpointError(f"cannot write checkpoint {final}: {e} ({free / 2**20:.0f} MiB free there); "
+                              f"the previous checkpoints are untouched") from e
+    prune(run_dir, keep_last)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run (those with ``COMPLETE.json``), oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.exists():
+        return []
+    found = [p for p in root.iterdir() if NAME.match(p.name) and (p / COMPLETE).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def mark_best(path: Path, info: dict) -> None:
+    """Protect a checkpoint from pruning (e.g. the best FID so far) and unmark the others."""
+    for other in list_checkpoints(path.parent.parent):
+        (other / BEST).unlink(missing_ok=True)
+    (path / BEST).write_text(json.dumps(info))
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints and those marked best, plus leftovers
+    of interrupted writes."""
+    ckpts = list_checkpoints(run_dir)
+    for p in ckpts[:-keep_last]:
+        if not (p / BEST).exists():
+            shutil.rmtree(p, ignore_errors=True)
+    for p in checkpoint_dir(run_dir).glob(".tmp-ckpt-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is complete and its files match their checksums."""
+    marker = path / COMPLETE
+    if not marker.exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE}); it was probably cut off mid-write")
+    try:
+        sums = json.loads(marker.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{marker} is unreadable ({e})") from None
+    for name, want in sums.items():
+        f = path / name
+        if not f.exists() or sha256_file(f) != want:
+            raise CheckpointError(f"{f} is missing or does not match its checksum in {COMPLETE}: truncated or altered")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose checksums verify, skipping (and naming) broken ones."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            print(f"warning: skipping checkpoint: {e}", flush=True)
+    return None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify and load ``state.pt`` of a checkpoint directory with ``weights_only=True`` (no code runs)."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    verify(path)
+    try:
+        return torch.load(path / STATE, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable state is reported with its path
+        raise CheckpointError(f"cannot read {path / STATE}: {e}") from None
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict`` with an error that lists missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:10]}" if missing else "", f"unexpected {unexpected[:10]}" if unexpected else "",
+                 f"shape mismatch {shapes[:10]}" if shapes else ""]
+        raise CheckpointError(f"{what} in the checkpoint does not fit this config's network: "
+                              + "; ".join(p for p in parts if p) + " (another architecture or config?)")
+    module.load_state_dict(state)

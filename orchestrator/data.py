@@ -1,0 +1,487 @@
+"""Images as WebDataset shards: writing them (``ganforge data shards``) and streaming them (``ShardStream``).
+
+A shard set is a folder of ``train-NNNNNN.tar`` and ``holdout-NNNNNN.tar`` files plus a
+``manifest.json`` (counts, resolution, channels, class names, sha256 of every shard). Each sample is
+a PNG (``png``) and, for labelled data, its class index (``cls``).
+
+Reading is deterministic and resumable, so that a resumed run sees exactly the batches an
+uninterrupted run would have seen. The stream of one rank is cut into one *role* per DataLoader
+worker; role ``r`` of rank ``k`` reads, in each of its epochs, every ``n``-th shard of a seeded
+permutation of the shard list (``n`` = ranks × workers), shuffles samples through a seeded buffer,
+skips what an earlier run already consumed (before decoding), decodes, and batches. Every batch
+carries its role's cursor ``(epoch, samples read)``; :class:`ShardLoader` keeps the cursor of the
+last batch it handed out per role, and that is the data position saved in checkpoints. Bad samples
+(unreadable tar members, non-images, wrong size or mode, labels out of range) are skipped and
+reported with their shard and key; :class:`DataHealth` counts them and stops the run when too many.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import random
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from pydantic import Field
+from webdataset import filters, shardlists, tariterators
+
+from architectures.registry import ImageSpec, StrictConfig
+
+MANIFEST = "manifest.json"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the file and what to do."""
+
+
+class DataConfig(StrictConfig):
+    """Where the training shards are and how to stream them."""
+
+    shards: str = Field(description="training shards: a local glob, a brace pattern or a pipe: URL")
+    manifest: str | None = Field(None, description="manifest.json (default: beside the shards)")
+    holdout: str | None = Field(None, description="held-out shards for evaluation (default: holdout-*.tar beside the training shards)")
+    resolution: int | None = Field(None, ge=4, description="must match the manifest when both are given")
+    channels: int | None = Field(None, ge=1, le=4, description="must match the manifest when both are given")
+    num_classes: int | None = Field(None, ge=0, description="must match the manifest when both are given")
+    workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes per rank (0: read in the training process)")
+    shuffle_buffer: int = Field(1000, ge=1, description="samples held in the shuffle buffer")
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="stop when more than this fraction of samples is bad")
+    min_samples_for_bad_check: int = Field(1000, ge=1, description="samples read before the bad fraction is judged")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing shards
+
+
+@dataclass
+class SourceImages:
+    """Images read from a source, before resizing: PIL images, class indices (or None) and names."""
+
+    images: list[Image.Image]
+    labels: list[int] | None
+    class_names: list[str]
+    keys: list[str]
+
+
+def read_source(source: str) -> SourceImages:
+    """Read ``builtin:digits``, an image folder (labels from subfolders), a .zip of one, or an .npz."""
+    if source == "builtin:digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        imgs = [Image.fromarray(np.round(x * (255 / 16)).astype(np.uint8), mode="L") for x in d.images]
+        return SourceImages(imgs, [int(t) for t in d.target], [str(n) for n in d.target_names],
+                            [f"digits-{i:05d}" for i in range(len(imgs))])
+    if source.startswith("builtin:"):
+        raise DataError(f"unknown built-in data set {source!r}; available: builtin:digits")
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data source {source} does not exist; give an image folder, a .zip, an .npz or builtin:digits")
+    if path.is_dir():
+        files = {str(p.relative_to(path)): p.read_bytes for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
+        return _from_named_files(source, files)
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(n for n in zf.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES)
+            files = {n: (lambda n=n: zf.read(n)) for n in names}
+            return _from_named_files(source, files)
+    if path.suffix == ".npz":
+        return _from_npz(path)
+    raise DataError(f"cannot read {source}: expected a folder, a .zip, an .npz or builtin:digits")
+
+
+def _from_named_files(source: str, files: dict[str, Any]) -> SourceImages:
+    """Images keyed by relative path; the first path component is the class when every image has one."""
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {source}")
+    labelled = all(len(Path(n).parts) >= 2 for n in files)
+    class_names = sorted({Path(n).parts[0] for n in files}) if labelled else []
+    images, labels, keys = [], [], []
+    for name, read in files.items():
+        try:
+            img = Image.open(io.BytesIO(read()))
+            img.load()
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise DataError(f"{source}: {name} is not a readable image ({e}); remove or fix it") from None
+        images.append(img)
+        keys.append(name)
+        if labelled:
+            labels.append(class_names.index(Path(name).parts[0]))
+    return SourceImages(images, labels if labelled else None, class_names, keys)
+
+
+def _from_npz(path: Path) -> SourceImages:
+    with np.load(path, allow_pickle=False) as z:
+        keys = list(z.keys())
+        img_key = next((k for k in ("images", "x", "arr_0") if k in z), None)
+        if img_key is None:
+            raise DataError(f"{path}: no image array; expected a key 'images' (N×H×W or N×H×W×C uint8), found {keys}")
+        arr = z[img_key]
+        lab_key = next((k for k in ("labels", "y") if k in z), None)
+        labels = [int(v) for v in z[lab_key]] if lab_key else None
+        names = [str(n) for n in z["class_names"]] if "class_names" in z else (
+            [str(i) for i in range(max(labels) + 1)] if labels else [])
+    if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(0, 2, 3, 1)  # N×C×H×W → N×H×W×C
+    if arr.dtype != np.uint8:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = np.round((arr - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (3, 4):
+        raise DataError(f"{path}: '{img_key}' has shape {arr.shape}; expected N×H×W or N×H×W×C")
+    if labels is not None and len(labels) != len(arr):
+        raise DataError(f"{path}: {len(arr)} images but {len(labels)} labels")
+    images = [Image.fromarray(a) for a in arr]
+    return SourceImages(images, labels, names, [f"npz-{i:07d}" for i in range(len(images))])
+
+
+def prepare_image(img: Image.Image, resolution: int, channels: int) -> Image.Image:
+    """Centre-crop to a square and resize to ``resolution`` with Lanczos; convert to L or RGB."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if s != resolution:
+        img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return img
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shards(source: str, out: str | Path, resolution: int, holdout: float = 0.1, shard_size: int = 1000,
+                 channels: int | None = None, seed: int = 0) -> dict:
+    """Write ``train-*.tar``/``holdout-*.tar`` shards and ``manifest.json`` to ``out``; return the manifest.
+
+    Images are split at random (``seed``) into held-out and training sets; an image whose pixels
+    equal a held-out image's (after resizing) is dropped from training, so the two never share one.
+    """
+    if resolution < 4 or resolution & (resolution - 1):
+        raise DataError(f"--resolution {resolution}: must be a power of two ≥ 4")
+    if not 0 <= holdout < 1:
+        raise DataError(f"--holdout {holdout}: must be in [0, 1)")
+    src = read_source(source)
+    if channels is None:
+        channels = 1 if all(im.mode in ("L", "1", "I", "I;16", "F") for im in src.images) else 3
+    order = list(range(len(src.images)))
+    random.Random(seed).shuffle(order)
+    n_hold = int(round(holdout * len(order)))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("train-*.tar")) + list(out.glob("holdout-*.tar")):
+        old.unlink()
+
+    encoded = {}
+    for i in order:
+        img = prepare_image(src.images[i], resolution, channels)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=1)
+        encoded[i] = (buf.getvalue(), hashlib.sha256(img.tobytes()).hexdigest())
+    held_hashes = {encoded[i][1] for i in order[:n_hold]}
+    train_idx = [i for i in order[n_hold:] if encoded[i][1] not in held_hashes]
+    splits = {"holdout": order[:n_hold], "train": train_idx}
+
+    manifest: dict[str, Any] = {
+        "format": "ganforge-shards/1", "source": source, "resolution": resolution, "channels": channels,
+        "num_classes": len(src.class_names) if src.labels is not None else 0,
+        "class_names": src.class_names if src.labels is not None else [],
+        "seed": seed, "duplicates_dropped_from_train": len(order) - n_hold - len(train_idx), "splits": {},
+    }
+    for split, idx in splits.items():
+        pattern = str(out / f"{split}-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
+            for i in idx:
+                sample = {"__key__": f"{i:08d}", "png": encoded[i][0], "src.txt": src.keys[i]}
+                if src.labels is not None:
+                    sample["cls"] = src.labels[i]
+                sink.write(sample)
+        shards = sorted(out.glob(f"{split}-*.tar"))
+        counts = _count_per_shard(len(idx), shard_size, len(shards))
+        manifest["splits"][split] = {
+            "count": len(idx),
+            "shards": [{"name": p.name, "count": c, "sha256": sha256_file(p)} for p, c in zip(shards, counts)],
+        }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def _count_per_shard(total: int, shard_size: int, n_shards: int) -> list[int]:
+    return [min(shard_size, total - k * shard_size) for k in range(n_shards)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading shards
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Shard URLs of a local glob, a brace pattern (``a-{000..009}.tar``) or ``pipe:`` URLs (``::``-separated)."""
+    urls = []
+    for url in shardlists.expand_urls(pattern):
+        if url.startswith("pipe:") or "://" in url:
+            urls.append(url)
+        elif any(ch in url for ch in "*?["):
+            urls.extend(sorted(glob.glob(url)))
+        else:
+            urls.append(url)
+    missing = [u for u in urls if not (u.startswith("pipe:") or "://" in u) and not os.path.exists(u)]
+    if not urls or missing:
+        what = f"no shard matches {pattern!r}" if not urls else f"shard {missing[0]} does not exist"
+        raise DataError(f"{what}; write shards with `ganforge data shards SOURCE OUT --resolution R` "
+                        f"and point data.shards at OUT/train-*.tar")
+    return urls
+
+
+def load_manifest(cfg: DataConfig) -> dict | None:
+    """The manifest named by ``data.manifest``, or the one beside local shards; None if there is none."""
+    if cfg.manifest:
+        path = Path(cfg.manifest)
+        if not path.exists():
+            raise DataError(f"data.manifest: {path} does not exist")
+    else:
+        first = cfg.shards.split("::")[0]
+        if first.startswith("pipe:") or "://" in first:
+            return None
+        path = Path(os.path.dirname(first) or ".") / MANIFEST
+        if not path.exists():
+            return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable manifest ({e}); rewrite it with `ganforge data shards`") from None
+
+
+def image_spec(cfg: DataConfig, manifest: dict | None) -> ImageSpec:
+    """Resolution, channels and classes from the manifest, checked against the config's own values."""
+    values = {}
+    for key in ("resolution", "channels", "num_classes"):
+        mine, theirs = getattr(cfg, key), (manifest or {}).get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise DataError(f"data.{key} is {mine} but the shards' manifest says {theirs}; "
+                            f"remove data.{key} or point data.shards at matching shards")
+        values[key] = mine if mine is not None else theirs
+    for key in ("resolution", "channels"):
+        if values[key] is None:
+            raise DataError(f"data.{key} is unknown: no manifest.json beside {cfg.shards!r}; "
+                            f"set data.manifest or data.{key}")
+    return ImageSpec(values["resolution"], values["channels"], values["num_classes"] or 0)
+
+
+@dataclass
+class Batch:
+    """What a ShardStream role yields: images in [-1, 1], labels, their sample keys, the role's cursor
+    after this batch, and the bad samples met since the previous batch as ``(shard, key, reason)``."""
+
+    img: torch.Tensor
+    label: torch.Tensor
+    keys: list[str]
+    role: int
+    cursor: tuple[int, int]
+    bad: list[tuple[str, str, str]] = field(default_factory=list)
+    read: int = 0
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """An endless, deterministic stream of batches from one rank's share of the shards."""
+
+    def __init__(self, urls: list[str], spec: ImageSpec, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, num_roles: int = 1, role_offset: int = 0,
+                 cursors: list[tuple[int, int]] | None = None, shuffle_buffer: int = 1000):
+        super().__init__()
+        n_streams = world_size * num_roles
+        if len(urls) < n_streams:
+            raise DataError(f"{len(urls)} shard(s) cannot feed {world_size} rank(s) × {num_roles} loader worker(s); "
+                            f"write more, smaller shards (ganforge data shards --shard-size) or lower data.workers")
+        self.urls, self.spec, self.batch_size = list(urls), spec, batch_size
+        self.seed, self.rank, self.world_size, self.num_roles = seed, rank, world_size, num_roles
+        self.role_offset, self.shuffle_buffer = role_offset, shuffle_buffer
+        self.cursors = list(cursors) if cursors else [(0, 0)] * num_roles
+
+    def _role(self) -> int:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        return (worker + self.role_offset) % self.num_roles
+
+    def __iter__(self) -> Iterator[Batch]:
+        role = self._role()
+        stream = self.rank * self.num_roles + role
+        n_streams = self.world_size * self.num_roles
+        epoch, skip = self.cursors[role]
+        imgs, labels, keys, bad, read = [], [], [], [], 0
+        while True:
+            shards = list(self.urls)
+            random.Random(f"{self.seed}-shards-{epoch}").shuffle(shards)
+            errors: list[tuple[str, str, str]] = []
+
+            def on_error(exn: Exception) -> bool:
+                errors.append((_url_of(exn), "", f"unreadable: {exn}"))
+                return True
+
+            samples = tariterators.tarfile_samples(({"url": u} for u in shards[stream::n_streams]), handler=on_error)
+            rng = random.Random(f"{self.seed}-samples-{epoch}-{stream}")
+            good_in_epoch = 0
+            for index, sample in enumerate(filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)):
+                bad.extend(errors)
+                errors.clear()
+                if index < skip:
+                    continue
+                read += 1
+                decoded = decode_sample(sample, self.spec)
+                if isinstance(decoded, str):
+                    bad.append((sample.get("__url__", "?"), sample.get("__key__", "?"), decoded))
+                    continue
+                good_in_epoch += 1
+                imgs.append(decoded[0])
+                labels.append(decoded[1])
+                keys.append(sample["__key__"])
+                if len(imgs) == self.batch_size:
+                    yield Batch(torch.stack(imgs), torch.tensor(labels, dtype=torch.long), keys, role,
+                                (epoch, index + 1), bad, read)
+                    imgs, labels, keys, bad, read = [], [], [], [], 0
+            bad.extend(errors)
+            if good_in_epoch == 0 and skip == 0:
+                raise DataError(f"rank {self.rank} loader role {role}: shards {shards[stream::n_streams]} hold no "
+                                f"usable sample (bad: {bad[:3]}); check them with `tar tf` or rewrite them")
+            epoch, skip = epoch + 1, 0
+
+
+def _url_of(exn: Exception) -> str:
+    for a in getattr(exn, "args", ()):
+        if isinstance(a, str) and (a.endswith(".tar") or a.startswith("pipe:")):
+            return a
+    return "?"
+
+
+def decode_sample(sample: dict, spec: ImageSpec) -> tuple[torch.Tensor, int] | str:
+    """``(image in [-1, 1] as C×H×W float, label)`` or the reason the sample is bad."""
+    data = sample.get("png") or sample.get("jpg") or sample.get("jpeg")
+    if data is None:
+        return f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})"
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # noqa: BLE001
+        return f"not an image: {type(e).__name__}"
+    want_mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(spec.channels)
+    if img.size != (spec.resolution, spec.resolution) or img.mode != want_mode:
+        return f"{img.mode} {img.size[0]}×{img.size[1]}, expected {want_mode} {spec.resolution}×{spec.resolution}"
+    label = 0
+    if spec.num_classes:
+        try:
+            label = int(sample["cls"])
+        except (KeyError, ValueError):
+            return "missing or unreadable label"
+        if not 0 <= label < spec.num_classes:
+            return f"label {label} out of range [0, {spec.num_classes})"
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    return x.float().div_(127.5).sub_(1.0), label
+
+
+class DataHealth:
+    """Counts samples read and bad samples per shard; raises when the bad fraction is too high."""
+
+    def __init__(self, max_bad_fraction: float, min_samples: int):
+        self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
+        self.read = 0
+        self.bad_by_shard: Counter[str] = Counter()
+        self.examples: list[tuple[str, str, str]] = []
+
+    @property
+    def bad(self) -> int:
+        return sum(self.bad_by_shard.values())
+
+    def update(self, batch: Batch) -> list[tuple[str, str, str]]:
+        """Count a batch's reads and bad samples; return the new bad samples (to be logged)."""
+        self.read += batch.read
+        for shard, key, reason in batch.bad:
+            self.bad_by_shard[shard] += 1
+            if len(self.examples) < 20:
+                self.examples.append((shard, key, reason))
+        if self.read >= self.min_samples and self.bad > self.max_bad_fraction * self.read:
+            worst = ", ".join(f"{s} ({n})" for s, n in self.bad_by_shard.most_common(5))
+            raise DataError(f"{self.bad} of {self.read} samples were bad (> data.max_bad_fraction="
+                            f"{self.max_bad_fraction}); worst shards: {worst}; first: {self.examples[:3]}")
+        return batch.bad
+
+    def state_dict(self) -> dict:
+        return {"read": self.read, "bad_by_shard": dict(self.bad_by_shard)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.read = state["read"]
+        self.bad_by_shard = Counter(state["bad_by_shard"])
+
+
+class ShardLoader:
+    """This rank's batches, from a DataLoader over a :class:`ShardStream`, with a resumable position.
+
+    The position is the cursor of the last batch handed out per role plus how many batches were
+    handed out; on resume the roles are rotated so that the first new batch comes from the role
+    whose turn it was (DataLoader takes batches from its workers in turn).
+    """
+
+    def __init__(self, cfg: DataConfig, spec: ImageSpec, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.cfg, self.spec, self.batch_size = cfg, spec, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.urls = expand_shards(cfg.shards)
+        self.num_roles = max(1, cfg.workers)
+        self.batches = 0
+        self.cursors: list[tuple[int, int]] = [(0, 0)] * self.num_roles
+        self.health = DataHealth(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
+        self._it: Iterator[Batch] | None = None
+
+    def _start(self) -> None:
+        offset = self.batches % self.num_roles
+        stream = ShardStream(self.urls, self.spec, self.batch_size, seed=self.seed, rank=self.rank,
+                             world_size=self.world_size, num_roles=self.num_roles, role_offset=offset,
+                             cursors=self.cursors, shuffle_buffer=self.cfg.shuffle_buffer)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.workers,
+                                             collate_fn=lambda b: b, prefetch_factor=2 if self.cfg.workers else None,
+                                             multiprocessing_context="fork" if self.cfg.workers else None)
+        self._it = iter(loader)
+
+    def next(self) -> Batch:
+        """The next batch; updates the position and the bad-sample counts."""
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        self.cursors[batch.role] = batch.cursor
+        self.batches += 1
+        self.health.update(batch)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "cursors": [list(c) for c in self.cursors], "num_roles": self.num_roles,
+                "world_size": self.world_size, "health": self.health.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; with another worker or rank count, restart from the next epoch."""
+        self.health.load_state_dict(state["health"])
+        if state["num_roles"] == self.num_roles and state["world_size"] == self.world_size:
+            self.batches = state["batches"]
+            self.cursors = [tuple(c) for c in state["cursors"]]
+        else:
+            next_epoch = max(e for e, _ in state["cursors"]) + 1
+            self.cursors = [(next_epoch, 0)] * self.num_roles
+        self._it = None
+

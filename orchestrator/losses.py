@@ -1,0 +1,70 @@
+"""Adversarial losses and regularizers as plain functions of logits, images and networks.
+
+Conventions: ``D`` returns raw logits; ``softplus(x) = log(1 + e^x)``, so ``-log σ(x) = softplus(-x)``
+and ``-log(1 - σ(x)) = softplus(x)``. Every loss is a mean over the batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from architectures.registry import StrictConfig
+
+LossKind = Literal["minimax", "nonsaturating", "hinge", "wgan"]
+
+
+class LossConfig(StrictConfig):
+    """The adversarial loss and the regularizers with their weights and intervals."""
+
+    kind: LossKind = Field("nonsaturating", description="minimax | nonsaturating | hinge | wgan")
+    d_steps: int = Field(1, ge=1, le=100, description="D (critic) steps per G step")
+    r1_gamma: float = Field(0.0, ge=0.0, description="R1 weight γ on real images (0: off)")
+    r1_interval: int = Field(1, ge=1, description="apply R1 every this many D steps, scaled by the interval (lazy)")
+    gp_weight: float = Field(0.0, ge=0.0, description="WGAN-GP weight λ (0: off)")
+    drift: float = Field(0.0, ge=0.0, description="ε of the drift term ε·E[D(x)²] (ProGAN uses 0.001)")
+
+
+def d_loss(kind: LossKind, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator's loss for one batch of real and one of fake logits."""
+    if kind in ("minimax", "nonsaturating"):  # −log D(x) − log(1 − D(G(z))), Goodfellow et al. 2014 eq. 1
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    if kind == "hinge":  # Lim & Ye 2017; Miyato et al. 2018
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    if kind == "wgan":  # Arjovsky et al. 2017: the critic maximises E[D(x)] − E[D(G(z))]
+        return fake_logits.mean() - real_logits.mean()
+    raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def g_loss(kind: LossKind, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The generator's loss for a batch of fake logits."""
+    if kind == "minimax":  # minimise log(1 − D(G(z))) = −softplus(logit)
+        return -F.softplus(fake_logits).mean()
+    if kind == "nonsaturating":  # maximise log D(G(z)) instead (Goodfellow et al. 2014, section 3)
+        return F.softplus(-fake_logits).mean()
+    if kind in ("hinge", "wgan"):
+        return -fake_logits.mean()
+    raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def r1_penalty(real_img: torch.Tensor, real_logits: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Per-image ‖∇ₓ D(x)‖² on real images (Mescheder et al. 2018, eq. 9), kept differentiable.
+
+    ``real_img`` must have ``requires_grad`` set before ``real_logits`` was computed. ``scale``
+    multiplies the logits before differentiating and divides the gradient after, so that an fp16
+    loss scale can keep the gradient from underflowing.
+    """
+    (grad,) = torch.autograd.grad((real_logits.sum() * scale,), (real_img,), create_graph=True)
+    grad = grad / scale
+    return grad.float().square().flatten(1).sum(1)
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image (‖∇ D(x̂)‖ − 1)² at random points x̂ between real and fake (Gulrajani et al. 2017, eq. 3)."""
+    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator, dtype=real.dtype)
+    mix = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad((critic(mix).sum(),), (mix,), create_graph=True)
+    return (grad.float().flatten(1).norm(dim=1) - 1).square()

@@ -1,0 +1,44 @@
+"""Shared fixtures: real shards of scikit-learn's digits, and W&B kept offline."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _offline_tracking(monkeypatch):
+    """W&B never goes online in tests: no API key, offline mode, quiet."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory) -> Path:
+    """Digits at 16×16 in shards of 128 (13 train shards, 2 held-out)."""
+    from orchestrator.data import write_shards
+
+    out = tmp_path_factory.mktemp("digits16")
+    write_shards("builtin:digits", out, resolution=16, holdout=0.1, shard_size=128)
+    return out
+
+
+def tiny_config(shards: Path, arch: str = "dcgan", **sections) -> dict:
+    """A raw config dict for a tiny, fast run on the digits shards (override sections by keyword)."""
+    model = {"dcgan": {"arch": "dcgan", "z_dim": 16, "g_channels": 8, "d_channels": 8},
+             "mlp": {"arch": "mlp", "z_dim": 16, "hidden": 32, "layers": 2}}[arch]
+    cfg = {"model": model,
+           "data": {"shards": str(shards / "train-*.tar"), "workers": 0, "shuffle_buffer": 64},
+           "train": {"batch_size": 16, "total_kimg": 0.16, "seed": 0, "threads": 2},
+           "checkpoint": {"every_kimg": 0.08, "keep_last": 2},
+           "tracking": {"log_every": 1, "sample_every_kimg": 0.08, "grid_size": 4, "progress_bar": False,
+                        "wandb": {"mode": "disabled"}}}
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg

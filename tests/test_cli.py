@@ -1,0 +1,102 @@
+"""The ganforge command line, run as users run it (subprocesses of the installed console script)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import tiny_config
+
+GANFORGE = [str(Path(sys.executable).parent / "ganforge")]
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(GANFORGE + list(args), capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"ganforge {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits16) -> Path:
+    """A tiny trained run, through the CLI."""
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(digits16, tracking={"wandb": {"mode": "offline"}})))
+    out = cli("train", str(cfg), "--run-dir", str(tmp / "run"), "--set", "train.total_kimg=0.064")
+    assert "checkpoint:" in out.stdout and "sample grid:" in out.stdout and "W&B run:" in out.stdout
+    return tmp / "run"
+
+
+def test_train_prints_where_everything_is(trained):
+    ckpt = trained / "checkpoints" / "ckpt-000000004"
+    assert (ckpt / "COMPLETE.json").exists() and (trained / "config.yaml").exists()
+    assert list((trained / "samples").glob("grid-*.png"))
+    runs = list((trained / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert list(runs[0].glob("files/media/images/samples/grid_*.png"))
+
+
+def test_generate_writes_images_and_grid(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "ckpt-000000004"
+    cli("generate", str(ckpt), "--num", "5", "--out", str(tmp_path / "gen"), "--seed", "7", "--class", "3")
+    names = sorted(p.name for p in (tmp_path / "gen").iterdir())
+    assert names == ["grid.png", "seed0007.png", "seed0008.png", "seed0009.png", "seed0010.png", "seed0011.png"]
+    assert Image.open(tmp_path / "gen" / "seed0007.png").size == (16, 16)
+    # the same seed gives the same image
+    cli("generate", str(ckpt), "--num", "1", "--out", str(tmp_path / "again"), "--seed", "7", "--class", "3")
+    assert (tmp_path / "again" / "seed0007.png").read_bytes() == (tmp_path / "gen" / "seed0007.png").read_bytes()
+
+
+def test_generate_rejects_what_the_model_cannot_do(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "ckpt-000000004"
+    p = cli("generate", str(ckpt), "--out", str(tmp_path), "--truncation", "0.7", check=False)
+    assert p.returncode == 2 and "dcgan generator has no truncation trick" in p.stderr
+    p = cli("generate", str(ckpt), "--out", str(tmp_path), "--class", "12", check=False)
+    assert p.returncode == 2 and "this model has 10 classes" in p.stderr
+
+
+def test_info_json(digits16, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(digits16)))
+    info = json.loads(cli("info", str(cfg), "--json").stdout)
+    from architectures import ImageSpec, count_params, get
+
+    arch = get("dcgan")
+    model = arch.config(**tiny_config(digits16)["model"])
+    spec = ImageSpec(16, 1, 10)
+    assert info["g_params"] == count_params(arch.build_generator(model, spec))
+    assert info["d_params"] == count_params(arch.build_discriminator(model, spec))
+    assert info["output_shape"] == [1, 1, 16, 16] and info["config"]["train"]["batch_size"] == 16
+    human = cli("info", str(cfg), "--set", "model.g_channels=4").stdout
+    assert "g_channels: 4" in human and "trainable parameters" in human
+
+
+def test_data_shards_command(tmp_path):
+    out = cli("data", "shards", "builtin:digits", str(tmp_path / "d"), "--resolution", "8", "--holdout", "0.2",
+              "--shard-size", "500").stdout
+    assert "1438 training images in 3 shard(s) and 359 held-out images in 1 shard(s)" in out
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["splits"]["holdout"]["count"] == 359
+
+
+def test_config_errors_exit_2_with_the_message(digits16, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    raw = tiny_config(digits16)
+    raw["train"]["bach_size"] = 3
+    cfg.write_text(yaml.safe_dump(raw))
+    p = cli("train", str(cfg), "--run-dir", str(tmp_path / "r"), check=False)
+    assert p.returncode == 2 and "unknown key 'train.bach_size'; did you mean 'batch_size'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("command", [["train"], ["generate"], ["data", "shards"], ["info"]])
+def test_help_explains_every_option(command):
+    text = cli(*command, "--help").stdout
+    for option in {"train": ["--set", "--run-dir", "--resume"], "generate": ["--num", "--out", "--seed", "--truncation", "--class"],
+                   "data": ["--resolution", "--holdout", "--shard-size"], "info": ["--json", "--set"]}[command[0]]:
+        assert option in text

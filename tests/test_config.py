@@ -1,0 +1,89 @@
+"""Config loading: validation errors name the file, line, key and the nearest valid key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError, JobConfig, config_from_yaml_text, load_config
+
+GOOD = """\
+model:
+  arch: dcgan
+  z_dim: 16
+data:
+  shards: data/x/train-*.tar
+train:
+  batch_size: 8
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_fills_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.model.arch == "dcgan" and cfg.model.z_dim == 16 and cfg.model.g_channels == 64
+    assert cfg.train.batch_size == 8 and cfg.loss.kind == "nonsaturating"
+
+
+def test_unknown_key_names_file_line_and_nearest_key(tmp_path):
+    path = write(tmp_path, GOOD.replace("  z_dim: 16", "  z_dim: 16\n  g_chanels: 8"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert f"{path}:4" in msg and "'model.g_chanels'" in msg and "did you mean 'g_channels'" in msg
+
+
+def test_unknown_section_and_nested_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'; did you mean 'train'"):
+        load_config(write(tmp_path, GOOD + "trian: {}\n"))
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.g.learning_rate'.*valid keys here: betas, eps, lr"):
+        load_config(write(tmp_path, GOOD + "optim:\n  g:\n    learning_rate: 0.1\n"))
+
+
+def test_wrong_type_and_out_of_range(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD.replace("batch_size: 8", "batch_size: eight")))
+    assert "job.yaml:7: train.batch_size" in str(e.value) and "'eight'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"train.batch_size: Input should be greater than or equal to 1 \(got 0\)"):
+        load_config(write(tmp_path, GOOD.replace("batch_size: 8", "batch_size: 0")))
+    with pytest.raises(ConfigError, match=r"optim.d.betas.1: Input should be less than 1"):
+        load_config(write(tmp_path, GOOD + "optim:\n  d:\n    betas: [0.5, 1.5]\n"))
+
+
+def test_unknown_architecture_suggests_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"'dcgna' is not a known architecture; did you mean 'dcgan'"):
+        load_config(write(tmp_path, GOOD.replace("arch: dcgan", "arch: dcgna")))
+
+
+def test_set_overrides_and_their_errors(tmp_path):
+    path = write(tmp_path, GOOD)
+    cfg = load_config(path, ["train.batch_size=32", "loss.kind=hinge", "optim.g.betas=[0.0, 0.99]"])
+    assert cfg.train.batch_size == 32 and cfg.loss.kind == "hinge" and cfg.optim.g.betas == (0.0, 0.99)
+    with pytest.raises(ConfigError, match=r"--set train.bach_size: unknown key 'train.bach_size'; did you mean 'batch_size'"):
+        load_config(path, ["train.bach_size=3"])
+    with pytest.raises(ConfigError, match=r"expected section.key=value"):
+        load_config(path, ["train.batch_size"])
+
+
+def test_missing_required_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"data: required key is missing"):
+        load_config(write(tmp_path, "model:\n  arch: mlp\n"))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["ema.rampup=0.05"])
+    again = config_from_yaml_text(cfg.to_yaml(), "resolved")
+    assert again == cfg
+    assert yaml.safe_load(cfg.to_yaml())["ema"]["rampup"] == 0.05
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path(__file__).parents[1].glob("configs/**/*.yaml")
+                                        if "deepspeed" not in p.parts))
+def test_every_shipped_preset_validates(path):
+    assert isinstance(load_config(path), JobConfig)
