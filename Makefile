@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo demo-stylegan2 test test-fast bench clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,12 @@ data/digits32/manifest.json: | $(BIN)/ganforge
 demo: data/digits32/manifest.json
 	$(BIN)/ganforge train configs/dev/dcgan-digits.yaml --run-dir runs/demo-dcgan-digits --resume auto
 
+data/digits16/manifest.json: | $(BIN)/ganforge
+	$(BIN)/ganforge data shards builtin:digits data/digits16 --resolution 16 --shard-size 128
+
+demo-stylegan2: data/digits16/manifest.json
+	$(BIN)/ganforge train configs/stylegan2/dev.yaml --run-dir runs/demo-stylegan2 --resume auto
+
 test: $(BIN)/ganforge
 	$(BIN)/python -m pytest
 
@@ -34,4 +40,4 @@ bench: $(BIN)/ganforge
 	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf runs data/digits32 .pytest_cache
+	rm -rf runs data/digits32 data/digits16 .pytest_cache

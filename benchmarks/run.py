@@ -41,7 +41,40 @@ def dev_loader_settings(steps: int = 150) -> None:
             print(f"| {w} | {t} | {r['perf/img_per_s']:.0f} | {r['perf/data_wait']:.1%} |")
 
 
-BENCHMARKS = {"dev_loader_settings": dev_loader_settings}
+FORWARD_1024 = """
+import resource, sys, time, torch
+from orchestrator.config import load_config
+from architectures import ImageSpec, get
+torch.set_num_threads(int(sys.argv[1]))
+cfg = load_config("configs/stylegan2/config-f-1024.yaml")
+arch = get("stylegan2")
+G = arch.build_generator(cfg.model, ImageSpec(1024, 3, 0)).eval()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+z = torch.randn(1, G.z_dim)
+times = []
+with torch.no_grad():
+    for _ in range(3):
+        t = time.perf_counter()
+        img = G(z, None, noise_mode="const")
+        times.append(time.perf_counter() - t)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"{tuple(img.shape)} {min(times):.2f} {sorted(times)[1]:.2f} {base:.0f} {peak:.0f}")
+"""
+
+
+def stylegan2_1024_forward() -> None:
+    """Time and peak memory of one config-F 1024×1024 G forward (batch 1, fp32, no grad) on CPU."""
+    import subprocess
+
+    print("\n| torch threads | output | best of 3 (s) | median (s) | RSS after building G (MiB) | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for threads in (1, 2):
+        out = subprocess.run([sys.executable, "-c", FORWARD_1024, str(threads)], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+        print(f"| {threads} | {out[0]}{out[1]}{out[2]}{out[3]} | {out[4]} | {out[5]} | {out[6]} | {out[7]} |")
+
+
+BENCHMARKS = {"dev_loader_settings": dev_loader_settings, "stylegan2_1024_forward": stylegan2_1024_forward}
 
 
 def main() -> int:

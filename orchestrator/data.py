@@ -455,9 +455,12 @@ class ShardLoader:
         stream = ShardStream(self.urls, self.spec, self.batch_size, seed=self.seed, rank=self.rank,
                              world_size=self.world_size, num_roles=self.num_roles, role_offset=offset,
                              cursors=self.cursors, shuffle_buffer=self.cfg.shuffle_buffer)
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+        # which training also uses (noise inputs, style mixing) and a resumed run restores.
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.workers,
                                              collate_fn=lambda b: b, prefetch_factor=2 if self.cfg.workers else None,
-                                             multiprocessing_context="fork" if self.cfg.workers else None)
+                                             multiprocessing_context="fork" if self.cfg.workers else None,
+                                             generator=torch.Generator().manual_seed(self.seed))
         self._it = iter(loader)
 
     def next(self) -> Batch:

@@ -25,6 +25,11 @@ class LossConfig(StrictConfig):
     r1_interval: int = Field(1, ge=1, description="apply R1 every this many D steps, scaled by the interval (lazy)")
     gp_weight: float = Field(0.0, ge=0.0, description="WGAN-GP weight λ (0: off)")
     drift: float = Field(0.0, ge=0.0, description="ε of the drift term ε·E[D(x)²] (ProGAN uses 0.001)")
+    pl_weight: float = Field(0.0, ge=0.0, description="path-length regularization weight (StyleGAN2: 2; 0: off)")
+    pl_interval: int = Field(4, ge=1, description="apply path-length regularization every this many G steps (lazy)")
+    pl_batch_shrink: int = Field(2, ge=1, description="path-length batch = batch // this")
+    pl_decay: float = Field(0.01, gt=0.0, le=1.0, description="decay of the running path-length mean")
+    style_mixing_prob: float = Field(0.0, ge=0.0, le=1.0, description="style mixing probability (StyleGAN2: 0.9)")
 
 
 def d_loss(kind: LossKind, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -68,3 +73,18 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     mix = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad((critic(mix).sum(),), (mix,), create_graph=True)
     return (grad.float().flatten(1).norm(dim=1) - 1).square()
+
+
+def path_length_penalty(img: torch.Tensor, ws: torch.Tensor, pl_mean: torch.Tensor, decay: float,
+                        noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image path-length penalty and the updated running mean (Karras et al. 2020, section 3.2, eq. 4).
+
+    With ``y`` random images of unit variance per pixel scaled by 1/√(H·W) (``noise``), the length of
+    ``J_wᵀ y`` is estimated as the gradient of ``Σ img·y`` w.r.t. the ws, its squared norm summed over
+    w's channels and averaged over the ws (one per layer). The penalty is ``(‖J_wᵀ y‖ − a)²``, where ``a``
+    is the running mean, updated as ``a ← a + decay·(mean length − a)``. ``noise`` has ``img``'s shape.
+    """
+    (grad,) = torch.autograd.grad(((img * noise).sum(),), (ws,), create_graph=True)
+    lengths = grad.float().square().sum(2).mean(1).sqrt()
+    new_mean = pl_mean.lerp(lengths.mean().detach(), decay)
+    return (lengths - new_mean).square(), new_mean

@@ -22,7 +22,7 @@ from orchestrator.checkpoint import (CheckpointError, latest_checkpoint, list_ch
 from orchestrator.data import ShardLoader, image_spec, load_manifest
 from orchestrator.ema import ema_beta, make_ema, update_ema
 from orchestrator.optim import make_adam
-from orchestrator.phases import Nets, Sampler, train_step
+from orchestrator.phases import Nets, RegState, Sampler, has_mapping, train_step
 from orchestrator.precision import PrecisionName, make_precision
 from orchestrator.tracking import Tracker, peak_memory_mb
 
@@ -89,19 +89,30 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return Path(resume)
 
 
+def check_recipe(cfg: JobConfig, G) -> None:
+    """Recipe settings the generator cannot honour are config errors, raised before training starts."""
+    from orchestrator.config import ConfigError
+
+    for key in ("pl_weight", "style_mixing_prob"):
+        if getattr(cfg.loss, key) > 0 and not has_mapping(G):
+            raise ConfigError(f"loss.{key}: {getattr(cfg.loss, key)} needs a generator with a mapping network "
+                              f"(stylegan2); the {cfg.model.arch} generator has none: set it to 0")
+
+
 def training_state(nets: Nets, G_ema, precision, progress: Progress, sampler: Sampler, loader: ShardLoader,
-                   run_id: str, config_yaml: str) -> dict:
+                   reg: RegState, run_id: str, config_yaml: str) -> dict:
     """Everything a resumed run needs to continue exactly."""
     rng = {"torch": torch.get_rng_state(), "sampler": sampler.rng.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": G_ema.state_dict(),
             "opt_G": nets.opt_G.state_dict(), "opt_D": nets.opt_D.state_dict(),
-            "scaler": precision.scaler.state_dict(), "progress": asdict(progress), "rng": rng,
+            "scaler": precision.scaler.state_dict(), "progress": asdict(progress), "reg": reg.state_dict(), "rng": rng,
             "data": loader.state_dict(), "tracking": {"wandb_run_id": run_id}, "config": config_yaml}
 
 
-def restore(state: dict, nets: Nets, G_ema, precision, progress: Progress, sampler: Sampler, loader: ShardLoader) -> None:
+def restore(state: dict, nets: Nets, G_ema, precision, progress: Progress, sampler: Sampler, loader: ShardLoader,
+            reg: RegState) -> None:
     load_into(nets.G, state["G"], "G")
     load_into(nets.D, state["D"], "D")
     load_into(G_ema, state["G_ema"], "G_ema")
@@ -109,6 +120,7 @@ def restore(state: dict, nets: Nets, G_ema, precision, progress: Progress, sampl
     nets.opt_D.load_state_dict(state["opt_D"])
     if state["scaler"]:
         precision.scaler.load_state_dict(state["scaler"])
+    reg.load_state_dict(state["reg"])
     for key, value in state["progress"].items():
         setattr(progress, key, value)
     torch.set_rng_state(state["rng"]["torch"])
@@ -160,9 +172,12 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None) -> Tra
     precision = make_precision(cfg.train.precision, device)
     for net in (G, D, G_ema):
         precision.adopt(net)
+    check_recipe(cfg, G)
     lazy_r1 = cfg.loss.r1_gamma > 0 and cfg.loss.r1_interval > 1
-    nets = Nets(G, D, make_adam(G.parameters(), cfg.optim.g),
+    lazy_pl = cfg.loss.pl_weight > 0 and cfg.loss.pl_interval > 1
+    nets = Nets(G, D, make_adam(G.parameters(), cfg.optim.g, reg_interval=cfg.loss.pl_interval if lazy_pl else 1),
                 make_adam(D.parameters(), cfg.optim.d, reg_interval=cfg.loss.r1_interval if lazy_r1 else 1))
+    reg = RegState(pl_mean=torch.zeros([], device=device))
     sampler = Sampler(G.z_dim, spec.num_classes, device, torch.Generator(device).manual_seed(cfg.train.seed + 1))
     loader = ShardLoader(cfg.data, spec, cfg.train.batch_size, seed=cfg.train.seed)
     progress = Progress()
@@ -172,7 +187,7 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None) -> Tra
     run_id = None
     if start_from is not None:
         saved = load_checkpoint(start_from, map_location=device)
-        restore(saved, nets, G_ema, precision, progress, sampler, loader)
+        restore(saved, nets, G_ema, precision, progress, sampler, loader, reg)
         run_id = saved["tracking"]["wandb_run_id"]
         _warn_config_changes(saved["config"], cfg, start_from)
     total_img = int(cfg.train.total_kimg * 1000)
@@ -193,11 +208,15 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None) -> Tra
             tracker.note(f"warning: skipped bad sample {key or '?'} in {shard}: {reason}")
         return batch
 
+    def save() -> Path:
+        state = training_state(nets, G_ema, precision, progress, sampler, loader, reg, tracker.run_id, config_yaml)
+        return save_checkpoint(run_dir, progress.step, state, config_yaml, cfg.checkpoint.keep_last)
+
     last_ckpt, last_grid = None, None
     t_log, img_log = time.perf_counter(), progress.nimg
     try:
         while progress.nimg < total_img and not (cfg.train.stop_at_step and progress.step >= cfg.train.stop_at_step):
-            stats, n_real = train_step(nets, next_batch, sampler, cfg.loss, precision, progress.d_steps)
+            stats, n_real = train_step(nets, next_batch, sampler, cfg.loss, precision, reg, progress.step, progress.d_steps)
             before = progress.nimg
             progress.step += 1
             progress.nimg += n_real
@@ -219,13 +238,9 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None) -> Tra
                 last_grid = save_grid(G_ema, grid_z, grid_c, grid_cols, samples_dir / f"grid-{progress.nimg // 1000:06d}kimg.png")
                 tracker.log_image("samples/grid", last_grid, progress.step, f"G_ema at {progress.nimg / 1000:.1f} kimg")
             if _crossed(before, progress.nimg, cfg.checkpoint.every_kimg):
-                last_ckpt = save_checkpoint(run_dir, progress.step, training_state(
-                    nets, G_ema, precision, progress, sampler, loader, tracker.run_id, config_yaml),
-                    config_yaml, cfg.checkpoint.keep_last)
+                last_ckpt = save()
         if last_ckpt is None or not last_ckpt.name.endswith(f"{progress.step:09d}"):
-            last_ckpt = save_checkpoint(run_dir, progress.step, training_state(
-                nets, G_ema, precision, progress, sampler, loader, tracker.run_id, config_yaml),
-                config_yaml, cfg.checkpoint.keep_last)
+            last_ckpt = save()
         final_grid = samples_dir / f"grid-{progress.nimg // 1000:06d}kimg.png"
         if last_grid != final_grid:
             last_grid = save_grid(G_ema, grid_z, grid_c, grid_cols, final_grid)

@@ -1,0 +1,141 @@
+"""StyleGAN2's training recipe in the loop: path length, style mixing, w_avg tracking, lazy intervals,
+the shipped presets, and the CPU dev preset (train, exact resume, truncated sampling)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import architectures
+from architectures import ImageSpec, count_params
+from conftest import tiny_config
+from orchestrator.checkpoint import load_checkpoint
+from orchestrator.config import ConfigError, load_config, validate_config
+from orchestrator.losses import LossConfig, path_length_penalty
+from orchestrator.optim import AdamConfig, make_adam
+from orchestrator.phases import Nets, RegState, Sampler, d_phase, g_phase, g_pl_phase
+from orchestrator.precision import make_precision
+from orchestrator.train import train
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "stylegan2"
+
+
+def test_path_length_penalty_matches_a_hand_computation():
+    torch.manual_seed(0)
+    n, num_ws, w_dim, h = 3, 4, 5, 2
+    M = torch.randn(num_ws * w_dim, h * h, requires_grad=True)  # the "generator's weights"
+    ws = torch.randn(n, num_ws, w_dim, requires_grad=True)
+    img = (ws.flatten(1) @ M).view(n, 1, h, h)  # a linear "synthesis": its Jacobian is M
+    noise = torch.randn(n, 1, h, h) / math.sqrt(h * h)
+    pl_mean = torch.tensor(0.7)
+    penalty, new_mean = path_length_penalty(img, ws, pl_mean, decay=0.01, noise=noise)
+    jt_y = (noise.flatten(1) @ M.detach().T).view(n, num_ws, w_dim)  # J_wᵀ y per image
+    lengths = jt_y.square().sum(2).mean(1).sqrt()
+    expected_mean = 0.7 + 0.01 * (lengths.mean() - 0.7)
+    assert torch.allclose(new_mean, expected_mean)
+    assert torch.allclose(penalty, (lengths - expected_mean).square())
+    penalty.sum().backward()  # differentiable w.r.t. the generator's weights (double backward)
+    assert M.grad is not None and M.grad.abs().sum() > 0
+
+
+def _tiny_stylegan2(num_classes=0):
+    arch = architectures.get("stylegan2")
+    cfg = arch.config(z_dim=8, w_dim=8, mapping_layers=2, channel_base=64, channel_max=8, num_fp16_res=0,
+                      conv_clamp=None, mbstd_group_size=2)
+    spec = ImageSpec(8, 1, num_classes)
+    torch.manual_seed(0)
+    return arch.build_generator(cfg, spec), arch.build_discriminator(cfg, spec)
+
+
+def test_phases_track_w_avg_in_the_d_pass_and_update_pl_mean():
+    G, D = _tiny_stylegan2()
+    nets = Nets(G, D, make_adam(G.parameters(), AdamConfig()), make_adam(D.parameters(), AdamConfig()))
+    sampler = Sampler(8, 0, torch.device("cpu"), torch.Generator().manual_seed(0))
+    cfg = LossConfig(style_mixing_prob=0.9, pl_weight=2.0)
+    precision = make_precision("fp32", torch.device("cpu"))
+    w_avg = G.mapping.w_avg.clone()
+    g_phase(nets, 4, sampler, cfg, precision)
+    assert torch.equal(G.mapping.w_avg, w_avg)  # the G pass leaves w_avg alone
+    d_phase(nets, torch.rand(4, 1, 8, 8) * 2 - 1, None, sampler, cfg, precision, with_r1=False)
+    assert not torch.equal(G.mapping.w_avg, w_avg)  # the D pass's fakes update it, as the official loss
+    reg = RegState(pl_mean=torch.zeros([]))
+    before = [p.clone() for p in G.parameters()]
+    stats = g_pl_phase(nets, 4, sampler, cfg, precision, reg)
+    assert reg.pl_mean > 0 and torch.equal(stats["reg/pl_mean"], reg.pl_mean)
+    assert any(not torch.equal(a, b) for a, b in zip(before, G.parameters()))
+
+
+def test_recipe_needs_a_mapping_network(digits16, tmp_path):
+    cfg = validate_config(tiny_config(digits16, loss={"pl_weight": 2.0}), "test")
+    with pytest.raises(ConfigError, match="loss.pl_weight: 2.0 needs a generator with a mapping network"):
+        train(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("name, classes, g, d", [
+    ("config-f-1024", None, 30_370_060, 29_012_513),
+    ("paper256", None, 24_767_458, 24_001_089),
+    ("cifar", None, 20_215_315, 23_089_664),
+    ("cifar", 0, 19_947_539, 20_720_641),
+])
+def test_shipped_presets_have_the_official_parameter_counts(name, classes, g, d):
+    cfg = load_config(CONFIGS / f"{name}.yaml", [] if classes is None else [f"data.num_classes={classes}"])
+    d_cfg = cfg.data
+    spec = ImageSpec(d_cfg.resolution, d_cfg.channels, d_cfg.num_classes)
+    arch = architectures.get(cfg.model.arch)
+    with torch.device("meta"):
+        assert count_params(arch.build_generator(cfg.model, spec)) == g
+        assert count_params(arch.build_discriminator(cfg.model, spec)) == d
+
+
+def test_presets_follow_the_official_recipes():
+    f = load_config(CONFIGS / "config-f-1024.yaml")
+    assert (f.loss.r1_gamma, f.loss.r1_interval, f.loss.pl_weight, f.loss.pl_interval, f.loss.style_mixing_prob) == (10, 16, 2, 4, 0.9)
+    assert (f.optim.g.lr, f.optim.g.betas, f.ema.half_life_kimg, f.train.batch_size) == (0.002, (0.0, 0.99), 10, 32)
+    c = load_config(CONFIGS / "cifar.yaml")
+    assert (c.loss.pl_weight, c.loss.style_mixing_prob, c.model.d_architecture, c.model.mapping_layers) == (0, 0, "orig", 2)
+    assert (c.loss.r1_gamma, c.ema.half_life_kimg, c.ema.rampup, c.model.mbstd_group_size) == (0.01, 500, 0.05, 32)
+
+
+def dev_config(shards: Path, **extra):
+    overrides = [f"data.shards={shards / 'train-*.tar'}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
+                 "tracking.log_every=1", "checkpoint.every_kimg=0.16", "tracking.sample_every_kimg=0.16"]
+    return load_config(CONFIGS / "dev.yaml", overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits16, tmp_path):
+    # 10 steps of 32 images: R1 on steps 0 (lazy, every 16 D steps), path length on G steps 0, 4, 8.
+    straight = train(dev_config(digits16, **{"train.total_kimg": 0.32}), tmp_path / "straight")
+    train(dev_config(digits16, **{"train.total_kimg": 0.32, "train.stop_at_step": 5}), tmp_path / "resumed")
+    resumed = train(dev_config(digits16, **{"train.total_kimg": 0.32}), tmp_path / "resumed", resume="auto")
+    assert straight.step == resumed.step == 10
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    for net in ("G", "D", "G_ema"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+    assert torch.equal(a["reg"]["pl_mean"], b["reg"]["pl_mean"]) and a["reg"]["pl_mean"] > 0
+    rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows(tmp_path / "straight")] and \
+        [(r["step"], r["loss/D"], r["loss/G"]) for r in rows(tmp_path / "straight")] == \
+        [(r["step"], r["loss/D"], r["loss/G"]) for r in rows(tmp_path / "resumed")]
+    assert sum("reg/pl_penalty" in r for r in rows(tmp_path / "straight")) == 3
+    assert sum("reg/r1" in r for r in rows(tmp_path / "straight")) == 1
+
+    from orchestrator.generate import generate, load_generator
+
+    paths = generate(resumed.checkpoint, tmp_path / "gen", num=4, seed=0, truncation=0.7, class_index=3)
+    assert len(paths) == 5 and all(p.exists() for p in paths)
+    G, _, _ = load_generator(resumed.checkpoint)
+    z = torch.randn(2, G.z_dim)
+    c = torch.tensor([3, 3])
+    w_trunc0 = G.mapping(z, c, truncation_psi=0.0)
+    assert torch.allclose(w_trunc0, G.mapping.w_avg.expand_as(w_trunc0))  # ψ = 0 collapses to w_avg
+
+
+def test_lazy_path_length_corrects_g_adam(digits16, tmp_path):
+    cfg = dev_config(digits16, **{"train.total_kimg": 0.032})
+    train(cfg, tmp_path)
+    state = load_checkpoint(next((tmp_path / "checkpoints").iterdir()))
+    assert state["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 4 / 5)
+    assert state["opt_D"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 16 / 17)
