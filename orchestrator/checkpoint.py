@@ -50,8 +50,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml: str, keep_last: int) -> Path:
-    """Write ``ckpt-<step>`` atomically, then prune old ones; returns its path."""
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml: str, keep_last: int,
+                    extra: Path | None = None) -> Path:
+    """Write ``ckpt-<step>`` atomically, then prune old ones; returns its path. ``extra``: a directory
+    whose contents (e.g. DeepSpeed's sharded files) move into the checkpoint and are checksummed too."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{step:09d}"
@@ -60,9 +62,14 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml
         tmp.mkdir()
         torch.save(state, tmp / STATE)
         (tmp / CONFIG).write_text(config_yaml)
-        sums = {name: sha256_file(tmp / name) for name in (STATE, CONFIG)}
-        for name in (STATE, CONFIG):
-            with open(tmp / name, "rb+") as f:
+        if extra is not None:
+            for item in extra.iterdir():
+                item.rename(tmp / item.name)
+            extra.rmdir()
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        sums = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
+        for p in files:
+            with open(p, "rb+") as f:
                 os.fsync(f.fileno())
         with open(tmp / COMPLETE, "w") as f:
             json.dump({"step": step, "sha256": sums, "time": time.time()}, f)
@@ -109,7 +116,7 @@ def prune(run_dir: Path, keep_last: int) -> None:
     for p in ckpts[:-keep_last]:
         if not (p / BEST).exists():
             shutil.rmtree(p, ignore_errors=True)
-    for p in checkpoint_dir(run_dir).glob(".tmp-ckpt-*"):
+    for p in [*checkpoint_dir(run_dir).glob(".tmp-ckpt-*"), *checkpoint_dir(run_dir).glob(".shards-*")]:
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from orchestrator.data import DataConfig
 from orchestrator.ema import EMAConfig
 from orchestrator.losses import LossConfig
 from orchestrator.optim import OptimConfig
+from orchestrator.strategy import DistributedConfig
 from orchestrator.tracking import TrackingConfig
 from orchestrator.train import TrainConfig
 
@@ -43,6 +44,7 @@ class JobConfig(StrictConfig):
     ema: EMAConfig = EMAConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default filled in)."""

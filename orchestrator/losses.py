@@ -67,9 +67,9 @@ def r1_penalty(real_img: torch.Tensor, real_logits: torch.Tensor, scale: float =
 
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-image (‖∇ D(x̂)‖ − 1)² at random points x̂ between real and fake (Gulrajani et al. 2017, eq. 3)."""
-    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, generator=generator, dtype=real.dtype)
+                     eps: torch.Tensor) -> torch.Tensor:
+    """Per-image (‖∇ D(x̂)‖ − 1)² at x̂ = ε·real + (1 − ε)·fake, ε ~ U[0, 1] of shape [N, 1, 1, 1]
+    (Gulrajani et al. 2017, eq. 3)."""
     mix = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad((critic(mix).sum(),), (mix,), create_graph=True)
     return (grad.float().flatten(1).norm(dim=1) - 1).square()

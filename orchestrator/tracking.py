@@ -54,16 +54,20 @@ class Tracker:
     """Logs scalars and images to the console, ``metrics.jsonl`` and W&B, keyed by step and kimg."""
 
     def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any], total_img: int,
-                 run_id: str | None = None, start_img: int = 0):
+                 run_id: str | None = None, start_img: int = 0, active: bool = True):
+        """``active=False`` (ranks other than 0): every method does nothing."""
+        self.active = active
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_id, self.wandb, self._bar = run_id, None, None
+        if not active:
+            return
         import wandb
 
-        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         id_file = self.run_dir / RUN_ID_FILE
         self.run_id = run_id or (id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12])
         id_file.write_text(self.run_id)
         self.mode = wandb_mode(cfg.wandb)
-        self.wandb = None
         if self.mode != "disabled":
             w = cfg.wandb
             self.wandb = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=w.tags,
@@ -71,7 +75,6 @@ class Tracker:
                                     dir=str(self.run_dir), mode=self.mode, config=config,
                                     settings=wandb.Settings(console="off", silent=True))
         self._jsonl = open(self.run_dir / METRICS_FILE, "a")
-        self._bar = None
         if cfg.progress_bar:
             from tqdm import tqdm
 
@@ -89,6 +92,8 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int, nimg: int) -> None:
         """Scalars at a step; NaN/Inf are logged as they are (JSON gets strings for them)."""
+        if not self.active:
+            return
         row = {"step": step, "kimg": nimg / 1000, "time": time.time(), **metrics}
         self._jsonl.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                                       for k, v in row.items()}) + "\n")
@@ -103,6 +108,8 @@ class Tracker:
 
     def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
         """An image file (a sample grid) at a step."""
+        if not self.active:
+            return
         if self.wandb is not None:
             import wandb
 
@@ -110,12 +117,16 @@ class Tracker:
 
     def note(self, message: str) -> None:
         """A line for the console that does not break the progress bar."""
+        if not self.active:
+            return
         if self._bar is not None:
             self._bar.write(message)
         else:
             print(message, flush=True)
 
     def close(self) -> None:
+        if not self.active:
+            return
         if self._bar is not None:
             self._bar.close()
         self._jsonl.close()

@@ -1,29 +1,36 @@
-"""The one training loop. Dev mode calls :func:`train` in-process; every launcher runs the same function.
+"""The one training loop. Dev mode calls :func:`train` in-process; Ray Train workers, ``torchrun`` and
+``accelerate launch`` workers call the same function with a :class:`WorkerContext`.
 
 Read top to bottom: build the pieces from their own config sections, restore them from a checkpoint
 if resuming, then step until ``train.total_kimg`` (or ``train.stop_at_step``): phases, EMA, logging,
 sample grids and checkpoints on intervals of images seen. Everything that must survive a restart is
-in :func:`training_state`, nothing only in loop-local variables.
+in :func:`training_state` (and, for DeepSpeed, the engines' sharded files), nothing only in
+loop-local variables. Side effects (logs, grids, checkpoint files) happen on rank 0; every rank
+takes part in the collective calls (statistics, checkpoint state, Ray's report) the same number of
+times.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import Field
 
 import architectures
 from architectures.registry import StrictConfig
-from orchestrator.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                     load_into, save_checkpoint)
+from orchestrator.checkpoint import (CheckpointError, checkpoint_dir, latest_checkpoint, list_checkpoints,
+                                     load_checkpoint, load_into, save_checkpoint)
 from orchestrator.data import ShardLoader, image_spec, load_manifest
 from orchestrator.ema import ema_beta, make_ema, update_ema
 from orchestrator.optim import make_adam
 from orchestrator.phases import Nets, RegState, Sampler, has_mapping, train_step
-from orchestrator.precision import PrecisionName, make_precision
+from orchestrator.precision import PrecisionName
+from orchestrator.strategy import make_strategy
 from orchestrator.tracking import Tracker, peak_memory_mb
 
 if TYPE_CHECKING:
@@ -33,13 +40,27 @@ if TYPE_CHECKING:
 class TrainConfig(StrictConfig):
     """Length, batch, seed, precision and device of a run."""
 
-    batch_size: int = Field(64, ge=1, description="images per D step, all workers together")
+    batch_size: int = Field(64, ge=1, description="global batch: images per D step, all workers together")
+    micro_batch: int | None = Field(None, ge=1, description="images per worker per forward pass (default: "
+                                    "batch_size / workers); batch_size / (workers × micro_batch) micro-batches are accumulated")
     total_kimg: float = Field(100.0, gt=0, description="train until this many thousand real images were shown to D")
     stop_at_step: int | None = Field(None, ge=1, description="stop early after this step, with a checkpoint (resume continues)")
     seed: int = Field(0, description="seeds the networks' init, latents and data order")
     precision: PrecisionName = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs CUDA; fp32 is the CPU default)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: torch's choice)")
+
+
+@dataclass
+class WorkerContext:
+    """Where this worker stands: its rank among ``world_size`` workers, a hook that reports each new
+    checkpoint to the launcher (Ray Train), and a checkpoint the launcher wants restored."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    report: Callable[[dict, Path | None], None] | None = None
+    restore_from: Path | None = None
 
 
 @dataclass
@@ -53,18 +74,18 @@ class Progress:
 
 @dataclass
 class TrainResult:
-    """Where a finished (or stopped) run left its outputs."""
+    """Where a finished (or stopped) run left its outputs (paths are None on ranks other than 0)."""
 
     run_dir: Path
-    checkpoint: Path
-    grid: Path
+    checkpoint: Path | None
+    grid: Path | None
     config: Path
     wandb_dir: str | None
     step: int
     nimg: int
 
 
-def resolve_device(name: str, precision: str) -> torch.device:
+def resolve_device(name: str, precision: str, local_rank: int = 0) -> torch.device:
     from orchestrator.config import ConfigError
 
     if name == "auto":
@@ -74,7 +95,20 @@ def resolve_device(name: str, precision: str) -> torch.device:
     if precision == "fp16" and name != "cuda":
         raise ConfigError("train.precision: 'fp16' (with loss scaling) is a CUDA path; on CPU use 'fp32' "
                           "(fast here) or 'bf16'")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
+
+
+def batch_split(cfg: JobConfig, world_size: int) -> tuple[int, int]:
+    """``(micro_batch, micro_batches_per_step)`` of one worker for the global ``train.batch_size``."""
+    from orchestrator.config import ConfigError
+
+    batch = cfg.train.batch_size
+    micro = cfg.train.micro_batch or batch // world_size
+    if micro < 1 or batch % (world_size * micro):
+        raise ConfigError(f"train.batch_size {batch} must be divisible by workers ({world_size}) × train.micro_batch "
+                          f"({cfg.train.micro_batch or 'batch_size / workers'}); e.g. use a batch of "
+                          f"{max(1, batch // world_size) * world_size}")
+    return micro, batch // (world_size * micro)
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
@@ -99,35 +133,54 @@ def check_recipe(cfg: JobConfig, G) -> None:
                               f"(stylegan2); the {cfg.model.arch} generator has none: set it to 0")
 
 
-def training_state(nets: Nets, G_ema, precision, progress: Progress, sampler: Sampler, loader: ShardLoader,
-                   reg: RegState, run_id: str, config_yaml: str) -> dict:
-    """Everything a resumed run needs to continue exactly."""
-    rng = {"torch": torch.get_rng_state(), "sampler": sampler.rng.get_state()}
+def rank_state(loader: ShardLoader) -> dict:
+    """What differs between ranks: the data position and the global RNG (noise inputs, style mixing)."""
+    state = {"data": loader.state_dict(), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"G": nets.G.state_dict(), "D": nets.D.state_dict(), "G_ema": G_ema.state_dict(),
-            "opt_G": nets.opt_G.state_dict(), "opt_D": nets.opt_D.state_dict(),
-            "scaler": precision.scaler.state_dict(), "progress": asdict(progress), "reg": reg.state_dict(), "rng": rng,
-            "data": loader.state_dict(), "tracking": {"wandb_run_id": run_id}, "config": config_yaml}
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
 
 
-def restore(state: dict, nets: Nets, G_ema, precision, progress: Progress, sampler: Sampler, loader: ShardLoader,
-            reg: RegState) -> None:
-    load_into(nets.G, state["G"], "G")
-    load_into(nets.D, state["D"], "D")
+def gather(obj, ctx: WorkerContext) -> list:
+    """``obj`` of every rank, in rank order (a collective call when distributed)."""
+    if ctx.world_size == 1:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def training_state(nets: Nets, G_ema, progress: Progress, sampler: Sampler, reg: RegState, ranks: list[dict],
+                   run_id: str, config_yaml: str) -> dict:
+    """Everything a resumed run needs to continue exactly (besides DeepSpeed's sharded files)."""
+    st = nets.strategy
+    return {"G": st.unwrap(nets.G).state_dict(), "D": st.unwrap(nets.D).state_dict(), "G_ema": G_ema.state_dict(),
+            "strategy": st.state_dict(), "progress": asdict(progress), "reg": reg.state_dict(),
+            "sampler_rng": sampler.rng.get_state(), "ranks": ranks, "tracking": {"wandb_run_id": run_id},
+            "config": config_yaml}
+
+
+def restore(state: dict, path: Path, nets: Nets, G_ema, progress: Progress, sampler: Sampler, loader: ShardLoader,
+            reg: RegState, ctx: WorkerContext) -> None:
+    st = nets.strategy
+    load_into(st.unwrap(nets.G), state["G"], "G")
+    load_into(st.unwrap(nets.D), state["D"], "D")
     load_into(G_ema, state["G_ema"], "G_ema")
-    nets.opt_G.load_state_dict(state["opt_G"])
-    nets.opt_D.load_state_dict(state["opt_D"])
-    if state["scaler"]:
-        precision.scaler.load_state_dict(state["scaler"])
+    st.load_state_dict(state["strategy"], directory=path)
     reg.load_state_dict(state["reg"])
     for key, value in state["progress"].items():
         setattr(progress, key, value)
-    torch.set_rng_state(state["rng"]["torch"])
-    sampler.rng.set_state(state["rng"]["sampler"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    loader.load_state_dict(state["data"])
+    sampler.rng.set_state(state["sampler_rng"])
+    if len(state["ranks"]) == ctx.world_size:
+        mine = state["ranks"][ctx.rank]
+        torch.set_rng_state(mine["torch_rng"])
+        if "cuda_rng" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda_rng"])
+        loader.load_state_dict(mine["data"])
+    else:  # another worker count: same weights and counters, fresh data epoch and noise
+        print(f"note: {path} was written by {len(state['ranks'])} worker(s), this run has {ctx.world_size}; "
+              f"data order and noise restart, weights and counters continue", flush=True)
+        loader.load_state_dict(state["ranks"][0]["data"])  # its other world size restarts the epoch
 
 
 def grid_latents(G, num_classes: int, grid_size: int, device: torch.device):
@@ -154,44 +207,68 @@ def _crossed(before: int, after: int, every: float) -> bool:
     return before // every != after // every
 
 
-def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None) -> TrainResult:
-    """Train (or continue training) the GAN described by ``cfg`` in ``run_dir``."""
+def _mean_across_ranks(stats: dict[str, torch.Tensor], ctx: WorkerContext) -> dict[str, float]:
+    keys = sorted(stats)
+    values = torch.stack([stats[k].detach().float().cpu().reshape(()) for k in keys])
+    if ctx.world_size > 1:
+        dist.all_reduce(values)
+        values /= ctx.world_size
+    return dict(zip(keys, values.tolist()))
+
+
+def _barrier(ctx: WorkerContext) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
+def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: WorkerContext | None = None) -> TrainResult:
+    """Train (or continue training) the GAN described by ``cfg`` in ``run_dir``, as worker ``ctx``."""
+    ctx = ctx or WorkerContext()
+    lead = ctx.rank == 0
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device, cfg.train.precision)
+    device = resolve_device(cfg.train.device, cfg.train.precision, ctx.local_rank)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    start_from = resolve_resume(run_dir, resume)
+    micro_batch, num_micro = batch_split(cfg, ctx.world_size)
+    start_from = ctx.restore_from or resolve_resume(run_dir, resume)
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial networks on every rank
     spec = image_spec(cfg.data, load_manifest(cfg.data))
     arch = architectures.get(cfg.model.arch)
     G = arch.build_generator(cfg.model, spec).to(device)
     D = arch.build_discriminator(cfg.model, spec).to(device)
-    G_ema = make_ema(G)
-    precision = make_precision(cfg.train.precision, device)
-    for net in (G, D, G_ema):
-        precision.adopt(net)
     check_recipe(cfg, G)
+    if cfg.distributed.sync_batchnorm and ctx.world_size > 1:
+        G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(n) for n in (G, D))
+    G_ema = make_ema(G)
+    torch.manual_seed(cfg.train.seed + 7919 * (ctx.rank + 1))  # noise inputs and style mixing differ per rank
     lazy_r1 = cfg.loss.r1_gamma > 0 and cfg.loss.r1_interval > 1
     lazy_pl = cfg.loss.pl_weight > 0 and cfg.loss.pl_interval > 1
-    nets = Nets(G, D, make_adam(G.parameters(), cfg.optim.g, reg_interval=cfg.loss.pl_interval if lazy_pl else 1),
-                make_adam(D.parameters(), cfg.optim.d, reg_interval=cfg.loss.r1_interval if lazy_r1 else 1))
+    opt_G = make_adam(G.parameters(), cfg.optim.g, reg_interval=cfg.loss.pl_interval if lazy_pl else 1)
+    opt_D = make_adam(D.parameters(), cfg.optim.d, reg_interval=cfg.loss.r1_interval if lazy_r1 else 1)
+    strategy = make_strategy(cfg.distributed, cfg.train.precision, device, micro_batch, num_micro, ctx.world_size)
+    for net in (G, D, G_ema):
+        strategy.precision.adopt(net)
+    nets = Nets(*strategy.prepare(G, D, opt_G, opt_D), strategy)
     reg = RegState(pl_mean=torch.zeros([], device=device))
-    sampler = Sampler(G.z_dim, spec.num_classes, device, torch.Generator(device).manual_seed(cfg.train.seed + 1))
-    loader = ShardLoader(cfg.data, spec, cfg.train.batch_size, seed=cfg.train.seed)
+    sampler = Sampler(G.z_dim, spec.num_classes, device, torch.Generator().manual_seed(cfg.train.seed + 1),
+                      ctx.rank, ctx.world_size)
+    loader = ShardLoader(cfg.data, spec, micro_batch, seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size)
     progress = Progress()
     config_yaml = cfg.to_yaml()
-    (run_dir / "config.yaml").write_text(config_yaml)
+    if lead:
+        (run_dir / "config.yaml").write_text(config_yaml)
 
     run_id = None
     if start_from is not None:
         saved = load_checkpoint(start_from, map_location=device)
-        restore(saved, nets, G_ema, precision, progress, sampler, loader, reg)
+        restore(saved, Path(start_from), nets, G_ema, progress, sampler, loader, reg, ctx)
         run_id = saved["tracking"]["wandb_run_id"]
-        _warn_config_changes(saved["config"], cfg, start_from)
+        if lead:
+            _warn_config_changes(saved["config"], cfg, start_from)
     total_img = int(cfg.train.total_kimg * 1000)
-    tracker = Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), total_img, run_id, progress.nimg)
+    tracker = Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), total_img, run_id, progress.nimg, active=lead)
     if start_from is not None:
         tracker.note(f"resumed from {start_from} at step {progress.step}, {progress.nimg / 1000:.1f} kimg")
     grid_z, grid_c, grid_cols = grid_latents(G, spec.num_classes, cfg.tracking.grid_size, device)
@@ -208,47 +285,68 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None) -> Tra
             tracker.note(f"warning: skipped bad sample {key or '?'} in {shard}: {reason}")
         return batch
 
-    def save() -> Path:
-        state = training_state(nets, G_ema, precision, progress, sampler, loader, reg, tracker.run_id, config_yaml)
-        return save_checkpoint(run_dir, progress.step, state, config_yaml, cfg.checkpoint.keep_last)
+    def save(metrics: dict[str, float]) -> Path:
+        """Checkpoint (collective): every rank contributes its state; rank 0 writes; all report."""
+        ranks = gather(rank_state(loader), ctx)
+        shards = None
+        if strategy.wrapped and hasattr(strategy, "engines"):  # DeepSpeed: every rank writes its shard files
+            shards = checkpoint_dir(run_dir) / f".shards-{progress.step:09d}"
+            if lead:
+                shutil.rmtree(shards, ignore_errors=True)
+                shards.mkdir(parents=True)
+            _barrier(ctx)
+            strategy.save_sharded(shards)
+            _barrier(ctx)
+        path = None
+        if lead:
+            state = training_state(nets, G_ema, progress, sampler, reg, ranks, tracker.run_id, config_yaml)
+            path = save_checkpoint(run_dir, progress.step, state, config_yaml, cfg.checkpoint.keep_last, extra=shards)
+        _barrier(ctx)
+        path = checkpoint_dir(run_dir) / f"ckpt-{progress.step:09d}"
+        if ctx.report is not None:
+            ctx.report({"step": progress.step, "kimg": progress.nimg / 1000, **metrics}, path if lead else None)
+        return path
 
     last_ckpt, last_grid = None, None
     t_log, img_log = time.perf_counter(), progress.nimg
+    metrics: dict[str, float] = {}
     try:
         while progress.nimg < total_img and not (cfg.train.stop_at_step and progress.step >= cfg.train.stop_at_step):
-            stats, n_real = train_step(nets, next_batch, sampler, cfg.loss, precision, reg, progress.step, progress.d_steps)
+            stats, n_real = train_step(nets, next_batch, num_micro, sampler, cfg.loss, reg, progress.step, progress.d_steps)
             before = progress.nimg
             progress.step += 1
-            progress.nimg += n_real
+            progress.nimg += n_real * ctx.world_size
             progress.d_steps += cfg.loss.d_steps
             beta = ema_beta(cfg.ema, cfg.train.batch_size, progress.nimg)
-            update_ema(G_ema, G, beta)
+            update_ema(G_ema, strategy.unwrap(nets.G), beta)
             tracker.advance(progress.nimg)
 
             if progress.step % cfg.tracking.log_every == 0:
                 now = time.perf_counter()
-                metrics = {k: float(v) for k, v in stats.items()}
+                metrics = _mean_across_ranks(stats, ctx)
                 metrics.update({"perf/img_per_s": (progress.nimg - img_log) / (now - t_log),
                                 "perf/data_wait": data_wait / (now - t_log), "perf/peak_mem_mb": peak_memory_mb(device),
                                 "ema/beta": beta, "data/bad_samples": loader.health.bad,
-                                "lr/G": nets.opt_G.param_groups[0]["lr"], "lr/D": nets.opt_D.param_groups[0]["lr"]})
+                                "lr/G": strategy.lr("G"), "lr/D": strategy.lr("D")})
                 tracker.log(metrics, progress.step, progress.nimg)
                 t_log, img_log, data_wait = now, progress.nimg, 0.0
-            if _crossed(before, progress.nimg, cfg.tracking.sample_every_kimg):
+            if lead and _crossed(before, progress.nimg, cfg.tracking.sample_every_kimg):
                 last_grid = save_grid(G_ema, grid_z, grid_c, grid_cols, samples_dir / f"grid-{progress.nimg // 1000:06d}kimg.png")
                 tracker.log_image("samples/grid", last_grid, progress.step, f"G_ema at {progress.nimg / 1000:.1f} kimg")
             if _crossed(before, progress.nimg, cfg.checkpoint.every_kimg):
-                last_ckpt = save()
+                last_ckpt = save(metrics)
         if last_ckpt is None or not last_ckpt.name.endswith(f"{progress.step:09d}"):
-            last_ckpt = save()
-        final_grid = samples_dir / f"grid-{progress.nimg // 1000:06d}kimg.png"
-        if last_grid != final_grid:
-            last_grid = save_grid(G_ema, grid_z, grid_c, grid_cols, final_grid)
-            tracker.log_image("samples/grid", last_grid, progress.step, f"G_ema at {progress.nimg / 1000:.1f} kimg")
+            last_ckpt = save(metrics)
+        if lead:
+            final_grid = samples_dir / f"grid-{progress.nimg // 1000:06d}kimg.png"
+            if last_grid != final_grid:
+                last_grid = save_grid(G_ema, grid_z, grid_c, grid_cols, final_grid)
+                tracker.log_image("samples/grid", last_grid, progress.step, f"G_ema at {progress.nimg / 1000:.1f} kimg")
         wandb_dir = tracker.wandb_dir
     finally:
         tracker.close()
-    return TrainResult(run_dir, last_ckpt, last_grid, run_dir / "config.yaml", wandb_dir, progress.step, progress.nimg)
+    return TrainResult(run_dir, last_ckpt if lead else None, last_grid, run_dir / "config.yaml", wandb_dir,
+                       progress.step, progress.nimg)
 
 
 def _warn_config_changes(saved_yaml: str, cfg: JobConfig, path: Path) -> None:
@@ -257,3 +355,5 @@ def _warn_config_changes(saved_yaml: str, cfg: JobConfig, path: Path) -> None:
     changes = config_diff(config_from_yaml_text(saved_yaml, str(path)), cfg)
     if changes:
         print(f"note: config differs from the checkpoint's ({path}):\n  " + "\n  ".join(changes), flush=True)
+
+

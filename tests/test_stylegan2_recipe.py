@@ -18,6 +18,7 @@ from orchestrator.losses import LossConfig, path_length_penalty
 from orchestrator.optim import AdamConfig, make_adam
 from orchestrator.phases import Nets, RegState, Sampler, d_phase, g_phase, g_pl_phase
 from orchestrator.precision import make_precision
+from orchestrator.strategy import LocalStrategy
 from orchestrator.train import train
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "stylegan2"
@@ -52,18 +53,19 @@ def _tiny_stylegan2(num_classes=0):
 
 def test_phases_track_w_avg_in_the_d_pass_and_update_pl_mean():
     G, D = _tiny_stylegan2()
-    nets = Nets(G, D, make_adam(G.parameters(), AdamConfig()), make_adam(D.parameters(), AdamConfig()))
+    strategy = LocalStrategy(make_precision("fp32", torch.device("cpu")))
+    nets = Nets(*strategy.prepare(G, D, make_adam(G.parameters(), AdamConfig()), make_adam(D.parameters(), AdamConfig())),
+                strategy)
     sampler = Sampler(8, 0, torch.device("cpu"), torch.Generator().manual_seed(0))
     cfg = LossConfig(style_mixing_prob=0.9, pl_weight=2.0)
-    precision = make_precision("fp32", torch.device("cpu"))
     w_avg = G.mapping.w_avg.clone()
-    g_phase(nets, 4, sampler, cfg, precision)
+    g_phase(nets, [4], sampler, cfg)
     assert torch.equal(G.mapping.w_avg, w_avg)  # the G pass leaves w_avg alone
-    d_phase(nets, torch.rand(4, 1, 8, 8) * 2 - 1, None, sampler, cfg, precision, with_r1=False)
+    d_phase(nets, [(torch.rand(4, 1, 8, 8) * 2 - 1, None)], sampler, cfg, with_r1=False)
     assert not torch.equal(G.mapping.w_avg, w_avg)  # the D pass's fakes update it, as the official loss
     reg = RegState(pl_mean=torch.zeros([]))
     before = [p.clone() for p in G.parameters()]
-    stats = g_pl_phase(nets, 4, sampler, cfg, precision, reg)
+    stats = g_pl_phase(nets, [4], sampler, cfg, reg)
     assert reg.pl_mean > 0 and torch.equal(stats["reg/pl_mean"], reg.pl_mean)
     assert any(not torch.equal(a, b) for a, b in zip(before, G.parameters()))
 
@@ -137,5 +139,5 @@ def test_lazy_path_length_corrects_g_adam(digits16, tmp_path):
     cfg = dev_config(digits16, **{"train.total_kimg": 0.032})
     train(cfg, tmp_path)
     state = load_checkpoint(next((tmp_path / "checkpoints").iterdir()))
-    assert state["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 4 / 5)
-    assert state["opt_D"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 16 / 17)
+    assert state["strategy"]["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 4 / 5)
+    assert state["strategy"]["opt_D"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 16 / 17)

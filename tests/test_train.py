@@ -19,6 +19,7 @@ from orchestrator.losses import LossConfig, d_loss, g_loss, gradient_penalty, r1
 from orchestrator.optim import AdamConfig, make_adam
 from orchestrator.phases import Nets, Sampler, d_phase, g_phase
 from orchestrator.precision import make_precision
+from orchestrator.strategy import LocalStrategy
 from orchestrator.train import train
 
 
@@ -43,7 +44,8 @@ def test_tiny_run_fp32(digits16, tmp_path, arch):
     assert res.checkpoint == tmp_path / arch / "checkpoints" / "ckpt-000000010"
     assert res.grid.exists() and (tmp_path / arch / "config.yaml").exists()
     state = load_checkpoint(res.checkpoint)
-    assert set(state) >= {"G", "D", "G_ema", "opt_G", "opt_D", "scaler", "progress", "rng", "data", "config"}
+    assert set(state) >= {"G", "D", "G_ema", "strategy", "progress", "sampler_rng", "ranks", "config"}
+    assert set(state["strategy"]) == {"scaler", "opt_G", "opt_D"} and set(state["ranks"][0]) >= {"data", "torch_rng"}
     assert state["progress"] == {"step": 10, "nimg": 160, "d_steps": 10}
 
 
@@ -81,7 +83,9 @@ def test_fp16_loss_scaling_path(digits16):
             arch.build_discriminator(arch.config(z_dim=4, hidden=8, layers=1), spec))
     precision = make_precision("fp16", torch.device("cpu"))
     assert precision.scaler.is_enabled() and precision.loss_scale == 65536.0
-    nets = Nets(G, D, make_adam(G.parameters(), AdamConfig()), make_adam(D.parameters(), AdamConfig()))
+    strategy = LocalStrategy(precision)
+    nets = Nets(*strategy.prepare(G, D, make_adam(G.parameters(), AdamConfig()), make_adam(D.parameters(), AdamConfig())),
+                strategy)
     sampler = Sampler(4, 0, torch.device("cpu"), torch.Generator().manual_seed(0))
     real = torch.rand(4, 1, 8, 8) * 2 - 1
     # fp16 overflows at the initial 2**16 scale: GradScaler skips those steps (weights untouched) and
@@ -89,13 +93,13 @@ def test_fp16_loss_scaling_path(digits16):
     for _ in range(30):
         before = [p.clone() for p in D.parameters()]
         scale = precision.loss_scale
-        stats = d_phase(nets, real, None, sampler, LossConfig(r1_gamma=1.0), precision, with_r1=True)
+        stats = d_phase(nets, [(real, None)], sampler, LossConfig(r1_gamma=1.0), with_r1=True)
         changed = any(not torch.equal(a, b) for a, b in zip(before, D.parameters()))
         if all(torch.isfinite(v) for v in stats.values()):
             break
         assert not changed and precision.loss_scale == scale / 2
     assert changed and precision.loss_scale < 65536.0
-    stats.update(g_phase(nets, 4, sampler, LossConfig(), precision))
+    stats.update(g_phase(nets, [4], sampler, LossConfig()))
     assert all(torch.isfinite(v) for v in stats.values())
 
 
@@ -122,9 +126,9 @@ def test_resume_reaches_the_same_weights_and_losses(digits16, tmp_path):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs after resume"
     for opt in ("opt_G", "opt_D"):
-        for pid, st in a[opt]["state"].items():
-            assert all(torch.equal(st[k], b[opt]["state"][pid][k]) for k in st)
-    assert a["progress"] == b["progress"] and a["data"] == b["data"]
+        for pid, st in a["strategy"][opt]["state"].items():
+            assert all(torch.equal(st[k], b["strategy"][opt]["state"][pid][k]) for k in st)
+    assert a["progress"] == b["progress"] and a["ranks"][0]["data"] == b["ranks"][0]["data"]
     losses = lambda rows: [(r["step"], r["loss/D"], r["loss/G"], r.get("reg/r1")) for r in rows]
     assert losses(metrics(tmp_path / "resumed")) == losses(metrics(tmp_path / "straight"))
 
@@ -231,7 +235,7 @@ def test_r1_equals_squared_gradient_norm_of_a_toy_d():
 def test_gradient_penalty_of_a_linear_critic():
     w = torch.tensor([3.0, 4.0])
     critic = lambda x: x.flatten(1) @ w  # ‖∇‖ = 5 everywhere, so the penalty is (5 − 1)² = 16
-    gp = gradient_penalty(critic, torch.randn(4, 2, 1, 1), torch.randn(4, 2, 1, 1))
+    gp = gradient_penalty(critic, torch.randn(4, 2, 1, 1), torch.randn(4, 2, 1, 1), torch.rand(4, 1, 1, 1))
     assert torch.allclose(gp, torch.full((4,), 16.0))
 
 
