@@ -158,7 +158,7 @@ class SelfAttention(nn.Module):
         self.phi = layers.conv(ch, ch // 8, kernel=1, bias=False)
         self.g = layers.conv(ch, ch // 2, kernel=1, bias=False)
         self.o = layers.conv(ch // 2, ch, kernel=1, bias=False)
-        self.gamma = nn.Parameter(torch.tensor(0.0))
+        self.gamma = nn.Parameter(torch.zeros(1))  # shape [1], not 0-dim: DeepSpeed cannot broadcast 0-dim parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, ch, h, w = x.shape

@@ -232,7 +232,8 @@ class SynthesisLayer(nn.Module):
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
         if use_noise:
             self.register_buffer("noise_const", torch.randn([resolution, resolution]))
-            self.noise_strength = nn.Parameter(torch.zeros([]))
+            # shape [1], not a 0-dim scalar as in the official code: DeepSpeed cannot broadcast 0-dim parameters
+            self.noise_strength = nn.Parameter(torch.zeros([1]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: NoiseMode = "random",

@@ -1,4 +1,6 @@
-"""The ``ganforge`` command: train, generate, data shards, info. Thin: parse, then call the orchestrator."""
+"""The ``ganforge`` command: train, generate, report, eval, extractor train, data shards, info.
+
+Thin: parse, then call the orchestrator."""
 from __future__ import annotations
 
 import argparse
@@ -23,11 +25,49 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from orchestrator.generate import generate
+    from orchestrator.generate import generate, interpolate
 
-    paths = generate(a.checkpoint, a.out, a.num, seed=a.seed, truncation=a.truncation, class_index=a.class_index,
-                     device=a.device)
+    if a.interpolate is not None:
+        if a.seeds is not None or a.num is not None or a.seed is not None:
+            a.parser.error("--interpolate takes its two seeds itself; leave out --seeds, --num and --seed")
+        seed_a, seed_b = a.interpolate
+        paths = interpolate(a.checkpoint, a.out, seed_a, seed_b, steps=8 if a.steps is None else a.steps,
+                            truncation=a.truncation, class_index=a.class_index, space=a.space, device=a.device,
+                            frame_ms=a.frame_ms)
+        print(f"wrote {len(paths) - 2} frames, the strip {paths[-2]} and the animation {paths[-1]}")
+        return 0
+    if a.seeds is not None and (a.num is not None or a.seed is not None):
+        a.parser.error("use either --seeds or --seed/--num, not both")
+    if a.steps is not None or a.space != "auto":
+        a.parser.error("--steps and --space go with --interpolate")
+    paths = generate(a.checkpoint, a.out, 16 if a.num is None else a.num, seed=a.seed or 0, truncation=a.truncation,
+                     class_index=a.class_index, device=a.device, seeds=a.seeds)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    from orchestrator.generate import seeds_arg  # imported when used: torch is slow to import for --help
+
+    return seeds_arg(text)
+
+
+def _seed_pair(text: str) -> tuple[int, int]:
+    from orchestrator.generate import seed_pair_arg
+
+    return seed_pair_arg(text)
+
+
+def _report(a: argparse.Namespace) -> int:
+    from orchestrator.report import ReportError, write_report
+
+    try:
+        r = write_report(a.run_dir, a.out, max_grids=a.max_grids)
+    except ReportError as e:
+        print(f"ganforge report: error: {e}", file=sys.stderr)
+        return 2
+    grids = f"{len(r.grids)} of {r.grids_total}" if len(r.grids) < r.grids_total else str(len(r.grids))
+    print(f"wrote {len(r.plots)} plots ({r.rows} logged steps), {grids} sample grids and {r.index}")
     return 0
 
 
@@ -72,6 +112,57 @@ def _info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(a: argparse.Namespace) -> int:
+    from orchestrator.evaluator import eval_config_for, evaluate_checkpoint
+
+    cfg = eval_config_for(a.checkpoint, metrics=a.metrics, num_samples=a.num, seed=a.seed, batch_size=a.batch_size,
+                          truncation_psi=a.truncation, feature_extractor=a.feature_extractor, weights_path=a.weights,
+                          cache_dir=a.cache_dir, holdout_num=a.holdout_num, kid_subset_size=a.kid_subset_size)
+    r = evaluate_checkpoint(a.checkpoint, cfg, holdout=a.data, device=a.device, verbose=a.verbose)
+    if a.json:
+        print(json.dumps({"checkpoint": str(Path(a.checkpoint).resolve()), **r.to_dict()}, indent=2))
+        return 0
+    for key, value in r.metrics.items():
+        print(f"{key:10s} {value:.6g}")
+    held = ("not needed" if r.cache_hit is None else
+            f"{r.num_holdout} images; features {'reused from' if r.cache_hit else 'computed and saved to'} the cache "
+            f"({r.cache_key} in {Path(cfg.cache_dir).expanduser()})")
+    print(f"# {r.num_generated} images from G_ema (seeds {cfg.seed}-{cfg.seed + r.num_generated - 1}"
+          f"{f', ψ={cfg.truncation_psi}' if cfg.truncation_psi is not None else ''}); held-out: {held}")
+    print(f"# feature extractor {r.feature_extractor} (weights sha256 {r.weights_sha256[:12]}…); {r.seconds:.1f} s")
+    return 0
+
+
+def _extractor_train(a: argparse.Namespace) -> int:
+    import os
+
+    from orchestrator.feature_extractors import NAME, train_feature_extractor
+
+    holdout = a.holdout
+    if holdout is None:
+        beside = Path(os.path.dirname(a.data) or ".") / "holdout-*.tar"
+        holdout = str(beside) if list(beside.parent.glob(beside.name)) else None
+    r = train_feature_extractor(a.data, a.out, epochs=a.epochs, holdout_shards=holdout, batch_size=a.batch_size,
+                                lr=a.lr, feature_dim=a.feature_dim, seed=a.seed, device=a.device,
+                                log=None if a.json else print)
+    if a.json:
+        print(json.dumps({"path": str(r.path), "train_accuracy": r.train_accuracy, "holdout_accuracy": r.holdout_accuracy,
+                          "num_train": r.num_train, "num_holdout": r.num_holdout, "num_classes": r.num_classes,
+                          "seconds": r.seconds}, indent=2))
+        return 0
+    held = f", held-out {r.holdout_accuracy:.1%} of {r.num_holdout}" if r.holdout_accuracy is not None else ""
+    print(f"wrote {r.path}: {r.num_classes}-class classifier, accuracy train {r.train_accuracy:.1%}{held} "
+          f"({r.seconds:.0f} s)")
+    print(f"evaluate with: ganforge eval CHECKPOINT --feature-extractor {NAME} --weights {r.path}")
+    return 0
+
+
+def _submit(a: argparse.Namespace) -> int:
+    from launch.submit import submit
+
+    return submit(a.config, a.address, a.set, a.run_dir, working_dir=a.working_dir, follow=not a.no_wait)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ganforge", description="Train GANs from WebDataset shards, on one machine or a Ray cluster.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,15 +178,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
 
     g = sub.add_parser("generate", help="sample images from a checkpoint's G_ema",
-                       description="Write one PNG per seed and a grid, from a checkpoint's G_ema.")
+                       description="Write one PNG per seed and a grid, or a latent interpolation between two seeds "
+                                   "(frames, a strip and an animated GIF), from a checkpoint's G_ema. Every image "
+                                   "is labelled as synthetic in its metadata, with its checkpoint, step, seed, ψ "
+                                   "and class. A seed always gives the same image.")
     g.add_argument("checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/ckpt-NNNNNNNNN)")
-    g.add_argument("--num", type=int, default=16, help="number of images (default 16)")
     g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed SEED+i (default 0)")
+    g.add_argument("--seeds", type=_seeds, metavar="LIST", help="seeds to render, e.g. 0-63 or 0-3,7,10-12 "
+                   "(instead of --seed/--num); writes seedNNNN.png for each and grid.png")
+    g.add_argument("--num", type=int, help="number of images, seeds SEED … SEED+NUM-1 (default 16)")
+    g.add_argument("--seed", type=int, help="first seed; image i uses seed SEED+i (default 0)")
     g.add_argument("--truncation", type=float, metavar="PSI", help="truncation ψ (architectures with a mapping network)")
-    g.add_argument("--class", dest="class_index", type=int, metavar="INDEX", help="class to sample (conditional models; default: random)")
+    g.add_argument("--class", dest="class_index", type=int, metavar="INDEX",
+                   help="class to sample (conditional models; default: drawn from each image's seed)")
+    g.add_argument("--interpolate", type=_seed_pair, metavar="SEED_A,SEED_B",
+                   help="interpolate between two seeds' latents instead: writes interp-A-B-NN.png frames, the strip "
+                        "interp-A-B.png and interp-A-B.gif (conditional models also need --class)")
+    g.add_argument("--steps", type=int, metavar="K", help="frames of the interpolation, ends included (default 8)")
+    g.add_argument("--space", choices=("auto", "z", "w"), default="auto",
+                   help="interpolate by slerp in Z, or linearly in W (mapping-network generators, the StyleGAN "
+                        "convention); default auto: W where there is a mapping network, else Z")
+    g.add_argument("--frame-ms", type=int, default=100, metavar="MS", help="GIF frame duration (default 100)")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    g.set_defaults(fn=_generate)
+    g.set_defaults(fn=_generate, parser=g)
+
+    r = sub.add_parser("report", help="plots and an HTML page of a run (no W&B needed)",
+                       description="Write loss, discriminator, regularizer, throughput and evaluator plots of a run's "
+                                   "metrics.jsonl and one self-contained page, report/index.html (images embedded: "
+                                   "mail or copy it alone), with the sample grids over time, the evaluator's "
+                                   "metrics by step and the resolved config.")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/NAME)")
+    r.add_argument("--out", help="output directory (default RUN_DIR/report)")
+    r.add_argument("--max-grids", type=int, default=24, metavar="N",
+                   help="embed at most N sample grids, evenly spaced over training, first and last included (default 24)")
+    r.set_defaults(fn=_report)
 
     d = sub.add_parser("data", help="prepare data", description="Prepare data for training.")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -112,12 +228,74 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split (default 0)")
     s.set_defaults(fn=_shards)
 
+    u = sub.add_parser("submit", help="run a training job on a Ray cluster (like ray job submit)",
+                       description="Submit `python -m launch.ray_job CONFIG ...` to a Ray cluster through its job API, "
+                                   "stream the job's logs, and exit 0 only if the job SUCCEEDED.")
+    u.add_argument("config", help="YAML config (a path inside the working directory)")
+    u.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
+    u.add_argument("--set", **overrides)
+    u.add_argument("--run-dir", help="absolute run directory on storage the workers see (default: ~/ganforge/runs/<config name>)")
+    u.add_argument("--working-dir", default=".", help="directory uploaded as the job's working directory (default .)")
+    u.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
+    u.set_defaults(fn=_submit)
+
     i = sub.add_parser("info", help="show a config's resolved values and network sizes",
                        description="Print the resolved config, G and D trainable parameter counts and output shape.")
     i.add_argument("config", help="YAML config")
     i.add_argument("--set", **overrides)
     i.add_argument("--json", action="store_true", help="one JSON object (keys include g_params, d_params) for scripts")
     i.set_defaults(fn=_info)
+
+    e = sub.add_parser("eval", help="FID, KID, IS, precision/recall of a checkpoint's G_ema on held-out shards",
+                       description="Evaluate a checkpoint's G_ema against held-out shards with torch-fidelity, the "
+                                   "same code the evaluator runs during training. Image i is generated from seed "
+                                   "SEED+i. Held-out features are cached (key: the shards' sha256, the feature "
+                                   "extractor and its weights' sha256) and reused on later runs. Nothing is "
+                                   "downloaded: Inception weights come from --weights or $GANFORGE_INCEPTION_WEIGHTS. "
+                                   "Options left out take the run's eval settings, else the defaults.")
+    e.add_argument("checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/ckpt-NNNNNNNNN)")
+    e.add_argument("--data", metavar="PATTERN", help="held-out shards, e.g. 'DIR/holdout-*.tar' (quote it; default: "
+                   "the run's eval.holdout or data.holdout, else holdout-*.tar beside its training shards)")
+    e.add_argument("--metrics", metavar="LIST", help="comma-separated: fid, kid, isc (Inception Score), prc "
+                   "(precision/recall); default fid,kid")
+    e.add_argument("--num", type=int, metavar="N", help="images to generate (default 10000)")
+    e.add_argument("--seed", type=int, help="first seed; image i uses seed SEED+i (default 0)")
+    e.add_argument("--truncation", type=float, metavar="PSI", help="truncation ψ (generators with a mapping network; "
+                   "default: none)")
+    e.add_argument("--feature-extractor", metavar="NAME", help="inception-v3-compat (default; needs its weights file) "
+                   "or dataset-cnn (a classifier from `ganforge extractor train`, for small data sets)")
+    e.add_argument("--weights", metavar="PATH", help="the feature extractor's weights file (default for Inception: "
+                   "$GANFORGE_INCEPTION_WEIGHTS)")
+    e.add_argument("--cache-dir", metavar="DIR", help="held-out statistics cache (default ~/.cache/ganforge/eval)")
+    e.add_argument("--holdout-num", type=int, metavar="N", help="use only the first N held-out images (default: all)")
+    e.add_argument("--kid-subset-size", type=int, metavar="N", help="KID subset size (default 1000, lowered to the "
+                   "smaller image count)")
+    e.add_argument("--batch-size", type=int, metavar="N", help="generator and feature-extractor batch (default 64)")
+    e.add_argument("--device", default="cpu", help="torch device of the generator and feature extractor (default cpu)")
+    e.add_argument("--verbose", action="store_true", help="show torch-fidelity's progress")
+    e.add_argument("--json", action="store_true", help="print one JSON object (metrics, cache_hit, cache_key, …)")
+    e.set_defaults(fn=_eval)
+
+    x = sub.add_parser("extractor", help="feature extractors for evaluation",
+                       description="Feature extractors for evaluation.")
+    xsub = x.add_subparsers(dest="extractor_command", required=True)
+    xt = xsub.add_parser("train", help="train the dataset-cnn feature extractor on labelled training shards",
+                         description="Train a small CNN classifier on a data set's training shards and save its "
+                                     "weights, for `ganforge eval --feature-extractor dataset-cnn --weights OUT`: "
+                                     "FID, KID and precision/recall in its penultimate layer, IS from its logits "
+                                     "(the usual practice on MNIST-scale data, where Inception features mean little).")
+    xt.add_argument("--data", required=True, metavar="PATTERN", help="labelled training shards, e.g. 'DIR/train-*.tar'")
+    xt.add_argument("--out", required=True, metavar="PATH", help="weights file to write, e.g. DIR/dataset-cnn.pt")
+    xt.add_argument("--holdout", metavar="PATTERN", help="shards to report accuracy on (default: holdout-*.tar beside "
+                    "--data, if any)")
+    xt.add_argument("--epochs", type=int, default=8, help="passes over the training shards (default 8)")
+    xt.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    xt.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, cosine-annealed (default 0.002)")
+    xt.add_argument("--feature-dim", type=int, default=64, help="size of the feature layer (default 64)")
+    xt.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order (default 0)")
+    xt.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    xt.add_argument("--json", action="store_true", help="print one JSON object (path, accuracies, counts)")
+    xt.set_defaults(fn=_extractor_train)
     return p
 
 
@@ -126,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.checkpoint import CheckpointError
     from orchestrator.config import ConfigError
     from orchestrator.data import DataError
+    from orchestrator.evaluator import EvalError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, EvalError) as e:
         print(f"ganforge {args.command}: error: {e}", file=sys.stderr)
         return 2
 

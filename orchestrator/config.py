@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 import architectures
 from architectures.registry import REGISTRY, StrictConfig
 from orchestrator.checkpoint import CheckpointConfig
+from orchestrator.cluster import RayConfig
 from orchestrator.data import DataConfig
 from orchestrator.ema import EMAConfig
 from orchestrator.losses import LossConfig
@@ -45,6 +46,7 @@ class JobConfig(StrictConfig):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
+    ray: RayConfig = RayConfig()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default filled in)."""

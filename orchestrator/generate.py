@@ -1,20 +1,49 @@
-"""Images from a checkpoint's G_ema: one PNG per seed plus a grid."""
+"""Images from a checkpoint's G_ema: one PNG per seed plus a grid, or a latent interpolation (PNGs and a GIF).
+
+Every file written is labelled as synthetic in its metadata: PNG text chunks (``Description``, ``Comment``,
+``ganforge:synthetic`` = ``true`` and the generation parameters) plus an XMP packet with the IPTC digital source
+type for AI-generated media, and a GIF comment. Read them back with ``PIL.Image.open(path).text``.
+
+A seed fixes everything about one image: its latent ``z`` and, for a conditional model sampled without
+``--class``, its class. Images are generated one at a time, so an image does not depend on what else was
+generated with it, and StyleGAN2's per-layer noise is the generator's fixed buffer (``noise_mode="const"``).
+"""
 from __future__ import annotations
 
+import argparse
 import inspect
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import architectures
+from architectures.registry import ImageSpec
 from orchestrator.checkpoint import load_checkpoint, load_into
 from orchestrator.config import ConfigError, config_from_yaml_text
 from orchestrator.data import image_spec, load_manifest
-from architectures.registry import ImageSpec
+
+SYNTHETIC_KEY = "ganforge:synthetic"
+# IPTC NewsCodes "digital source type" for media created by a trained generative model: the standard,
+# machine-readable label that C2PA/IPTC-aware tools look for.
+IPTC_TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+MAX_SEED = 2**32 - 1
+
+Space = Literal["auto", "z", "w"]
 
 
 def load_generator(checkpoint: str | Path, device: torch.device | str = "cpu"):
     """G_ema of a checkpoint, built from the config saved with it; returns ``(G_ema, config, spec)``."""
+    G, cfg, spec, _ = _load(checkpoint, device)
+    return G, cfg, spec
+
+
+def _load(checkpoint: str | Path, device: torch.device | str):
     state = load_checkpoint(checkpoint, map_location=device)
     cfg = config_from_yaml_text(state["config"], f"{checkpoint} (saved config)")
     try:
@@ -26,38 +55,298 @@ def load_generator(checkpoint: str | Path, device: torch.device | str = "cpu"):
         spec = ImageSpec(d.resolution, d.channels, d.num_classes or 0)
     G = architectures.get(cfg.model.arch).build_generator(cfg.model, spec).to(device)
     load_into(G, state["G_ema"], "G_ema")
-    return G.eval().requires_grad_(False), cfg, spec
+    return G.eval().requires_grad_(False), cfg, spec, state.get("progress", {})
 
 
-@torch.no_grad()
-def generate(checkpoint: str | Path, out: str | Path, num: int, seed: int = 0, truncation: float | None = None,
-             class_index: int | None = None, device: str = "cpu") -> list[Path]:
-    """Write ``seed<S>.png`` for seeds ``seed … seed+num-1`` and ``grid.png`` to ``out``; return the paths."""
-    import torchvision  # imported here: it costs ~1.5 s of start-up
+# ---------------------------------------------------------------------------------------------------
+# Seeds: "0-63", "0-3,7,10-12".
 
-    G, cfg, spec = load_generator(checkpoint, device)
-    kwargs = {}
-    if truncation is not None:
-        if "truncation_psi" not in inspect.signature(G.forward).parameters:
-            raise ConfigError(f"--truncation: the {cfg.model.arch} generator has no truncation trick; leave it out")
-        kwargs["truncation_psi"] = truncation
-    if class_index is not None and not 0 <= class_index < spec.num_classes:
-        raise ConfigError(f"--class {class_index}: this model has {spec.num_classes} classes"
-                          + (" (it is unconditional)" if not spec.num_classes else f"; use 0-{spec.num_classes - 1}"))
+
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from a comma-separated list of numbers and inclusive ranges (``"0-3,7,10-12"``), in order,
+    duplicates dropped. Raises ``ValueError`` with the offending part."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            a, b = (int(lo), int(hi)) if sep else (int(part), int(part))
+        except ValueError:
+            raise ValueError(f"{part!r} is not a seed or a range like 0-63 (seeds are whole numbers ≥ 0)") from None
+        if a > b:
+            raise ValueError(f"{part!r}: a range goes from low to high, e.g. {b}-{a}")
+        if b > MAX_SEED:
+            raise ValueError(f"{part!r}: seeds go up to {MAX_SEED}")
+        seeds.extend(range(a, b + 1))
+    return list(dict.fromkeys(seeds))
+
+
+def format_seeds(seeds: list[int]) -> str:
+    """The inverse of :func:`parse_seeds`: ``[0, 1, 2, 3, 7]`` → ``"0-3,7"``."""
+    parts, i = [], 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def seeds_arg(text: str) -> list[int]:
+    """``argparse`` type for ``--seeds``."""
+    try:
+        return parse_seeds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def seed_pair_arg(text: str) -> tuple[int, int]:
+    """``argparse`` type for ``--interpolate SEED_A,SEED_B``."""
+    parts = text.split(",")
+    try:
+        a, b = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two seeds, e.g. 3,7") from None
+    if not (0 <= a <= MAX_SEED and 0 <= b <= MAX_SEED):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are whole numbers from 0 to {MAX_SEED}")
+    return a, b
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latents and images.
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between latents ``a`` and ``b`` (rows), exact at ``t`` = 0 and 1.
+
+    Gaussian latents concentrate near a sphere; a straight line between two of them passes through
+    atypically short vectors, the arc does not (White, "Sampling Generative Networks", 2016)."""
+    if t <= 0:
+        return a.clone()
+    if t >= 1:
+        return b.clone()
+    cos = ((a * b).sum(-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True))).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    so = torch.sin(omega)
+    if float(so.abs().min()) < 1e-6:  # (anti)parallel: the arc is undefined, the line is as good
+        return torch.lerp(a, b, t)
+    return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """``[C, H, W]`` in [-1, 1] → ``[H, W, C]`` uint8 (rounded, as torchvision's ``save_image``)."""
+    x = ((img.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(1, 2, 0).cpu().numpy()
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """One image ``[C, H, W]`` in [-1, 1] as a PIL image (``L`` for one channel, ``RGB`` for three)."""
+    a = to_uint8(img)
+    return Image.fromarray(a[:, :, 0], "L") if a.shape[2] == 1 else Image.fromarray(a, "RGB")
+
+
+def make_grid(images: list[torch.Tensor], ncol: int, padding: int = 1) -> torch.Tensor:
+    """Images ``[C, H, W]`` in rows of ``ncol`` with ``padding`` black pixels between them (as
+    ``torchvision.utils.make_grid``, without its import cost)."""
+    c, h, w = images[0].shape
+    ncol = max(1, min(ncol, len(images)))
+    nrow = math.ceil(len(images) / ncol)
+    grid = torch.full((c, nrow * (h + padding) + padding, ncol * (w + padding) + padding), -1.0)
+    for i, img in enumerate(images):
+        y, x = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
+        grid[:, y:y + h, x:x + w] = img.float().cpu()
+    return grid
+
+
+@dataclass
+class Provenance:
+    """What produced an image: written into its metadata."""
+
+    arch: str
+    checkpoint: str
+    step: int | None
+    kimg: float | None
+
+    def pnginfo(self, what: str, **params: object) -> PngInfo:
+        """PNG text chunks labelling the image as synthetic, with ``params`` (seed, ψ, class, …)."""
+        described = (f"Synthetic image generated by a GAN ({self.arch} generator, ganforge) from checkpoint "
+                     f"{self.checkpoint}" + (f" at step {self.step}" if self.step is not None else "")
+                     + f": {what}. Not a photograph.")
+        info = PngInfo()
+        text = {"Title": f"ganforge synthetic image: {what}", "Description": described,
+                "Comment": "synthetic (AI-generated) image", "Software": "ganforge",
+                "Source": f"ganforge {self.arch} generator",
+                SYNTHETIC_KEY: "true", "ganforge:arch": self.arch, "ganforge:checkpoint": self.checkpoint,
+                **({"ganforge:step": str(self.step)} if self.step is not None else {}),
+                **({"ganforge:kimg": f"{self.kimg:g}"} if self.kimg is not None else {}),
+                **{f"ganforge:{k}": str(v) for k, v in params.items()}}
+        for key, value in text.items():
+            if value.isascii():
+                info.add_text(key, value)
+            else:  # tEXt is Latin-1 only; iTXt carries UTF-8 (a ψ or a non-ASCII path)
+                info.add_itxt(key, value)
+        info.add_itxt("XML:com.adobe.xmp", _xmp(described))
+        return info
+
+    def gif_comment(self, what: str) -> bytes:
+        return (f"Synthetic image generated by a GAN ({self.arch} generator, ganforge) from {self.checkpoint}: "
+                f"{what}. {SYNTHETIC_KEY}=true").encode()
+
+
+def _xmp(description: str) -> str:
+    from xml.sax.saxutils import escape
+
+    return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            '<rdf:Description rdf:about="" xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" '
+            'xmlns:dc="http://purl.org/dc/elements/1.1/">'
+            f"<Iptc4xmpExt:DigitalSourceType>{IPTC_TRAINED_ALGORITHMIC_MEDIA}</Iptc4xmpExt:DigitalSourceType>"
+            f'<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{escape(description)}</rdf:li></rdf:Alt>'
+            "</dc:description></rdf:Description></rdf:RDF></x:xmpmeta>")
+
+
+class Renderer:
+    """A checkpoint's G_ema with the options of one ``generate`` call: images and latents by seed."""
+
+    def __init__(self, checkpoint: str | Path, truncation: float | None = None, class_index: int | None = None,
+                 device: str = "cpu"):
+        self.G, self.cfg, self.spec, progress = _load(checkpoint, device)
+        self.device, self.truncation, self.class_index = device, truncation, class_index
+        params = inspect.signature(self.G.forward).parameters
+        self.kwargs: dict[str, object] = {}
+        if truncation is not None:
+            if "truncation_psi" not in params:
+                raise ConfigError(f"--truncation: the {self.cfg.model.arch} generator has no truncation trick; "
+                                  f"leave it out")
+            self.kwargs["truncation_psi"] = truncation
+        if "noise_mode" in params:
+            self.kwargs["noise_mode"] = "const"  # the same seed gives the same image
+        n = self.spec.num_classes
+        if class_index is not None and not 0 <= class_index < n:
+            raise ConfigError(f"--class {class_index}: this model has {n} classes"
+                              + (" (it is unconditional)" if not n else f"; use 0-{n - 1}"))
+        step = progress.get("step")
+        nimg = progress.get("nimg")
+        self.provenance = Provenance(self.cfg.model.arch, str(Path(checkpoint).resolve()), step,
+                                     nimg / 1000 if nimg is not None else None)
+
+    @property
+    def has_mapping(self) -> bool:
+        """Whether G is mapping + synthesis (StyleGAN2): W-space interpolation applies."""
+        return hasattr(self.G, "mapping") and hasattr(self.G, "synthesis")
+
+    def latent(self, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``z [1, z_dim]`` and the class ``c [1]`` (None if unconditional) of a seed."""
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(1, self.G.z_dim, generator=g).to(self.device)
+        if not self.spec.num_classes:
+            return z, None
+        c = self.class_index
+        if c is None:  # drawn after z from the same generator: the seed fixes the class too
+            c = int(torch.randint(self.spec.num_classes, (1,), generator=g))
+        return z, torch.tensor([c], device=self.device)
+
+    @torch.no_grad()
+    def image(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """``G_ema(z, c)`` as one ``[C, H, W]`` image in [-1, 1]."""
+        return self.G(z, c, **self.kwargs).float().clamp(-1, 1)[0]
+
+    @torch.no_grad()
+    def w(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """The (truncated) intermediate latent ``ws`` of a mapping-network generator."""
+        return self.G.mapping(z, c, truncation_psi=self.truncation if self.truncation is not None else 1)
+
+    @torch.no_grad()
+    def image_from_w(self, ws: torch.Tensor) -> torch.Tensor:
+        """The synthesis network's image of ``ws``, ``[C, H, W]`` in [-1, 1]."""
+        kw = {"noise_mode": "const"} if "noise_mode" in inspect.signature(self.G.synthesis.forward).parameters else {}
+        return self.G.synthesis(ws, **kw).float().clamp(-1, 1)[0]
+
+    def params(self, c: torch.Tensor | None) -> dict[str, object]:
+        """Metadata of an image's options: ψ and class."""
+        p: dict[str, object] = {"truncation_psi": self.truncation if self.truncation is not None else "none"}
+        if c is not None:
+            p["class"] = int(c[0])
+        return p
+
+
+def _save_png(img: Image.Image, path: Path, info: PngInfo) -> Path:
+    img.save(path, pnginfo=info)
+    return path
+
+
+def generate(checkpoint: str | Path, out: str | Path, num: int = 16, seed: int = 0, truncation: float | None = None,
+             class_index: int | None = None, device: str = "cpu", seeds: list[int] | None = None) -> list[Path]:
+    """Write ``seed<S>.png`` for each seed and ``grid.png`` of them all to ``out``; return the paths (grid last).
+
+    The seeds are ``seeds`` if given, else ``seed … seed+num-1``. ``truncation`` is ψ (generators with a mapping
+    network); ``class_index`` fixes the class of a conditional model (default: drawn from each image's seed).
+    """
+    seeds = list(seeds) if seeds is not None else list(range(seed, seed + num))
+    if not seeds:
+        raise ConfigError("generate: no seeds (--num must be at least 1)")
+    s = Renderer(checkpoint, truncation, class_index, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths, images = [], []
-    for s in range(seed, seed + num):
-        g = torch.Generator().manual_seed(s)
-        z = torch.randn(1, G.z_dim, generator=g).to(device)
-        c = None
-        if spec.num_classes:
-            c = torch.tensor([class_index if class_index is not None else int(torch.randint(spec.num_classes, (1,), generator=g))], device=device)
-        img = G(z, c, **kwargs).float().clamp(-1, 1)
+    paths, images, classes = [], [], []
+    for sd in seeds:
+        z, c = s.latent(sd)
+        img = s.image(z, c)
         images.append(img)
-        paths.append(out / f"seed{s:04d}.png")
-        torchvision.utils.save_image(img, paths[-1], normalize=True, value_range=(-1, 1))
-    grid = out / "grid.png"
-    torchvision.utils.save_image(torch.cat(images), grid, nrow=max(1, int(len(images) ** 0.5)), normalize=True,
-                                 value_range=(-1, 1), padding=1)
-    return paths + [grid]
+        classes.append(None if c is None else int(c[0]))
+        paths.append(_save_png(to_pil(img), out / f"seed{sd:04d}.png",
+                               s.provenance.pnginfo(f"seed {sd}", seed=sd, **s.params(c))))
+    grid_params: dict[str, object] = {"seeds": format_seeds(seeds), **s.params(None)}
+    if s.spec.num_classes:
+        grid_params["classes"] = ",".join(map(str, classes))
+    ncol = max(1, int(len(images) ** 0.5))
+    info = s.provenance.pnginfo(f"grid of seeds {format_seeds(seeds)}, {ncol} per row", **grid_params)
+    paths.append(_save_png(to_pil(make_grid(images, ncol)), out / "grid.png", info))
+    return paths
+
+
+def interpolate(checkpoint: str | Path, out: str | Path, seed_a: int, seed_b: int, steps: int = 8,
+                truncation: float | None = None, class_index: int | None = None, space: Space = "auto",
+                device: str = "cpu", frame_ms: int = 100) -> list[Path]:
+    """Write ``steps`` frames between the latents of two seeds, a strip of them and an animated GIF.
+
+    ``space="z"`` slerps the Gaussian latents; ``"w"`` (generators with a mapping network) interpolates
+    linearly in W, the StyleGAN convention; ``"auto"`` is ``"w"`` where there is a mapping network, else
+    ``"z"``. The end frames are exactly the images :func:`generate` writes for the two seeds (in W space up
+    to floating point). A conditional model needs ``class_index``: both ends share one class. Returns the
+    frame paths, then the strip ``interp-A-B.png`` and the GIF ``interp-A-B.gif``.
+    """
+    if steps < 2:
+        raise ConfigError(f"--steps {steps}: an interpolation needs at least 2 frames (its two ends)")
+    s = Renderer(checkpoint, truncation, class_index, device)
+    if space == "auto":
+        space = "w" if s.has_mapping else "z"
+    if space == "w" and not s.has_mapping:
+        raise ConfigError(f"--space w: the {s.cfg.model.arch} generator has no mapping network; use --space z")
+    if s.spec.num_classes and class_index is None:
+        raise ConfigError(f"--interpolate: this model is class-conditional ({s.spec.num_classes} classes); "
+                          f"pass --class to choose the class both ends share")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (za, c), (zb, _) = s.latent(seed_a), s.latent(seed_b)
+    if space == "w":
+        wa, wb = s.w(za, c), s.w(zb, c)
+    ts = [i / (steps - 1) for i in range(steps)]
+    frames = [s.image_from_w(torch.lerp(wa, wb, t)) if space == "w" else s.image(slerp(za, zb, t), c) for t in ts]
+
+    stem = f"interp-{seed_a:04d}-{seed_b:04d}"
+    width = max(2, len(str(steps - 1)))
+    what = f"interpolation from seed {seed_a} to seed {seed_b} ({'slerp in Z' if space == 'z' else 'linear in W'})"
+    common = dict(interpolate=f"{seed_a},{seed_b}", space=space, steps=steps, **s.params(c))
+    paths = [_save_png(to_pil(img), out / f"{stem}-{i:0{width}d}.png",
+                       s.provenance.pnginfo(f"{what}, frame {i} of {steps} (t={t:.4g})", t=f"{t:.6g}", **common))
+             for i, (img, t) in enumerate(zip(frames, ts))]
+    ncol = min(steps, 16)
+    paths.append(_save_png(to_pil(make_grid(frames, ncol)), out / f"{stem}.png",
+                           s.provenance.pnginfo(f"{what}, {steps} frames, {ncol} per row", **common)))
+    gif = out / f"{stem}.gif"
+    pil = [to_pil(f) for f in frames]
+    pil[0].save(gif, save_all=True, append_images=pil[1:], duration=frame_ms, loop=0,
+                comment=s.provenance.gif_comment(f"{what}, {steps} frames"))
+    paths.append(gif)
+    return paths

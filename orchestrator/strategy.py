@@ -162,6 +162,10 @@ class DeepSpeedStrategy(LocalStrategy):
         import deepspeed
 
         for key, net, opt in (("G", G, opt_G), ("D", D, opt_D)):
+            scalars = [n for n, p in net.named_parameters() if p.dim() == 0]
+            if scalars:
+                raise ValueError(f"{key} has 0-dim parameters {scalars[:5]}: DeepSpeed cannot broadcast them; "
+                                 f"give them shape [1] in the architecture")
             engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=dict(self.ds_config),
                                                    dist_init_required=False)
             self.engines[key] = engine

@@ -202,6 +202,11 @@ def save_grid(G_ema, z, c, ncol: int, path: Path) -> Path:
     return path
 
 
+def grid_path(samples_dir: Path, nimg: int) -> Path:
+    """``grid-<kimg with 3 decimals, zero-padded>kimg.png``: sorts by time, readable, unique per step."""
+    return samples_dir / f"grid-{nimg / 1000:010.3f}kimg.png"
+
+
 def _crossed(before: int, after: int, every: float) -> bool:
     every = max(int(every * 1000), 1)
     return before // every != after // every
@@ -331,14 +336,14 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
                 tracker.log(metrics, progress.step, progress.nimg)
                 t_log, img_log, data_wait = now, progress.nimg, 0.0
             if lead and _crossed(before, progress.nimg, cfg.tracking.sample_every_kimg):
-                last_grid = save_grid(G_ema, grid_z, grid_c, grid_cols, samples_dir / f"grid-{progress.nimg // 1000:06d}kimg.png")
+                last_grid = save_grid(G_ema, grid_z, grid_c, grid_cols, grid_path(samples_dir, progress.nimg))
                 tracker.log_image("samples/grid", last_grid, progress.step, f"G_ema at {progress.nimg / 1000:.1f} kimg")
             if _crossed(before, progress.nimg, cfg.checkpoint.every_kimg):
                 last_ckpt = save(metrics)
         if last_ckpt is None or not last_ckpt.name.endswith(f"{progress.step:09d}"):
             last_ckpt = save(metrics)
         if lead:
-            final_grid = samples_dir / f"grid-{progress.nimg // 1000:06d}kimg.png"
+            final_grid = grid_path(samples_dir, progress.nimg)
             if last_grid != final_grid:
                 last_grid = save_grid(G_ema, grid_z, grid_c, grid_cols, final_grid)
                 tracker.log_image("samples/grid", last_grid, progress.step, f"G_ema at {progress.nimg / 1000:.1f} kimg")

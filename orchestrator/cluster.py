@@ -1,0 +1,86 @@
+"""Training on a Ray cluster: the ``ray`` config section and the function each Ray Train worker runs.
+
+The driver (``launch/ray_job.py``) builds a ``TorchTrainer`` from :class:`RayConfig`; every worker
+runs :func:`ray_worker`, which is the dev-mode loop with a :class:`WorkerContext` whose ``report``
+hands each new checkpoint to ``ray.train.report`` and whose ``restore_from`` is the newest of Ray's
+checkpoint (after a worker-group restart) and the run directory's (after a driver restart).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from architectures.registry import StrictConfig
+
+
+class RayConfig(StrictConfig):
+    """The Ray Train worker group and run settings (used by ``python -m launch.ray_job``)."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves (below 1 leaves room for the "
+                                   "evaluator on small machines)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each worker reserves (0: CPU training with gloo)")
+    resources_per_worker: dict[str, float] = Field({}, description="extra custom resources per worker")
+    name: str | None = Field(None, description="Ray Train run name (default: the run directory's name)")
+    storage_path: str | None = Field(None, description="where Ray keeps reported checkpoints: a local path or a "
+                                     "cloud URI such as s3://bucket/ganforge (default: RUN_DIR/ray)")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts after a failure (-1: unlimited)")
+    num_to_keep: int = Field(2, ge=1, description="checkpoints Ray keeps in its storage")
+
+
+def prepare_for_workers(cfg) -> None:
+    """Check, on the driver, what would otherwise fail on every worker and every restart, and make file
+    paths absolute: Ray Train workers do not run in the job's working directory."""
+    from orchestrator.data import expand_shards
+    from orchestrator.strategy import deepspeed_config
+
+    local = lambda p: not (p.startswith("pipe:") or "://" in p)
+    if local(cfg.data.shards) and not os.path.isabs(cfg.data.shards):
+        cfg.data.shards = "::".join(str(Path(u).resolve()) for u in cfg.data.shards.split("::"))
+    for key in ("manifest", "holdout"):
+        value = getattr(cfg.data, key)
+        if value and local(value) and not os.path.isabs(value):
+            setattr(cfg.data, key, str(Path(value).resolve()))
+    expand_shards(cfg.data.shards)
+    if cfg.distributed.strategy == "deepspeed":
+        cfg.distributed.deepspeed_config = str(Path(cfg.distributed.deepspeed_config).resolve())
+        deepspeed_config(cfg.distributed, cfg.train.precision, 1, 1, 1)  # readable?
+
+
+def _step_of(path: Path | None) -> int:
+    if path is None or not (path / "COMPLETE.json").exists():
+        return -1
+    return json.loads((path / "COMPLETE.json").read_text())["step"]
+
+
+def ray_worker(loop_config: dict) -> None:
+    """The Ray Train worker function: restore if there is something to restore, then train."""
+    import ray.train
+
+    from orchestrator.checkpoint import latest_checkpoint
+    from orchestrator.config import config_from_yaml_text
+    from orchestrator.train import WorkerContext, train
+
+    cfg = config_from_yaml_text(loop_config["config_yaml"], "the ray job's config")
+    run_dir = Path(loop_config["run_dir"])
+    context = ray.train.get_context()
+
+    def report(metrics: dict, path: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if path else None)
+
+    ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                        local_rank=context.get_local_rank(), report=report)
+    if cfg.train.threads:
+        os.environ["OMP_NUM_THREADS"] = str(cfg.train.threads)
+    ray_ckpt = ray.train.get_checkpoint()
+    local = latest_checkpoint(run_dir)
+    if ray_ckpt is None:
+        ctx.restore_from = local
+        train(cfg, run_dir, resume="auto", ctx=ctx)
+        return
+    with ray_ckpt.as_directory() as directory:  # the newer of Ray's and the run directory's
+        ctx.restore_from = Path(directory) if _step_of(Path(directory)) >= _step_of(local) else local
+        train(cfg, run_dir, resume="auto", ctx=ctx)

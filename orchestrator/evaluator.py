@@ -1,0 +1,565 @@
+"""Evaluation of a generator against held-out shards: FID, KID, IS, precision/recall through torch-fidelity.
+
+All metric math is torch-fidelity's (``torch_fidelity.calculate_metrics``); this module feeds it
+two uint8 image sets and makes the run reproducible and cheap to repeat:
+
+* generated images come from G_ema on fixed seeds: image ``i`` uses ``seed + i`` for its latent
+  (and class label) exactly as ``ganforge generate --seed`` does, with the same truncation each time;
+* held-out images are read from the ``holdout-*.tar`` shards;
+* torch-fidelity caches the held-out features and FID statistics under ``cache_dir`` with a key
+  made from the held-out shards' sha256, the feature extractor's name and its weights file's sha256
+  (see :func:`holdout_cache_key`), so they are computed once and any change to a shard or to the
+  weights gives a new key;
+* the feature extractor's weights come from a local file only (:func:`check_feature_extractor`
+  finds it and fails at once, saying what to place where, when it is missing): nothing is
+  downloaded at run time.
+
+Images are handed to torch-fidelity as ``3×H×W`` uint8: grey images are repeated to three channels
+(what torch-fidelity does itself when it reads grey PNGs), and a fourth (alpha) channel is dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch.utils.data import Dataset
+from webdataset import tariterators
+
+from architectures.registry import ImageSpec, StrictConfig
+from orchestrator.data import DataConfig, DataError, decode_sample, expand_shards, sha256_file
+
+# torch-fidelity (and torchvision, which it imports) is imported where it is used: importing this
+# module, e.g. for EvalConfig, stays cheap.
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_ENV = "GANFORGE_INCEPTION_WEIGHTS"
+# torch-fidelity 0.4's URL_INCEPTION_V3 (a test checks they agree)
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[-1]
+DATASET_CNN = "dataset-cnn"  # orchestrator.feature_extractors.NAME
+CACHE_KEY_VERSION = 1
+
+Metric = Literal["fid", "kid", "isc", "prc"]
+BINARY_METRICS = ("fid", "kid", "prc")  # the ones that need the held-out images
+_FIDELITY_KEYS = {  # torch-fidelity's result keys (KEY_METRIC_*) → ours
+    "frechet_inception_distance": "fid",
+    "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std",
+    "inception_score_mean": "isc", "inception_score_std": "isc_std",
+    "precision": "precision", "recall": "recall",
+}
+
+
+class EvalError(ValueError):
+    """Evaluation cannot run as configured; the message says what is missing and how to fix it."""
+
+
+class EvalConfig(StrictConfig):
+    """How a generator is evaluated against held-out data, and what the evaluator actor may use."""
+
+    metrics: list[Metric] = Field(["fid", "kid"], min_length=1,
+                                  description="metrics to compute: fid, kid, isc (Inception Score), prc (precision/recall)")
+    num_samples: int = Field(10000, ge=2, description="images generated from G_ema per evaluation")
+    batch_size: int = Field(64, ge=1, description="images per generator and feature-extractor batch")
+    seed: int = Field(0, ge=0, description="generated image i uses seed SEED+i for its latent and class label")
+    truncation_psi: float | None = Field(None, ge=0.0, le=2.0,
+                                         description="truncation ψ for generators whose forward takes truncation_psi "
+                                                     "(StyleGAN2); None: no truncation")
+    feature_extractor: str = Field(INCEPTION, pattern=r"^\S+$",
+                                   description=f"torch-fidelity feature extractor: {INCEPTION} (Inception, needs its "
+                                               f"weights file) or {DATASET_CNN} (a classifier trained on the train "
+                                               f"split by `ganforge extractor train`) or another registered name")
+    weights_path: str | None = Field(None, description=f"the feature extractor's weights file; None: ${INCEPTION_ENV} "
+                                                       f"for {INCEPTION} (required for the others)")
+    kid_subset_size: int = Field(1000, ge=2, description="KID subset size (lowered to the smaller image count when "
+                                                         "there are fewer images)")
+    kid_subsets: int = Field(100, ge=1, description="number of KID subsets")
+    isc_splits: int = Field(10, ge=1, description="number of Inception Score splits (at most one per image)")
+    prc_neighborhood: int = Field(3, ge=1, description="k of the k-nearest-neighbour balls of precision/recall")
+    cache_dir: str = Field("~/.cache/ganforge/eval", min_length=1,
+                           description="held-out feature statistics cache (shared by runs; safe to delete)")
+    holdout: str | None = Field(None, description="held-out shards (glob, brace pattern or pipe: URLs); None: "
+                                                  "data.holdout, else holdout-*.tar beside data.shards")
+    holdout_num: int | None = Field(None, ge=2, description="use only the first N held-out images (shard order); None: all")
+    every_kimg: float | None = Field(None, gt=0, description="evaluate during training every this many thousand "
+                                                             "images; None: not during training")
+    cpus: float = Field(0.5, ge=0, description="CPUs reserved for the evaluator actor")
+    gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction of one) reserved for the evaluator actor")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _split_and_dedupe(cls, v):
+        if isinstance(v, str):
+            v = [m.strip() for m in v.split(",") if m.strip()]
+        if isinstance(v, (list, tuple)):
+            v = list(dict.fromkeys(v))
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature extractor weights
+
+
+@dataclass(frozen=True)
+class ExtractorWeights:
+    """A feature extractor resolved to a local weights file and that file's sha256."""
+
+    name: str
+    path: Path
+    sha256: str
+
+
+_hash_memo: dict[tuple, str] = {}
+
+
+def _file_id(path: Path) -> tuple:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def _sha256_memo(path: Path) -> str:
+    """sha256 of a file, remembered in this process for as long as the file is unchanged."""
+    key = _file_id(path)
+    if key not in _hash_memo:
+        _hash_memo[key] = sha256_file(path)
+    return _hash_memo[key]
+
+
+def _inception_howto() -> str:
+    return (f"ganforge never downloads at run time. Get torch-fidelity's Inception weights file {INCEPTION_FILE} once "
+            f"on a machine with internet access (curl -L -O {INCEPTION_URL}), copy it to this machine, and point "
+            f"${INCEPTION_ENV} (or eval.weights_path, or --weights) at it, or put it in "
+            f"{Path(torch.hub.get_dir()) / 'checkpoints'}")
+
+
+def _weights_location(cfg: EvalConfig) -> tuple[Path | None, str]:
+    """Where the weights should be, and which setting said so (for messages)."""
+    if cfg.weights_path:
+        return Path(cfg.weights_path).expanduser(), "eval.weights_path (--weights)"
+    if cfg.feature_extractor != INCEPTION:
+        return None, "eval.weights_path"
+    if os.environ.get(INCEPTION_ENV):
+        return Path(os.environ[INCEPTION_ENV]).expanduser(), f"${INCEPTION_ENV}"
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE  # where torch-fidelity itself would have put it
+    return (hub, "torch hub cache") if hub.is_file() else (None, f"eval.weights_path / ${INCEPTION_ENV}")
+
+
+def check_feature_extractor(cfg: EvalConfig) -> ExtractorWeights:
+    """Find and check the feature extractor's weights file (and make ``cache_dir``); call it at start.
+
+    Raises :class:`EvalError` naming the setting, the file needed and how to get it when the file
+    is missing or is not the right kind of file. Loads tensors only (``weights_only=True``), so a
+    file that would run code when torch-fidelity unpickles it is refused here.
+    """
+    from orchestrator import feature_extractors  # registers dataset-cnn with torch-fidelity
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    name = cfg.feature_extractor
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        raise EvalError(f"eval.feature_extractor: unknown feature extractor {name!r}; registered: "
+                        f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
+    path, source = _weights_location(cfg)
+    if name == INCEPTION:
+        if path is None:
+            raise EvalError(f"no Inception weights: neither eval.weights_path nor ${INCEPTION_ENV} is set and "
+                            f"{INCEPTION_FILE} is not in the torch hub cache. {_inception_howto()}")
+        if not path.is_file():
+            raise EvalError(f"{source} points at {path}, which does not exist: the {INCEPTION} feature extractor needs "
+                            f"{INCEPTION_FILE} there. {_inception_howto()}")
+        try:
+            state = _load_tensors(path)
+            ok = state["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3) and state["fc.weight"].shape == (1008, 2048)
+        except Exception:  # noqa: BLE001 - whatever is wrong with the file, the advice is the same
+            ok = False
+        if not ok:
+            raise EvalError(f"{source}: {path} is not torch-fidelity's Inception weights (a state_dict of "
+                            f"FeatureExtractorInceptionV3, {INCEPTION_FILE}). {_inception_howto()}")
+    elif name == feature_extractors.NAME:
+        howto = (f"train it once with `ganforge extractor train --data 'DIR/train-*.tar' --out DIR/{name}.pt` "
+                 f"and pass --weights DIR/{name}.pt (eval.weights_path)")
+        if path is None:
+            raise EvalError(f"eval.weights_path is not set: the {name} feature extractor is a classifier trained on "
+                            f"the data set's train split; {howto}")
+        if not path.is_file():
+            raise EvalError(f"{source} points at {path}, which does not exist: the {name} feature extractor needs "
+                            f"its weights there; {howto}")
+        try:
+            feature_extractors.load_classifier(path)
+        except ValueError as e:
+            raise EvalError(f"{source}: {e}") from None
+    else:
+        if path is None or not path.is_file():
+            raise EvalError(f"the {name} feature extractor needs a local weights file in eval.weights_path "
+                            f"({path or 'not set'}); ganforge never lets torch-fidelity download one")
+    cache = Path(cfg.cache_dir).expanduser()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"eval.cache_dir: cannot create {cache}: {e.strerror}") from None
+    return ExtractorWeights(name, path, _sha256_memo(path))
+
+
+def _load_tensors(path: Path) -> dict:
+    """A state_dict, tensors only; memory-mapped when the file's format allows (no 100 MB read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files in torch's pre-1.6 (non-zip) format cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@contextmanager
+def _no_downloads() -> Iterator[None]:
+    """Make any torch-fidelity attempt to fetch weights from the internet fail loudly instead of hanging."""
+    def refuse(url, *args, **kwargs):
+        raise EvalError(f"torch-fidelity tried to download {url}; ganforge never downloads at run time: give the "
+                        f"feature extractor a local weights file (eval.weights_path)")
+
+    # torch-fidelity's modules bind load_state_dict_from_url by name; others go through torch.hub
+    patched = [(m, "load_state_dict_from_url") for name, m in list(sys.modules.items())
+               if name.startswith("torch_fidelity.") and hasattr(m, "load_state_dict_from_url")]
+    patched += [(torch.hub, attr) for attr in ("load", "load_state_dict_from_url", "download_url_to_file")]
+    saved = [(m, attr, getattr(m, attr)) for m, attr in patched]
+    for m, attr in patched:
+        setattr(m, attr, refuse)
+    try:
+        yield
+    finally:
+        for m, attr, orig in saved:
+            setattr(m, attr, orig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two image sets
+
+
+def to_uint8_rgb(img: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1], ``N×C×H×W`` → uint8 ``N×3×H×W`` (grey repeated, alpha dropped), on the CPU.
+
+    The rounding is that of ``ganforge generate`` (and ``torchvision.utils.save_image``).
+    """
+    x = ((img.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to("cpu", torch.uint8)
+    return _rgb(x)
+
+
+def _rgb(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[-3]
+    if c == 1:
+        return x.repeat_interleave(3, dim=-3)
+    if c == 4:
+        return x[..., :3, :, :].contiguous()
+    if c != 3:
+        raise EvalError(f"cannot evaluate {c}-channel images (1, 3 or 4 are supported)")
+    return x
+
+
+class GeneratedImages(Dataset):
+    """``num`` images from a generator as uint8 ``3×H×W``; image ``i`` from seed ``seed + i``.
+
+    The latent (and, for a conditional model, the class label) of image ``i`` is drawn from a
+    ``torch.Generator`` seeded with ``seed + i``, and StyleGAN2's per-layer noise is the generator's
+    fixed buffer (``noise_mode="const"``), both as in ``ganforge generate``. Images are made a batch
+    at a time when first asked for (torch-fidelity reads them in order). Any other noise a generator
+    draws itself comes from the global RNG, reseeded with ``seed + first index`` for each batch and
+    restored afterwards.
+    """
+
+    def __init__(self, G: torch.nn.Module, spec: ImageSpec, num: int, seed: int = 0, batch_size: int = 64,
+                 truncation_psi: float | None = None):
+        self.G, self.spec, self.num, self.seed, self.batch_size = G, spec, num, seed, batch_size
+        self.kwargs: dict[str, object] = {}
+        params = inspect.signature(G.forward).parameters
+        if "noise_mode" in params:
+            self.kwargs["noise_mode"] = "const"
+        if truncation_psi is not None:
+            if "truncation_psi" not in params:
+                raise EvalError(f"eval.truncation_psi={truncation_psi}: {type(G).__name__} has no truncation trick; "
+                                f"leave it unset")
+            self.kwargs["truncation_psi"] = truncation_psi
+        self.device = next(iter(G.parameters()), torch.zeros(())).device
+        self._batch: tuple[int, torch.Tensor | None] = (-1, None)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def latents(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents and labels of images ``start … stop-1``."""
+        zs, cs = [], []
+        for i in range(start, stop):
+            g = torch.Generator().manual_seed(self.seed + i)
+            zs.append(torch.randn(1, self.G.z_dim, generator=g))
+            if self.spec.num_classes:
+                cs.append(torch.randint(self.spec.num_classes, (1,), generator=g))
+        z = torch.cat(zs).to(self.device)
+        return z, (torch.cat(cs).to(self.device) if cs else None)
+
+    @torch.no_grad()
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.num:
+            raise IndexError(i)
+        b = i // self.batch_size
+        if self._batch[0] != b:
+            start, stop = b * self.batch_size, min(self.num, (b + 1) * self.batch_size)
+            z, c = self.latents(start, stop)
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            was_training = self.G.training
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(self.seed + start)
+                self.G.eval()
+                img = self.G(z, c, **self.kwargs)
+                self.G.train(was_training)
+            self._batch = (b, to_uint8_rgb(img))
+        return self._batch[1][i - b * self.batch_size]
+
+
+class ShardImages(Dataset):
+    """Images of shards as uint8 ``3×H×W``, in shard order (the first ``limit`` of them).
+
+    Nothing is read until the length or an image is asked for; then the encoded samples are held in
+    memory and decoded (with :func:`~orchestrator.data.decode_sample`) one at a time. ``reads``
+    counts images handed out: 0 after an evaluation means torch-fidelity took the held-out
+    features from its cache.
+    """
+
+    def __init__(self, urls: list[str], spec: ImageSpec, limit: int | None = None):
+        self.urls, self.limit = list(urls), limit
+        self.spec = ImageSpec(spec.resolution, spec.channels, 0)  # labels are not needed
+        self.reads = 0
+        self._samples: list[dict] | None = None
+
+    def _load(self) -> list[dict]:
+        if self._samples is None:
+            samples = []
+            try:
+                for s in tariterators.tarfile_samples({"url": u} for u in self.urls):
+                    samples.append(s)
+                    if self.limit is not None and len(samples) >= self.limit:
+                        break
+            except Exception as e:  # noqa: BLE001 - report which shards, whatever tar or I/O said
+                raise DataError(f"cannot read held-out shards {self.urls}: {e}") from None
+            self._samples = samples
+        return self._samples
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        sample = self._load()[i]
+        decoded = decode_sample(sample, self.spec)
+        if isinstance(decoded, str):
+            raise DataError(f"held-out shard {sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}: "
+                            f"{decoded}; the held-out images must match the model's image size and channels")
+        self.reads += 1
+        return _rgb(decoded[0].add(1).mul(127.5).round().to(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# The held-out statistics cache
+
+
+def shard_sha256s(urls: list[str], manifest: dict | None = None, cache_dir: str | Path | None = None) -> list[str]:
+    """sha256 of each held-out shard: computed for local files, from ``manifest`` for remote URLs.
+
+    Hashes of local files are remembered in ``cache_dir/shard-sha256.json`` keyed by path, size,
+    mtime, ctime and inode, so an unchanged shard is hashed once; a rewritten one is hashed again.
+    """
+    memo_path = Path(cache_dir).expanduser() / "shard-sha256.json" if cache_dir else None
+    memo: dict = {}
+    if memo_path and memo_path.exists():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            memo = {}
+    listed = {s["name"]: s["sha256"] for s in ((manifest or {}).get("splits", {}).get("holdout", {}).get("shards", []))}
+    out, changed = [], False
+    for url in urls:
+        if url.startswith("pipe:") or "://" in url:
+            name = url.rstrip("'\" ").rsplit("/", 1)[-1]
+            if name not in listed:
+                raise EvalError(f"held-out shard {url} is not a local file and has no sha256 in a manifest: the "
+                                f"statistics cache needs one; copy the held-out shards to local disk or give the manifest")
+            out.append(listed[name])
+            continue
+        ident = list(_file_id(Path(url)))
+        entry = memo.get(ident[0])
+        if entry and entry.get("id") == ident:
+            out.append(entry["sha256"])
+        else:
+            digest = sha256_file(url)
+            memo[ident[0]] = {"id": ident, "sha256": digest}
+            out.append(digest)
+            changed = True
+    if memo_path and changed:
+        _write_json(memo_path, memo)
+    return out
+
+
+def holdout_cache_key(shard_hashes: list[str], extractor: ExtractorWeights, holdout_num: int | None = None) -> str:
+    """The name torch-fidelity caches the held-out side under: a hash of the shards' sha256 (in order),
+    the image limit, the feature extractor's name and its weights' sha256."""
+    blob = json.dumps({"v": CACHE_KEY_VERSION, "shards": list(shard_hashes), "num": holdout_num,
+                       "extractor": extractor.name, "weights": extractor.sha256}, sort_keys=True)
+    return "ganforge-holdout-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def resolve_holdout(cfg: EvalConfig, data: DataConfig | None = None) -> list[str]:
+    """Held-out shard URLs: ``eval.holdout``, else ``data.holdout``, else ``holdout-*.tar`` beside ``data.shards``."""
+    pattern = cfg.holdout or (data.holdout if data else None)
+    if pattern is None:
+        if data is None:
+            raise EvalError("no held-out shards: set eval.holdout (or --data 'DIR/holdout-*.tar')")
+        first = data.shards.split("::")[0]
+        if first.startswith("pipe:") or "://" in first:
+            raise EvalError(f"data.shards {data.shards!r} is not local: set eval.holdout to the held-out shards")
+        pattern = str(Path(os.path.dirname(first) or ".") / "holdout-*.tar")
+    return expand_shards(pattern)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalResult:
+    """Metrics (plain floats, keys ``fid kid kid_std isc isc_std precision recall``) and how they were made."""
+
+    metrics: dict[str, float]
+    cache_hit: bool | None  # held-out features came from the cache (None: no metric needed them)
+    cache_key: str | None
+    num_generated: int
+    num_holdout: int | None
+    kid_subset_size: int | None
+    feature_extractor: str
+    weights_sha256: str
+    seconds: float
+    holdout_shards: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready."""
+        return {"metrics": self.metrics, "cache_hit": self.cache_hit, "cache_key": self.cache_key,
+                "num_generated": self.num_generated, "num_holdout": self.num_holdout,
+                "kid_subset_size": self.kid_subset_size, "feature_extractor": self.feature_extractor,
+                "weights_sha256": self.weights_sha256, "seconds": self.seconds, "holdout_shards": self.holdout_shards}
+
+
+def evaluate(G: torch.nn.Module, spec: ImageSpec, cfg: EvalConfig, holdout_urls: list[str], *,
+             extractor: ExtractorWeights | None = None, manifest: dict | None = None,
+             verbose: bool = False) -> EvalResult:
+    """Compute ``cfg.metrics`` for ``G`` (G_ema) against the held-out shards with torch-fidelity.
+
+    ``extractor`` is what :func:`check_feature_extractor` returned at start (checked again if
+    omitted). ``manifest`` supplies the sha256 of held-out shards that are not local files. The
+    generator runs on its own device; the feature extractor on CUDA when ``G`` is there.
+    """
+    import torch_fidelity
+
+    from orchestrator import feature_extractors  # noqa: F401 - registers dataset-cnn with torch-fidelity
+
+    t0 = time.perf_counter()
+    extractor = extractor or check_feature_extractor(cfg)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    generated = GeneratedImages(G, spec, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.truncation_psi)
+    binary = any(m in BINARY_METRICS for m in cfg.metrics)
+    held = key = sidecar = num_holdout = None
+    hashes: list[str] = []
+    if binary:
+        hashes = shard_sha256s(holdout_urls, manifest, cache_dir)
+        key = holdout_cache_key(hashes, extractor, cfg.holdout_num)
+        held = ShardImages(holdout_urls, spec, cfg.holdout_num)
+        sidecar = cache_dir / f"{key}.json"
+        try:
+            num_holdout = json.loads(sidecar.read_text())["num_holdout"]
+        except (OSError, ValueError, KeyError):
+            num_holdout = len(held)
+        if num_holdout < 2:
+            raise EvalError(f"held-out shards {holdout_urls} hold {num_holdout} image(s); at least 2 are needed")
+    counts = [cfg.num_samples] + ([num_holdout] if binary else [])
+    kid_subset = min([cfg.kid_subset_size] + counts) if "kid" in cfg.metrics else None
+    if "prc" in cfg.metrics and min(counts) <= cfg.prc_neighborhood:
+        raise EvalError(f"precision/recall with prc_neighborhood={cfg.prc_neighborhood} needs more than "
+                        f"{cfg.prc_neighborhood} images per side (have {counts})")
+    cuda = generated.device.type == "cuda"
+    kwargs = dict(
+        input1=generated, input2=held, input2_cache_name=key, cache_root=str(cache_dir), cache=True,
+        cuda=cuda, batch_size=cfg.batch_size, save_cpu_ram=True, verbose=verbose,
+        feature_extractor=extractor.name, feature_extractor_weights_path=str(extractor.path),
+        fid="fid" in cfg.metrics, kid="kid" in cfg.metrics, isc="isc" in cfg.metrics, prc="prc" in cfg.metrics,
+        kid_subset_size=kid_subset or cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
+        isc_splits=min(cfg.isc_splits, cfg.num_samples),
+        prc_neighborhood=cfg.prc_neighborhood)
+    with _no_downloads():
+        raw = torch_fidelity.calculate_metrics(**kwargs)
+    metrics = {ours: float(raw[theirs]) for theirs, ours in _FIDELITY_KEYS.items() if theirs in raw}
+    cache_hit = None
+    if binary:
+        cache_hit = held.reads == 0
+        if not sidecar.exists():
+            _write_json(sidecar, {"key": key, "num_holdout": num_holdout, "holdout_num": cfg.holdout_num,
+                                  "shards": [{"url": u, "sha256": h} for u, h in zip(holdout_urls, hashes)],
+                                  "feature_extractor": extractor.name, "weights_path": str(extractor.path),
+                                  "weights_sha256": extractor.sha256, "created": time.time()})
+    return EvalResult(metrics, cache_hit, key, cfg.num_samples, num_holdout, kid_subset, extractor.name,
+                      extractor.sha256, time.perf_counter() - t0, list(holdout_urls) if binary else [])
+
+
+def compute_metrics(G: torch.nn.Module, spec: ImageSpec, cfg: EvalConfig, holdout_urls: list[str], *,
+                    extractor: ExtractorWeights | None = None, manifest: dict | None = None) -> dict[str, float]:
+    """Just the metrics of :func:`evaluate`, e.g. ``{"fid": 12.3, "kid": 0.004, "kid_std": 0.001}``."""
+    return evaluate(G, spec, cfg, holdout_urls, extractor=extractor, manifest=manifest).metrics
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig, holdout: str | None = None,
+                        device: str | torch.device = "cpu", verbose: bool = False) -> EvalResult:
+    """Evaluate a checkpoint's G_ema; ``holdout`` (a shard pattern) overrides :func:`resolve_holdout`.
+
+    The weights are checked before anything else is loaded, so a missing file fails in seconds.
+    """
+    from orchestrator.data import load_manifest
+    from orchestrator.generate import load_generator
+
+    extractor = check_feature_extractor(cfg)
+    G, job, spec = load_generator(checkpoint, device)
+    urls = expand_shards(holdout) if holdout else resolve_holdout(cfg, job.data)
+    manifest = None
+    if not holdout and not cfg.holdout:  # the training data's manifest describes only its own held-out shards
+        try:
+            manifest = load_manifest(job.data)
+        except DataError:
+            pass
+    return evaluate(G, spec, cfg, urls, extractor=extractor, manifest=manifest, verbose=verbose)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def eval_config_for(checkpoint: str | Path | None = None, **overrides) -> EvalConfig:
+    """The evaluation settings of a run (its config's ``eval`` section, if it has one, else the
+    defaults) with ``overrides`` (those that are not None) applied; errors name the setting."""
+    from pydantic import ValidationError
+
+    base: dict = {}
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        saved = (path.parent if path.is_file() else path) / "config.yaml"
+        if saved.is_file():
+            import yaml
+
+            section = (yaml.safe_load(saved.read_text()) or {}).get("eval")
+            base = dict(section) if isinstance(section, dict) else {}
+    try:
+        return EvalConfig.model_validate({**base, **{k: v for k, v in overrides.items() if v is not None}})
+    except ValidationError as e:
+        lines = [f"eval.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()]
+        raise EvalError("invalid evaluation settings:\n  " + "\n  ".join(lines)) from None

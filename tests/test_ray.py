@@ -1,0 +1,131 @@
+"""Training on a real local Ray cluster (loopback only): the README's `ray job submit` command, a worker
+killed with SIGKILL, and DeepSpeed ZeRO-2 StyleGAN2 with R1 through `ganforge submit`, resumed."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.data import write_shards
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+FAST = ["--set", "tracking.progress_bar=false", "--set", "train.threads=1", "--set", "tracking.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray head on 127.0.0.1 with its own HOME and temp dir; stopped afterwards, whatever happened."""
+    home = Path(tempfile.mkdtemp(prefix="gf-ray-home-"))
+    temp = Path(tempfile.mkdtemp(prefix="gf-ray-"))  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+    start = ["ray", "start", "--head", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+             "--dashboard-host=127.0.0.1", f"--temp-dir={temp}"]
+    try:
+        p = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, f"ray start failed:\n{p.stdout}\n{p.stderr}"
+        yield env
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        left = subprocess.run(["pgrep", "-f", f"raylet.*{temp}|gcs_server.*{temp}"], capture_output=True, text=True).stdout
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+        assert not left.strip(), f"Ray processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def digits32() -> Path:
+    """The demo's shards where the README's command expects them (data/ is git-ignored)."""
+    out = ROOT / "data" / "digits32"
+    if not (out / "manifest.json").exists():
+        write_shards("builtin:digits", out, resolution=32, shard_size=256)
+    return out
+
+
+def run(cmd: list[str] | str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          shell=isinstance(cmd, str), executable="/bin/bash" if isinstance(cmd, str) else None)
+
+
+def readme_command() -> str:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- ray-job-submit")[1].split("```bash\n")[1].split("```")[0]
+    return " ".join(line.rstrip("\\").strip() for line in block.strip().splitlines())
+
+
+def steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_readme_ray_job_submit_succeeds_and_leaves_a_checkpoint(cluster, digits32):
+    command = readme_command()
+    assert command.startswith("ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m launch.ray_job ")
+    run_dir = ROOT / "runs" / "ray-dcgan-digits"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    p = run(command + " " + shlex.join(FAST + ["--set", "train.stop_at_step=10", "--set", "checkpoint.every_kimg=0.32"]),
+            cluster)
+    assert p.returncode == 0 and "succeeded" in p.stdout + p.stderr, p.stdout[-4000:] + p.stderr[-4000:]
+    ckpts = sorted((run_dir / "checkpoints").glob("ckpt-*"))
+    assert [c.name for c in ckpts][-1] == "ckpt-000000010" and (ckpts[-1] / "COMPLETE.json").exists()
+    assert list((run_dir / "ray").rglob("checkpoint_*/state.pt"))  # Ray's copy of the reported checkpoints
+    assert steps(run_dir) == list(range(1, 11))  # only rank 0 logs
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(cluster, digits32, tmp_path):
+    interval_steps = 20  # checkpoint.every_kimg=1.28 at 64 images per step
+    cmd = [str(BIN / "ganforge"), "submit", "configs/dev/dcgan-digits.yaml", "--address", "http://127.0.0.1:8265",
+           "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={digits32}/train-*.tar",
+           "--set", "train.stop_at_step=100", "--set", "checkpoint.every_kimg=1.28", "--set", "ray.max_failures=1", *FAST]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list((tmp_path / "run" / "checkpoints").glob("ckpt-*")):
+            assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
+            time.sleep(1)
+        workers = run(["pgrep", "-f", "ray::RayTrainWorker"], cluster).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        out, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-5000:]
+    assert re.search(r"resumed from .* at step (\d+)", out), out[-3000:]
+    seen = steps(tmp_path / "run")
+    back = [(a, b) for a, b in zip(seen, seen[1:]) if b <= a]
+    assert back, "the step counter never went back: the worker was not lost mid-run"
+    assert all(a - b < interval_steps for a, b in back), back  # lost at most one checkpoint interval
+    assert seen[-1] == 100
+
+
+def test_deepspeed_zero2_stylegan2_with_r1_checkpoints_and_resumes(cluster, digits32, tmp_path):
+    from orchestrator.data import write_shards as _write  # digits at 16 px for the StyleGAN2 dev preset
+
+    shards = tmp_path / "digits16"
+    _write("builtin:digits", shards, resolution=16, shard_size=128)
+    base = [str(BIN / "ganforge"), "submit", "configs/stylegan2/dev.yaml", "--address", "http://127.0.0.1:8265",
+            "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={shards}/train-*.tar",
+            "--set", "distributed.strategy=deepspeed", "--set", "distributed.deepspeed_config=configs/deepspeed/zero2.yaml",
+            "--set", "loss.r1_interval=2", "--set", "checkpoint.every_kimg=0.064", "--set", "ray.max_failures=0", *FAST]
+    first = run(base + ["--set", "train.stop_at_step=4"], cluster)
+    assert first.returncode == 0 and "SUCCEEDED" in first.stdout, first.stdout[-5000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-000000004"
+    assert (ckpt / "deepspeed_G").is_dir() and (ckpt / "deepspeed_D").is_dir()
+    assert any("reg/r1" in json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    second = run(base + ["--set", "train.stop_at_step=8"], cluster)  # a new driver, same run directory
+    assert second.returncode == 0 and "SUCCEEDED" in second.stdout, second.stdout[-5000:]
+    assert "at step 4" in second.stdout and (tmp_path / "run" / "checkpoints" / "ckpt-000000008").exists()
+    assert steps(tmp_path / "run") == list(range(1, 9))
