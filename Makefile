@@ -21,7 +21,10 @@ install: $(BIN)/ganforge
 data/digits32/manifest.json: | $(BIN)/ganforge
 	$(BIN)/ganforge data shards builtin:digits data/digits32 --resolution 32 --shard-size 256
 
-demo: data/digits32/manifest.json
+data/digits32/dataset-cnn.pt: data/digits32/manifest.json
+	$(BIN)/ganforge extractor train --data 'data/digits32/train-*.tar' --holdout 'data/digits32/holdout-*.tar' --out $@
+
+demo: data/digits32/dataset-cnn.pt
 	$(BIN)/ganforge train configs/dev/dcgan-digits.yaml --run-dir runs/demo-dcgan-digits --resume auto
 
 data/digits16/manifest.json: | $(BIN)/ganforge

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ def dev_loader_settings(steps: int = 150) -> None:
         for workers, threads in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)):
             cfg = load_config(ROOT / "configs/dev/dcgan-digits.yaml", [
                 f"data.shards={tmp}/d/train-*.tar", f"data.workers={workers}", f"train.threads={threads}",
-                f"train.stop_at_step={steps}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
+                f"train.stop_at_step={steps}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled", "eval.enabled=false",
                 f"tracking.log_every={steps // 3}", "checkpoint.every_kimg=1000", "tracking.sample_every_kimg=1000"])
             run_dir = Path(tmp) / f"w{workers}t{threads}"
             train(cfg, run_dir)
@@ -99,6 +100,7 @@ def ddp_scaling(steps: int = 120) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=128)
         common = [f"data.shards={tmp}/d/train-*.tar", "data.workers=0", "train.threads=1", f"train.stop_at_step={steps}",
+                  "eval.enabled=false",
                   "tracking.progress_bar=false", f"tracking.log_every={steps // 2}", "checkpoint.every_kimg=1000",
                   "tracking.sample_every_kimg=1000"]
         one = _torchrun(1, "configs/dev/dcgan-digits.yaml", Path(tmp) / "one", common)
@@ -111,13 +113,13 @@ def ddp_scaling(steps: int = 120) -> None:
 
 def strategy_memory() -> None:
     """Peak resident memory of rank 0 for one step of the StyleGAN2 `cifar` networks (20.2 M + 23.1 M
-    parameters) on 2 workers: DDP versus DeepSpeed ZeRO-2 (fp32, micro-batch 4 with 4 accumulated)."""
+    parameters) on 2 workers: DDP versus DeepSpeed ZeRO-2 (fp32, global batch 16: micro-batches of 4, 2 accumulated)."""
     from orchestrator.data import write_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=128, channels=3)
         common = [f"data.shards={tmp}/d/train-*.tar", "data.workers=0", "data.resolution=32", "data.channels=3",
-                  "data.num_classes=10", "train.precision=fp32", "train.device=cpu", "train.batch_size=32",
+                  "data.num_classes=10", "train.precision=fp32", "train.device=cpu", "train.batch_size=16",
                   "train.micro_batch=4", "train.stop_at_step=1", "model.num_fp16_res=0", "model.conv_clamp=null",
                   "model.mbstd_group_size=4", "tracking.progress_bar=false", "tracking.log_every=1",
                   "checkpoint.every_kimg=1000", "tracking.sample_every_kimg=1000", "tracking.wandb.mode=disabled"]
@@ -132,8 +134,50 @@ def strategy_memory() -> None:
     print(f"\nZeRO-2 / DDP: {rows[1][1] / rows[0][1]:.2f}")
 
 
+def evaluator_overhead(steps: int = 150) -> None:
+    """Training images/s of the DCGAN digits preset on 2 Ray workers (0.75 CPU each) with the evaluator actor
+    evaluating every 0.64 kimg on its own 0.5 CPU, versus without it. Starts and stops a loopback Ray head."""
+    import subprocess
+
+    from orchestrator.data import write_shards
+    from orchestrator.feature_extractors import train_feature_extractor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home, temp = Path(tmp) / "home", Path(tempfile.mkdtemp(prefix="gf-bench-ray-"))
+        home.mkdir()
+        env = {**os.environ, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "WANDB_MODE": "disabled"}
+        write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=256)
+        train_feature_extractor(f"{tmp}/d/train-*.tar", Path(tmp) / "cnn.pt", epochs=3)
+        subprocess.run(["ray", "start", "--head", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                        "--dashboard-host=127.0.0.1", f"--temp-dir={temp}"], env=env, check=True, capture_output=True)
+        rates = {}
+        try:
+            for evaluating in (False, True):
+                run_dir = Path(tmp) / f"eval-{evaluating}"
+                cmd = ["ganforge", "submit", "configs/dev/dcgan-digits.yaml", "--address", "http://127.0.0.1:8265",
+                       "--run-dir", str(run_dir)]
+                for o in [f"data.shards={tmp}/d/train-*.tar", f"eval.weights_path={tmp}/cnn.pt", f"eval.enabled={evaluating}",
+                          "eval.every_kimg=0.64", "eval.num_samples=2000", f"eval.cache_dir={tmp}/cache",
+                          f"train.stop_at_step={steps}", "train.threads=1", "tracking.progress_bar=false",
+                          "tracking.log_every=10", "checkpoint.every_kimg=0.64", "ray.max_failures=0"]:
+                    cmd += ["--set", o]
+                subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+                rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss/D" in x]
+                rest = rows[len(rows) // 3:]  # past start-up
+                rates[evaluating] = sum(r["perf/img_per_s"] for r in rest) / len(rest)
+                if evaluating:
+                    evals = len((run_dir / "eval.jsonl").read_text().splitlines())
+        finally:
+            subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+            shutil.rmtree(temp, ignore_errors=True)
+    print("\n| evaluator | training img/s (mean of log intervals after the first third) |\n|---|---|")
+    print(f"| off | {rates[False]:.0f} |\n| on ({evals} evaluations of 2,000 samples) | {rates[True]:.0f} |")
+    print(f"\nwith / without: {rates[True] / rates[False]:.2f}")
+
+
 BENCHMARKS = {"dev_loader_settings": dev_loader_settings, "stylegan2_1024_forward": stylegan2_1024_forward,
-              "ddp_scaling": ddp_scaling, "strategy_memory": strategy_memory}
+              "ddp_scaling": ddp_scaling, "strategy_memory": strategy_memory, "evaluator_overhead": evaluator_overhead}
 
 
 def main() -> int:

@@ -30,14 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.cluster import prepare_for_workers, ray_worker
+    from orchestrator.cluster import prepare_for_workers, ray_worker, start_evaluator
     from orchestrator.config import ConfigError, load_config
     from orchestrator.data import DataError
+    from orchestrator.evaluator import EvalError
 
     try:
         cfg = load_config(a.config, a.set)
         prepare_for_workers(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, EvalError, FileNotFoundError) as e:
         print(f"launch.ray_job: error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(a.run_dir).resolve() if a.run_dir else default_run_dir(a.config)
@@ -45,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.distributed.strategy == "single" and r.num_workers > 1:
         cfg.distributed.strategy = "ddp"  # several workers need a synchronising strategy
     ray.init()  # inside `ray job submit`: the cluster that runs the job
+    evaluator, evaluator_handle = start_evaluator(cfg, run_dir) if cfg.eval.enabled else (None, None)
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {}), **r.resources_per_worker}
     trainer = TorchTrainer(
         ray_worker,
-        train_loop_config={"config_yaml": cfg.to_yaml(), "run_dir": str(run_dir)},
+        train_loop_config={"config_yaml": cfg.to_yaml(), "run_dir": str(run_dir), "evaluator": evaluator},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=r.name or run_dir.name, storage_path=r.storage_path or str(run_dir / "ray"),
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - Ray Train raises once the failure budget is spent
         print(f"ganforge: training failed: {e}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        if evaluator_handle is not None:
+            ray.kill(evaluator_handle)  # rank 0 waited for its last evaluation before finishing
     if result.error:
         print(f"ganforge: training failed: {result.error}", file=sys.stderr, flush=True)
         return 1

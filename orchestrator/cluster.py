@@ -48,6 +48,33 @@ def prepare_for_workers(cfg) -> None:
     if cfg.distributed.strategy == "deepspeed":
         cfg.distributed.deepspeed_config = str(Path(cfg.distributed.deepspeed_config).resolve())
         deepspeed_config(cfg.distributed, cfg.train.precision, 1, 1, 1)  # readable?
+    if cfg.eval.enabled:
+        from orchestrator.evaluator import check_feature_extractor
+
+        for key in ("weights_path", "holdout"):
+            value = getattr(cfg.eval, key)
+            if value and local(value) and not os.path.isabs(value):
+                setattr(cfg.eval, key, str(Path(value).resolve()))
+        check_feature_extractor(cfg.eval)  # missing weights fail here, in seconds, not in the actor
+
+
+def start_evaluator(cfg, run_dir: Path):
+    """Start the evaluator actor with its own resources (restarted by Ray if it dies); returns its name
+    and handle. The caller must hold the handle while training runs: Ray ends an actor with its last handle."""
+    import ray
+
+    from orchestrator.eval_service import NAMESPACE, EvaluatorActor, actor_name
+
+    name = actor_name(run_dir)
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE))  # one left over from an earlier driver of this run
+    except ValueError:
+        pass
+    actor = ray.remote(EvaluatorActor).options(name=name, namespace=NAMESPACE, num_cpus=cfg.eval.cpus,
+                                               num_gpus=cfg.eval.gpus, max_restarts=-1, max_concurrency=4
+                                               ).remote(cfg.to_yaml(), str(run_dir))
+    ray.get(actor.status.remote())  # fails now if the actor cannot start
+    return name, actor
 
 
 def _step_of(path: Path | None) -> int:
@@ -72,7 +99,7 @@ def ray_worker(loop_config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if path else None)
 
     ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
-                        local_rank=context.get_local_rank(), report=report)
+                        local_rank=context.get_local_rank(), report=report, evaluator=loop_config.get("evaluator"))
     if cfg.train.threads:
         os.environ["OMP_NUM_THREADS"] = str(cfg.train.threads)
     ray_ckpt = ray.train.get_checkpoint()

@@ -21,6 +21,7 @@ from orchestrator.checkpoint import CheckpointConfig
 from orchestrator.cluster import RayConfig
 from orchestrator.data import DataConfig
 from orchestrator.ema import EMAConfig
+from orchestrator.evaluator import EvalConfig
 from orchestrator.losses import LossConfig
 from orchestrator.optim import OptimConfig
 from orchestrator.strategy import DistributedConfig
@@ -47,6 +48,7 @@ class JobConfig(StrictConfig):
     tracking: TrackingConfig = TrackingConfig()
     distributed: DistributedConfig = DistributedConfig()
     ray: RayConfig = RayConfig()
+    eval: EvalConfig = EvalConfig()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default filled in)."""

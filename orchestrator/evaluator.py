@@ -67,6 +67,7 @@ class EvalError(ValueError):
 class EvalConfig(StrictConfig):
     """How a generator is evaluated against held-out data, and what the evaluator actor may use."""
 
+    enabled: bool = Field(False, description="evaluate during training: at the start, every `every_kimg`, and at the end")
     metrics: list[Metric] = Field(["fid", "kid"], min_length=1,
                                   description="metrics to compute: fid, kid, isc (Inception Score), prc (precision/recall)")
     num_samples: int = Field(10000, ge=2, description="images generated from G_ema per evaluation")
@@ -91,8 +92,8 @@ class EvalConfig(StrictConfig):
     holdout: str | None = Field(None, description="held-out shards (glob, brace pattern or pipe: URLs); None: "
                                                   "data.holdout, else holdout-*.tar beside data.shards")
     holdout_num: int | None = Field(None, ge=2, description="use only the first N held-out images (shard order); None: all")
-    every_kimg: float | None = Field(None, gt=0, description="evaluate during training every this many thousand "
-                                                             "images; None: not during training")
+    every_kimg: float | None = Field(None, gt=0, description="with `enabled`: also evaluate every this many thousand "
+                                                             "images (None: only at the start and the end)")
     cpus: float = Field(0.5, ge=0, description="CPUs reserved for the evaluator actor")
     gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction of one) reserved for the evaluator actor")
 

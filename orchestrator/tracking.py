@@ -74,11 +74,13 @@ class Tracker:
                                     name=w.name or self.run_dir.name, id=self.run_id, resume="allow",
                                     dir=str(self.run_dir), mode=self.mode, config=config,
                                     settings=wandb.Settings(console="off", silent=True))
+            self.wandb.define_metric("eval/step")
+            self.wandb.define_metric("eval/*", step_metric="eval/step")
         self._jsonl = open(self.run_dir / METRICS_FILE, "a")
         if cfg.progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_img / 1000, initial=start_img / 1000, unit="kimg", dynamic_ncols=True,
+            self._bar = tqdm(total=total_img / 1000, initial=start_img / 1000, unit="kimg", dynamic_ncols=True, mininterval=1.0,
                              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
 
     @property
@@ -105,6 +107,20 @@ class Tracker:
             self._bar.set_postfix_str(short, refresh=False)
         else:
             print(f"step {step:7d}  kimg {nimg / 1000:9.2f}  {short}", flush=True)
+
+    def log_eval(self, row: dict) -> None:
+        """An evaluator result: in ``metrics.jsonl`` at the training step it belongs to; in W&B against
+        ``eval/step`` (W&B steps only go forward, and results arrive after training moved on)."""
+        if not self.active:
+            return
+        scalars = {k: v for k, v in row.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+        self._jsonl.write(json.dumps({"step": row["step"], "kimg": row["kimg"], "time": time.time(), **scalars}) + "\n")
+        self._jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({**scalars, "eval/step": row["step"], "eval/kimg": row["kimg"]})
+        fid = f"  FID {row['eval/fid']:.2f}" if "eval/fid" in row else ""
+        self.note(f"eval at step {row['step']} ({row['kimg']:.1f} kimg):{fid}  "
+                  + "  ".join(f"{k[5:]} {v:.4g}" for k, v in scalars.items() if k not in ("eval/fid", "eval/cache_hit")))
 
     def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
         """An image file (a sample grid) at a step."""

@@ -24,7 +24,7 @@ from pydantic import Field
 import architectures
 from architectures.registry import StrictConfig
 from orchestrator.checkpoint import (CheckpointError, checkpoint_dir, latest_checkpoint, list_checkpoints,
-                                     load_checkpoint, load_into, save_checkpoint)
+                                     load_checkpoint, load_into, mark_best, save_checkpoint)
 from orchestrator.data import ShardLoader, image_spec, load_manifest
 from orchestrator.ema import ema_beta, make_ema, update_ema
 from orchestrator.optim import make_adam
@@ -61,6 +61,7 @@ class WorkerContext:
     local_rank: int = 0
     report: Callable[[dict, Path | None], None] | None = None
     restore_from: Path | None = None
+    evaluator: str | None = None  # name of the Ray evaluator actor (None: evaluate in-process)
 
 
 @dataclass
@@ -221,6 +222,28 @@ def _mean_across_ranks(stats: dict[str, torch.Tensor], ctx: WorkerContext) -> di
     return dict(zip(keys, values.tolist()))
 
 
+def make_eval_client(cfg: JobConfig, ctx: WorkerContext, run_dir: Path, config_yaml: str, note):
+    """Rank 0's evaluator: the named Ray actor when the launcher made one, else one in this process."""
+    from orchestrator.eval_service import NAMESPACE, EvalClient, Evaluator
+
+    if ctx.evaluator:
+        import ray
+
+        return EvalClient(actor=ray.get_actor(ctx.evaluator, namespace=NAMESPACE), note=note)
+    return EvalClient(Evaluator(config_yaml, str(run_dir)), note=note)
+
+
+def log_eval_rows(evaluator, tracker: Tracker) -> None:
+    """Log new evaluator results at the steps they belong to; protect the best-FID checkpoint from pruning."""
+    for row in evaluator.poll():
+        tracker.log_eval(row)
+        fid = row.get("eval/fid")
+        if fid is not None and fid < evaluator.best_fid:
+            evaluator.best_fid = fid
+            if row.get("checkpoint") and Path(row["checkpoint"]).exists():
+                mark_best(Path(row["checkpoint"]), {"fid": fid, "step": row["step"]})
+
+
 def _barrier(ctx: WorkerContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()
@@ -315,6 +338,9 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
     last_ckpt, last_grid = None, None
     t_log, img_log = time.perf_counter(), progress.nimg
     metrics: dict[str, float] = {}
+    evaluator = make_eval_client(cfg, ctx, run_dir, config_yaml, tracker.note) if lead and cfg.eval.enabled else None
+    if evaluator is not None and progress.step == 0:
+        evaluator.submit(0, 0, G_ema, None)  # the FID at the start, for comparison
     try:
         while progress.nimg < total_img and not (cfg.train.stop_at_step and progress.step >= cfg.train.stop_at_step):
             stats, n_real = train_step(nets, next_batch, num_micro, sampler, cfg.loss, reg, progress.step, progress.d_steps)
@@ -335,13 +361,23 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
                                 "lr/G": strategy.lr("G"), "lr/D": strategy.lr("D")})
                 tracker.log(metrics, progress.step, progress.nimg)
                 t_log, img_log, data_wait = now, progress.nimg, 0.0
+                if evaluator is not None:
+                    log_eval_rows(evaluator, tracker)
             if lead and _crossed(before, progress.nimg, cfg.tracking.sample_every_kimg):
                 last_grid = save_grid(G_ema, grid_z, grid_c, grid_cols, grid_path(samples_dir, progress.nimg))
                 tracker.log_image("samples/grid", last_grid, progress.step, f"G_ema at {progress.nimg / 1000:.1f} kimg")
-            if _crossed(before, progress.nimg, cfg.checkpoint.every_kimg):
-                last_ckpt = save(metrics)
+            eval_due = bool(cfg.eval.enabled and cfg.eval.every_kimg and _crossed(before, progress.nimg, cfg.eval.every_kimg))
+            if eval_due or _crossed(before, progress.nimg, cfg.checkpoint.every_kimg):
+                last_ckpt = save(metrics)  # evaluated weights always have a checkpoint, so the best can be kept
+            if eval_due and evaluator is not None:
+                evaluator.submit(progress.step, progress.nimg, G_ema, last_ckpt)
         if last_ckpt is None or not last_ckpt.name.endswith(f"{progress.step:09d}"):
             last_ckpt = save(metrics)
+        if evaluator is not None:
+            if evaluator.last_step != progress.step:
+                evaluator.submit(progress.step, progress.nimg, G_ema, last_ckpt)  # the FID at the end
+            evaluator.finish()
+            log_eval_rows(evaluator, tracker)
         if lead:
             final_grid = grid_path(samples_dir, progress.nimg)
             if last_grid != final_grid:

@@ -51,6 +51,10 @@ def digits32() -> Path:
     out = ROOT / "data" / "digits32"
     if not (out / "manifest.json").exists():
         write_shards("builtin:digits", out, resolution=32, shard_size=256)
+    if not (out / "dataset-cnn.pt").exists():  # the demo config evaluates with it
+        from orchestrator.feature_extractors import train_feature_extractor
+
+        train_feature_extractor(str(out / "train-*.tar"), out / "dataset-cnn.pt", epochs=3)
     return out
 
 
@@ -88,7 +92,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(cluster, digits32, tm
     interval_steps = 20  # checkpoint.every_kimg=1.28 at 64 images per step
     cmd = [str(BIN / "ganforge"), "submit", "configs/dev/dcgan-digits.yaml", "--address", "http://127.0.0.1:8265",
            "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={digits32}/train-*.tar",
-           "--set", "train.stop_at_step=100", "--set", "checkpoint.every_kimg=1.28", "--set", "ray.max_failures=1", *FAST]
+           "--set", "train.stop_at_step=100", "--set", "checkpoint.every_kimg=1.28", "--set", "ray.max_failures=1",
+           "--set", "eval.enabled=false", *FAST]
     job = subprocess.Popen(cmd, cwd=ROOT, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -129,3 +134,38 @@ def test_deepspeed_zero2_stylegan2_with_r1_checkpoints_and_resumes(cluster, digi
     assert second.returncode == 0 and "SUCCEEDED" in second.stdout, second.stdout[-5000:]
     assert "at step 4" in second.stdout and (tmp_path / "run" / "checkpoints" / "ckpt-000000008").exists()
     assert steps(tmp_path / "run") == list(range(1, 9))
+
+
+def test_the_evaluator_actor_works_beside_training_and_survives_being_killed(cluster, digits32, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "ganforge"), "submit", "configs/dev/dcgan-digits.yaml", "--address", "http://127.0.0.1:8265",
+           "--run-dir", str(run_dir), "--set", f"data.shards={digits32}/train-*.tar", "--set", "train.stop_at_step=90",
+           "--set", "checkpoint.every_kimg=0.64", "--set", "eval.every_kimg=0.64", "--set", "eval.num_samples=4000",
+           "--set", f"eval.cache_dir={tmp_path / 'cache'}", "--set", f"eval.weights_path={digits32}/dataset-cnn.pt",
+           "--set", "ray.max_failures=0", *FAST]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    evals = run_dir / "eval.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not (evals.exists() and any(json.loads(x)["step"] > 0 for x in evals.read_text().splitlines())):
+            if job.poll() is not None:
+                pytest.fail(f"the job ended before an evaluation during training:\n{job.stdout.read()[-6000:]}")
+            assert time.time() < deadline, "no evaluation during training"
+            time.sleep(0.5)
+        actors = run(["pgrep", "-f", "ray::EvaluatorActor"], cluster).stdout.split()
+        assert len(actors) == 1, actors
+        killed_at = time.time()
+        os.kill(int(actors[0]), signal.SIGKILL)
+        out, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out[-5000:]  # losing the evaluator never stops training
+    rows = [json.loads(x) for x in evals.read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[-1]["step"] == 90  # FID at the start and at the end
+    assert any(r["finished"] > killed_at for r in rows), "the restarted evaluator never evaluated again"
+    assert rows[-1]["eval/fid"] < rows[0]["eval/fid"]
+    step_times = [json.loads(x)["time"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                  if "loss/D" in json.loads(x)]
+    windows = [(r["started"], r["finished"]) for r in rows if r["step"] > 0]
+    assert any(a < t < b for a, b in windows for t in step_times), "no training step ran during an evaluation"

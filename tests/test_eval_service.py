@@ -1,0 +1,105 @@
+"""Evaluation beside training: dev mode evaluates at the start, on its interval and at the end; the
+actor form never makes the caller wait and drops stale requests; the best-FID checkpoint is kept."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from orchestrator.checkpoint import list_checkpoints, load_checkpoint
+from orchestrator.config import validate_config
+from orchestrator.eval_service import EvaluatorActor
+from orchestrator.evaluator import evaluate, resolve_holdout
+from orchestrator.feature_extractors import train_feature_extractor
+from orchestrator.train import train
+
+
+@pytest.fixture(scope="module")
+def extractor(digits16, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("extractor") / "dataset-cnn.pt"
+    train_feature_extractor(str(digits16 / "train-*.tar"), out, epochs=2)
+    return out
+
+
+def eval_config(digits16: Path, extractor: Path, cache: Path, **extra) -> dict:
+    return tiny_config(digits16, train={"total_kimg": 0.48, "batch_size": 32}, checkpoint={"every_kimg": 10, "keep_last": 1},
+                       tracking={"log_every": 5},
+                       eval={"enabled": True, "every_kimg": 0.16, "feature_extractor": "dataset-cnn",
+                             "weights_path": str(extractor), "num_samples": 64, "metrics": ["fid", "kid"],
+                             "cache_dir": str(cache), **extra})
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_dev_mode_evaluates_at_start_interval_and_end(digits16, extractor, tmp_path):
+    cfg = validate_config(eval_config(digits16, extractor, tmp_path / "cache"), "test")
+    result = train(cfg, tmp_path / "run")
+    assert result.step == 15
+    evals = rows(tmp_path / "run" / "eval.jsonl")
+    assert [r["step"] for r in evals] == [0, 5, 10, 15]  # start, every 0.16 kimg (5 steps of 32), end
+    assert evals[0]["eval/cache_hit"] is False and all(r["eval/cache_hit"] for r in evals[1:])
+    assert all(r["eval/fid"] > 0 and "eval/kid" in r for r in evals)
+    logged = [r for r in rows(tmp_path / "run" / "metrics.jsonl") if "eval/fid" in r]
+    assert [(r["step"], r["eval/fid"]) for r in logged] == [(r["step"], r["eval/fid"]) for r in evals]
+    # the best-FID checkpoint survives pruning (keep_last: 1); the others are gone
+    kept = list_checkpoints(tmp_path / "run")
+    best = min((r for r in evals if r["checkpoint"]), key=lambda r: r["eval/fid"])
+    assert Path(best["checkpoint"]) in kept and (Path(best["checkpoint"]) / "BEST").exists()
+    assert kept[-1].name == "ckpt-000000015"
+    # the number is the evaluator core's, on the same weights
+    G_ema = load_checkpoint(best["checkpoint"])["G_ema"]
+    from orchestrator.generate import load_generator
+
+    G, _, spec = load_generator(best["checkpoint"])
+    again = evaluate(G, spec, cfg.eval, resolve_holdout(cfg.eval, cfg.data))
+    assert again.metrics["fid"] == pytest.approx(best["eval/fid"], rel=1e-6) and G_ema
+
+
+def test_actor_never_waits_and_drops_stale_requests(digits16, extractor, tmp_path):
+    cfg = validate_config(eval_config(digits16, extractor, tmp_path / "cache", num_samples=512), "test")
+    from architectures import ImageSpec, get
+
+    G = get("dcgan").build_generator(cfg.model, ImageSpec(16, 1, 10))
+    state = G.state_dict()
+    actor = EvaluatorActor(cfg.to_yaml(), str(tmp_path / "run"))
+    actor.submit(1, 0.1, state, None)
+    deadline = time.time() + 120
+    while not actor.status()["busy"]:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    for step in (2, 3, 4):  # while step 1 is being evaluated
+        actor.submit(step, step / 10, state, None)
+    assert time.perf_counter() - t0 < 0.5  # submitting never waits for an evaluation
+    while not actor.idle():
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert [r["step"] for r in actor.results()] == [1, 4]  # 2 and 3 went stale and were dropped
+    assert actor.status() == {"pending": False, "busy": False, "dropped": 2, "failures": []}
+
+
+def test_a_failed_evaluation_is_recorded_not_fatal(digits16, extractor, tmp_path):
+    cfg = validate_config(eval_config(digits16, extractor, tmp_path / "cache"), "test")
+    actor = EvaluatorActor(cfg.to_yaml(), str(tmp_path / "run"))
+    actor.submit(7, 0.7, {"not": torch.zeros(1)}, None)  # weights of another network
+    deadline = time.time() + 60
+    while not actor.idle():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert actor.results() == [] and "step 7" in actor.status()["failures"][0]
+
+
+def test_missing_extractor_weights_fail_before_training(digits16, tmp_path):
+    from orchestrator.evaluator import EvalError
+
+    raw = eval_config(digits16, tmp_path / "nope.pt", tmp_path / "cache")
+    t0 = time.perf_counter()
+    with pytest.raises(EvalError, match=r"nope.pt, which does not exist"):
+        train(validate_config(raw, "test"), tmp_path / "run")
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "run" / "checkpoints").exists()
