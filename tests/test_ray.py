@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,10 @@ def cluster():
     temp = Path(tempfile.mkdtemp(prefix="gf-ray-"))  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+    for port in (6379, 8265):  # the README's command talks to the default job API port
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} is taken: a Ray cluster is already running here; stop it with `ray stop`")
     start = ["ray", "start", "--head", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
              "--dashboard-host=127.0.0.1", f"--temp-dir={temp}"]
     try:
