@@ -265,6 +265,12 @@ class BigGANGenerator(nn.Module):
         parts = [t for t in (y, z_i) if t is not None]
         return torch.cat(parts, dim=1) if parts else None
 
+    def truncated_latents(self, n: int, threshold: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[n, G.z_dim]`` latents for sampling with BigGAN's truncation trick: entries with ``|z| > threshold``
+        resampled (:func:`sample_truncated_z`). ``ganforge generate --truncation`` uses this for generators
+        whose forward has no ``truncation_psi``."""
+        return sample_truncated_z(n, self.z_dim, threshold, generator=generator)
+
     def ortho_parameters(self) -> list[nn.Parameter]:
         """Weights the orthogonal regularisation (paper eq. 3) applies to: every parameter with at
         least two axes (for SN layers, the raw weight ``parametrizations.weight.original``) except

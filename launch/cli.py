@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(instead of --seed/--num); writes seedNNNN.png for each and grid.png")
     g.add_argument("--num", type=int, help="number of images, seeds SEED … SEED+NUM-1 (default 16)")
     g.add_argument("--seed", type=int, help="first seed; image i uses seed SEED+i (default 0)")
-    g.add_argument("--truncation", type=float, metavar="PSI", help="truncation ψ (architectures with a mapping network)")
+    g.add_argument("--truncation", type=float, metavar="PSI", help="truncation ψ (mapping-network generators: w_avg + ψ(w − w_avg); biggan: resample |z| > ψ)")
     g.add_argument("--class", dest="class_index", type=int, metavar="INDEX",
                    help="class to sample (conditional models; default: drawn from each image's seed)")
     g.add_argument("--interpolate", type=_seed_pair, metavar="SEED_A,SEED_B",

@@ -22,6 +22,7 @@ from orchestrator.cluster import RayConfig
 from orchestrator.data import DataConfig
 from orchestrator.ema import EMAConfig
 from orchestrator.evaluator import EvalConfig
+from orchestrator.health import HealthConfig
 from orchestrator.losses import LossConfig
 from orchestrator.optim import OptimConfig
 from orchestrator.strategy import DistributedConfig
@@ -49,6 +50,7 @@ class JobConfig(StrictConfig):
     distributed: DistributedConfig = DistributedConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
+    health: HealthConfig = HealthConfig()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default filled in)."""

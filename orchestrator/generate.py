@@ -214,11 +214,18 @@ class Renderer:
         self.device, self.truncation, self.class_index = device, truncation, class_index
         params = inspect.signature(self.G.forward).parameters
         self.kwargs: dict[str, object] = {}
+        self.truncate_z = False  # BigGAN: truncation resamples z (G.truncated_latents), G's forward is unchanged
         if truncation is not None:
-            if "truncation_psi" not in params:
+            if "truncation_psi" in params:
+                self.kwargs["truncation_psi"] = truncation
+            elif hasattr(self.G, "truncated_latents"):
+                if truncation <= 0:
+                    raise ConfigError(f"--truncation {truncation}: the {self.cfg.model.arch} truncation threshold "
+                                      f"must be positive")
+                self.truncate_z = True
+            else:
                 raise ConfigError(f"--truncation: the {self.cfg.model.arch} generator has no truncation trick; "
                                   f"leave it out")
-            self.kwargs["truncation_psi"] = truncation
         if "noise_mode" in params:
             self.kwargs["noise_mode"] = "const"  # the same seed gives the same image
         n = self.spec.num_classes
@@ -238,7 +245,10 @@ class Renderer:
     def latent(self, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``z [1, z_dim]`` and the class ``c [1]`` (None if unconditional) of a seed."""
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn(1, self.G.z_dim, generator=g).to(self.device)
+        if self.truncate_z:
+            z = self.G.truncated_latents(1, self.truncation, generator=g).to(self.device)
+        else:
+            z = torch.randn(1, self.G.z_dim, generator=g).to(self.device)
         if not self.spec.num_classes:
             return z, None
         c = self.class_index
@@ -280,7 +290,8 @@ def generate(checkpoint: str | Path, out: str | Path, num: int = 16, seed: int =
     """Write ``seed<S>.png`` for each seed and ``grid.png`` of them all to ``out``; return the paths (grid last).
 
     The seeds are ``seeds`` if given, else ``seed … seed+num-1``. ``truncation`` is ψ (generators with a mapping
-    network); ``class_index`` fixes the class of a conditional model (default: drawn from each image's seed).
+    network: ``w_avg + ψ(w − w_avg)``; BigGAN: every entry of z with ``|z| > ψ`` is resampled); ``class_index``
+    fixes the class of a conditional model (default: drawn from each image's seed).
     """
     seeds = list(seeds) if seeds is not None else list(range(seed, seed + num))
     if not seeds:

@@ -30,6 +30,8 @@ class LossConfig(StrictConfig):
     pl_batch_shrink: int = Field(2, ge=1, description="path-length batch = batch // this")
     pl_decay: float = Field(0.01, gt=0.0, le=1.0, description="decay of the running path-length mean")
     style_mixing_prob: float = Field(0.0, ge=0.0, le=1.0, description="style mixing probability (StyleGAN2: 0.9)")
+    ortho_beta: float = Field(0.0, ge=0.0, description="β of BigGAN's orthogonal regularization of G, "
+                              "β·Σ‖WWᵀ ⊙ (1 − I)‖²_F (paper: 1e-4; the authors' --G_ortho s is β = s/2; 0: off)")
 
 
 def d_loss(kind: LossKind, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -88,3 +90,23 @@ def path_length_penalty(img: torch.Tensor, ws: torch.Tensor, pl_mean: torch.Tens
     lengths = grad.float().square().sum(2).mean(1).sqrt()
     new_mean = pl_mean.lerp(lengths.mean().detach(), decay)
     return (lengths - new_mean).square(), new_mean
+
+
+def orthogonal_penalty(params) -> torch.Tensor:
+    """BigGAN's off-diagonal orthogonal regularization without its weight (Brock et al. 2019, section 3.1,
+    eq. 3): ``Σ_W ‖WᵀW ⊙ (1 − I)‖²_F`` over ``params``, each reshaped to ``[out, fan_in]`` with one filter
+    per row (so the paper's column-per-filter ``WᵀW`` is ``W Wᵀ`` here: the filters' pairwise inner
+    products, diagonal excluded).
+
+    Its gradient is ``4 (WWᵀ ⊙ (1 − I)) W``; the authors' ``utils.ortho(G, s)`` adds ``s · 2 (WWᵀ ⊙ (1 − I)) W``
+    to ``.grad`` directly, so ``β · orthogonal_penalty`` gives their update for ``β = s / 2``."""
+    total = None
+    for p in params:
+        w = p.flatten(1).float()
+        gram = w @ w.T
+        off = gram - torch.diag_embed(torch.diagonal(gram))
+        term = off.square().sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("orthogonal_penalty: no parameters")
+    return total

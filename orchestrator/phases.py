@@ -5,12 +5,15 @@ part of the D phase (``r1_interval: 1``) or a lazy phase of its own every ``r1_i
 its weight scaled by the interval (Karras et al. 2020, section 3.1); path-length regularization is a
 lazy G phase every ``pl_interval`` G steps. Generators with a mapping network (StyleGAN2) are run as
 mapping (with style mixing) then synthesis, and track ``w_avg`` in the D phase's fake pass, as the
-official loss does.
+official loss does. BigGAN's orthogonal regularization (``loss.ortho_beta``) is part of the G phase,
+added once per G step on ``G.ortho_parameters()``.
 
 Each phase accumulates gradients over this worker's micro-batches and ends with one optimizer step
 (through the strategy, which synchronises workers). Latents are drawn for the whole global batch
 from one seeded generator shared by all ranks, and each rank takes its slice, so a step does not
 depend on how many workers share it. Phases return statistics as detached tensors (no host sync).
+With ``grad_norms`` (log steps), the D and G phases also return the global norm of their gradients
+just before the optimizer step (``grad/D``, ``grad/G``, unscaled by the loss scale).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from orchestrator.data import Batch
-from orchestrator.losses import LossConfig, d_loss, g_loss, gradient_penalty, path_length_penalty, r1_penalty
+from orchestrator.losses import (LossConfig, d_loss, g_loss, gradient_penalty, orthogonal_penalty, path_length_penalty,
+                                 r1_penalty)
 
 
 @dataclass
@@ -101,9 +105,19 @@ def _add(stats: dict[str, torch.Tensor], new: dict[str, torch.Tensor], n: int) -
         stats[k] = stats.get(k, 0) + v.detach().float() / n
 
 
+def grad_norm(net: nn.Module, loss_scale: float = 1.0) -> torch.Tensor:
+    """The L2 norm of all of ``net``'s gradients together, divided by ``loss_scale`` (a tensor: no host sync).
+    Parameters without a gradient (e.g. sharded away by DeepSpeed) do not count."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in net.parameters() if p.grad is not None]
+    if not norms:
+        return torch.zeros([])
+    return torch.linalg.vector_norm(torch.stack(norms)) / loss_scale
+
+
 def d_phase(nets: Nets, micro: list[tuple[torch.Tensor, torch.Tensor | None]], sampler: Sampler, cfg: LossConfig,
-            with_r1: bool) -> dict[str, torch.Tensor]:
-    """One D update on real micro-batches and as many fresh fakes (plus R1 when ``with_r1``)."""
+            with_r1: bool, grad_norms: bool = False) -> dict[str, torch.Tensor]:
+    """One D update on real micro-batches and as many fresh fakes (plus R1 when ``with_r1``; plus
+    ``grad/D`` when ``grad_norms``)."""
     st = nets.strategy
     G, D, raw_D = st.unwrap(nets.G), nets.D, st.unwrap(nets.D)
     st.zero_grad("D")
@@ -139,6 +153,8 @@ def d_phase(nets: Nets, micro: list[tuple[torch.Tensor, torch.Tensor | None]], s
                 new["reg/r1"] = r1.mean()
             st.backward(loss, "D", D, len(micro))
         _add(stats, new, len(micro))
+    if grad_norms:
+        stats["grad/D"] = grad_norm(raw_D, st.loss_scale)
     st.step("D")
     return stats
 
@@ -179,8 +195,10 @@ def d_reg_phase(nets: Nets, micro: list[tuple[torch.Tensor, torch.Tensor | None]
     return stats
 
 
-def g_phase(nets: Nets, sizes: list[int], sampler: Sampler, cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """One G update against the current D (D's weights get no gradient; D runs unwrapped)."""
+def g_phase(nets: Nets, sizes: list[int], sampler: Sampler, cfg: LossConfig,
+            grad_norms: bool = False) -> dict[str, torch.Tensor]:
+    """One G update against the current D (D's weights get no gradient; D runs unwrapped); plus
+    ``grad/G`` when ``grad_norms``."""
     st = nets.strategy
     raw_D = st.unwrap(nets.D)
     st.zero_grad("G")
@@ -194,8 +212,15 @@ def g_phase(nets: Nets, sizes: list[int], sampler: Sampler, cfg: LossConfig) -> 
                 with st.autocast(raw_D):
                     logits = raw_D(fake, c).float()
                 loss = g_loss(cfg.kind, logits)
-                st.backward(loss, "G", nets.G, len(sizes))
+                total = loss
+                if cfg.ortho_beta and j == len(sizes) - 1:  # once per step: × num_micro undoes backward's 1/num_micro
+                    ortho = orthogonal_penalty(st.unwrap(nets.G).ortho_parameters())
+                    total = loss + cfg.ortho_beta * ortho * len(sizes)
+                    stats["reg/ortho"] = ortho.detach()
+                st.backward(total, "G", nets.G, len(sizes))
             _add(stats, {"loss/G": loss}, len(sizes))
+        if grad_norms:
+            stats["grad/G"] = grad_norm(st.unwrap(nets.G), st.loss_scale)
         st.step("G")
     finally:
         raw_D.requires_grad_(True)
@@ -235,9 +260,10 @@ def g_pl_phase(nets: Nets, sizes: list[int], sampler: Sampler, cfg: LossConfig, 
 
 
 def train_step(nets: Nets, next_batch: Callable[[], Batch], num_micro: int, sampler: Sampler, cfg: LossConfig,
-               reg: RegState, g_steps_done: int, d_steps_done: int) -> tuple[dict[str, torch.Tensor], int]:
+               reg: RegState, g_steps_done: int, d_steps_done: int,
+               grad_norms: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """D phase(s), lazy R1, the G phase and lazy path length; returns the statistics and the number of
-    real images this worker used."""
+    real images this worker used (and the gradient norms when ``grad_norms``)."""
     stats: dict[str, torch.Tensor] = {}
     n_real = 0
     lazy_r1 = cfg.r1_gamma > 0 and cfg.r1_interval > 1
@@ -248,11 +274,12 @@ def train_step(nets: Nets, next_batch: Callable[[], Batch], num_micro: int, samp
             c = batch.label.to(sampler.device, non_blocking=True) if sampler.num_classes else None
             micro.append((batch.img.to(sampler.device, non_blocking=True), c))
             n_real += batch.img.shape[0]
-        stats.update(d_phase(nets, micro, sampler, cfg, with_r1=cfg.r1_gamma > 0 and not lazy_r1))
+        stats.update(d_phase(nets, micro, sampler, cfg, with_r1=cfg.r1_gamma > 0 and not lazy_r1,
+                                     grad_norms=grad_norms))
         if lazy_r1 and (d_steps_done + k) % cfg.r1_interval == 0:
             stats.update(d_reg_phase(nets, micro, cfg))
     sizes = [real.shape[0] for real, _ in micro]
-    stats.update(g_phase(nets, sizes, sampler, cfg))
+    stats.update(g_phase(nets, sizes, sampler, cfg, grad_norms=grad_norms))
     if cfg.pl_weight > 0 and g_steps_done % cfg.pl_interval == 0:
         stats.update(g_pl_phase(nets, sizes, sampler, cfg, reg))
     return stats, n_real

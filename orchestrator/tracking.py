@@ -131,6 +131,20 @@ class Tracker:
 
             self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
 
+    def alert(self, title: str, text: str) -> None:
+        """A training-health warning: on the console and as a W&B alert (offline runs record it in
+        their run file; a failing alert never stops training)."""
+        if not self.active:
+            return
+        self.note(f"warning: {title}: {text}")
+        if self.wandb is not None:
+            import wandb
+
+            try:
+                self.wandb.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+            except Exception as e:  # noqa: BLE001
+                self.note(f"warning: W&B alert failed: {e}")
+
     def note(self, message: str) -> None:
         """A line for the console that does not break the progress bar."""
         if not self.active:

@@ -27,6 +27,7 @@ from orchestrator.checkpoint import (CheckpointError, checkpoint_dir, latest_che
                                      load_checkpoint, load_into, mark_best, save_checkpoint)
 from orchestrator.data import ShardLoader, image_spec, load_manifest
 from orchestrator.ema import ema_beta, make_ema, update_ema
+from orchestrator.health import HealthMonitor
 from orchestrator.optim import make_adam
 from orchestrator.phases import Nets, RegState, Sampler, has_mapping, train_step
 from orchestrator.precision import PrecisionName
@@ -132,6 +133,10 @@ def check_recipe(cfg: JobConfig, G) -> None:
         if getattr(cfg.loss, key) > 0 and not has_mapping(G):
             raise ConfigError(f"loss.{key}: {getattr(cfg.loss, key)} needs a generator with a mapping network "
                               f"(stylegan2); the {cfg.model.arch} generator has none: set it to 0")
+    if cfg.loss.ortho_beta > 0 and not hasattr(G, "ortho_parameters"):
+        raise ConfigError(f"loss.ortho_beta: {cfg.loss.ortho_beta} needs a generator that names its orthogonally "
+                          f"regularized weights (biggan's ortho_parameters); the {cfg.model.arch} generator does not: "
+                          f"set it to 0")
 
 
 def rank_state(loader: ShardLoader) -> dict:
@@ -201,6 +206,34 @@ def save_grid(G_ema, z, c, ncol: int, path: Path) -> Path:
     img = torch.cat([G_ema(z[i:i + 256], None if c is None else c[i:i + 256]).float() for i in range(0, len(z), 256)])
     torchvision.utils.save_image(img.clamp(-1, 1), path, nrow=ncol, normalize=True, value_range=(-1, 1), padding=1)
     return path
+
+
+def real_images(cfg: JobConfig, spec, grid_size: int, max_batches: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images for the real grid (``(rows × grid_size, C, H, W)``, one row per class when conditional,
+    black where a class ran out) and, in reading order, a batch for the real data's diversity. Read by
+    a loader of their own, so training's data order is untouched."""
+    rows = spec.num_classes if 0 < spec.num_classes <= 32 else grid_size
+    data = cfg.data.model_copy(update={"workers": 0, "shuffle_buffer": min(cfg.data.shuffle_buffer, 256)})
+    loader = ShardLoader(data, spec, 64, seed=cfg.train.seed + 104729)
+    seen: list[torch.Tensor] = []
+    per_class: dict[int, list[torch.Tensor]] = {}
+    need = max(grid_size * rows, cfg.health.diversity_samples)
+    for _ in range(max_batches):
+        batch = loader.next()
+        seen.append(batch.img)
+        for img, label in zip(batch.img, batch.label.tolist() if spec.num_classes else [0] * len(batch.img)):
+            per_class.setdefault(int(label) if spec.num_classes else 0, []).append(img)
+        if spec.num_classes and rows == spec.num_classes:
+            if all(len(per_class.get(k, [])) >= grid_size for k in range(rows)):
+                break
+        elif sum(len(b) for b in seen) >= need:
+            break
+    every = torch.cat(seen)
+    if not (spec.num_classes and rows == spec.num_classes):
+        return every[:grid_size * rows], every[:cfg.health.diversity_samples]
+    blank = torch.full_like(every[0], -1.0)
+    grid = [(per_class.get(k, []) + [blank] * grid_size)[:grid_size] for k in range(rows)]
+    return torch.stack([img for row in grid for img in row]), every[:cfg.health.diversity_samples]
 
 
 def grid_path(samples_dir: Path, nimg: int) -> Path:
@@ -301,6 +334,21 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
         tracker.note(f"resumed from {start_from} at step {progress.step}, {progress.nimg / 1000:.1f} kimg")
     grid_z, grid_c, grid_cols = grid_latents(G, spec.num_classes, cfg.tracking.grid_size, device)
     samples_dir = run_dir / "samples"
+    monitor = None
+    if lead:
+        monitor = HealthMonitor(cfg.health, lambda key, title, text: tracker.alert(title, text))
+        health_z = torch.randn(cfg.health.diversity_samples, G.z_dim, generator=torch.Generator().manual_seed(1)).to(device)
+        health_c = (torch.arange(cfg.health.diversity_samples) % spec.num_classes).to(device) if spec.num_classes else None
+        with torch.random.fork_rng(devices=[]):  # reading and rendering here must not move training's RNG
+            real_grid, real_batch = real_images(cfg, spec, cfg.tracking.grid_size)
+        monitor.observe_real(real_batch)
+        if not (samples_dir / "real.png").exists():
+            import torchvision
+
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            torchvision.utils.save_image(real_grid, samples_dir / "real.png", nrow=cfg.tracking.grid_size,
+                                         normalize=True, value_range=(-1, 1), padding=1)
+            tracker.log_image("samples/real", samples_dir / "real.png", progress.step, "real images")
 
     data_wait = 0.0
 
@@ -343,7 +391,9 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
         evaluator.submit(0, 0, G_ema, None)  # the FID at the start, for comparison
     try:
         while progress.nimg < total_img and not (cfg.train.stop_at_step and progress.step >= cfg.train.stop_at_step):
-            stats, n_real = train_step(nets, next_batch, num_micro, sampler, cfg.loss, reg, progress.step, progress.d_steps)
+            log_step = (progress.step + 1) % cfg.tracking.log_every == 0
+            stats, n_real = train_step(nets, next_batch, num_micro, sampler, cfg.loss, reg, progress.step, progress.d_steps,
+                                       grad_norms=log_step)
             before = progress.nimg
             progress.step += 1
             progress.nimg += n_real * ctx.world_size
@@ -352,13 +402,19 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
             update_ema(G_ema, strategy.unwrap(nets.G), beta)
             tracker.advance(progress.nimg)
 
-            if progress.step % cfg.tracking.log_every == 0:
+            if log_step:
                 now = time.perf_counter()
                 metrics = _mean_across_ranks(stats, ctx)
                 metrics.update({"perf/img_per_s": (progress.nimg - img_log) / (now - t_log),
                                 "perf/data_wait": data_wait / (now - t_log), "perf/peak_mem_mb": peak_memory_mb(device),
                                 "ema/beta": beta, "data/bad_samples": loader.health.bad,
                                 "lr/G": strategy.lr("G"), "lr/D": strategy.lr("D")})
+                if monitor is not None:
+                    samples = None
+                    if monitor.diversity_due(progress.step // cfg.tracking.log_every, progress.nimg):
+                        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                            samples = G_ema(health_z, health_c).float()
+                    metrics.update(monitor.check(metrics, progress.step, samples))
                 tracker.log(metrics, progress.step, progress.nimg)
                 t_log, img_log, data_wait = now, progress.nimg, 0.0
                 if evaluator is not None:
