@@ -405,7 +405,8 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
             if log_step:
                 now = time.perf_counter()
                 metrics = _mean_across_ranks(stats, ctx)
-                metrics.update({"perf/img_per_s": (progress.nimg - img_log) / (now - t_log),
+                img_per_s = (progress.nimg - img_log) / (now - t_log)
+                metrics.update({"perf/img_per_s": img_per_s, "perf/kimg_per_h": img_per_s * 3.6,
                                 "perf/data_wait": data_wait / (now - t_log), "perf/peak_mem_mb": peak_memory_mb(device),
                                 "ema/beta": beta, "data/bad_samples": loader.health.bad,
                                 "lr/G": strategy.lr("G"), "lr/D": strategy.lr("D")})
