@@ -148,7 +148,7 @@ def d_phase(nets: Nets, micro: list[tuple[torch.Tensor, torch.Tensor | None]], s
                 loss = loss + cfg.gp_weight * gp.mean()
                 new["reg/gp"] = gp.mean()
             if with_r1:
-                r1 = _r1(st, raw_D, real, c_real) if own_r1_pass else r1_penalty(real_in, real_logits, st.loss_scale)
+                r1 = _r1(st, raw_D, real, c_real)[0] if own_r1_pass else r1_penalty(real_in, real_logits, st.loss_scale)
                 loss = loss + r1.mean() * (cfg.r1_gamma / 2)
                 new["reg/r1"] = r1.mean()
             st.backward(loss, "D", D, len(micro))
@@ -169,11 +169,12 @@ def _anchor(wrapper: nn.Module, st, output: torch.Tensor, x: torch.Tensor, c: to
         return wrapper(x[:1], None if c is None else c[:1]).float().sum()
 
 
-def _r1(st, raw_D: nn.Module, real: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+def _r1(st, raw_D: nn.Module, real: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image R1 through the raw D, and the logits it came from."""
     real = real.detach().requires_grad_(True)
     with st.autocast(raw_D):
         logits = raw_D(real, c).float()
-    return r1_penalty(real, logits, st.loss_scale)
+    return r1_penalty(real, logits, st.loss_scale), logits
 
 
 def d_reg_phase(nets: Nets, micro: list[tuple[torch.Tensor, torch.Tensor | None]], cfg: LossConfig) -> dict[str, torch.Tensor]:
@@ -184,10 +185,7 @@ def d_reg_phase(nets: Nets, micro: list[tuple[torch.Tensor, torch.Tensor | None]
     stats: dict[str, torch.Tensor] = {}
     for j, (real, c_real) in enumerate(micro):
         with st.no_sync(nets.D) if j < len(micro) - 1 else contextlib.nullcontext():
-            real_in = real.detach().requires_grad_(True)
-            with st.autocast(raw_D):
-                logits = raw_D(real_in, c_real).float()
-            r1 = r1_penalty(real_in, logits, st.loss_scale)
+            r1, logits = _r1(st, raw_D, real, c_real)
             loss = r1.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval + 0 * _anchor(nets.D, st, logits, real, c_real)
             st.backward(loss, "D", nets.D, len(micro))
         _add(stats, {"reg/r1": r1.mean()}, len(micro))

@@ -42,3 +42,19 @@ def tiny_config(shards: Path, arch: str = "dcgan", **sections) -> dict:
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value}
     return cfg
+
+
+def preset_config(path: Path, shards: Path, **extra):
+    """A shipped preset on test shards: quiet, logging every step, checkpoints and grids every 0.16 kimg."""
+    from orchestrator.config import load_config
+
+    overrides = [f"data.shards={shards / 'train-*.tar'}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
+                 "tracking.log_every=1", "checkpoint.every_kimg=0.16", "tracking.sample_every_kimg=0.16"]
+    return load_config(path, overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def assert_same_nets(a: dict, b: dict) -> None:
+    """Two loaded checkpoints hold bit-identical G, D and G_ema."""
+    for net in ("G", "D", "G_ema"):
+        assert a[net].keys() == b[net].keys(), net
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net

@@ -12,7 +12,7 @@ import torch
 import architectures
 from architectures import ImageSpec, count_params
 from architectures.biggan import BigGANConfig, BigGANDiscriminator, BigGANGenerator
-from conftest import tiny_config
+from conftest import assert_same_nets, preset_config, tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.ema import ema_beta
@@ -214,9 +214,7 @@ def test_presets_follow_the_authors_recipes():
 
 
 def dev_config(shards: Path, **extra):
-    overrides = [f"data.shards={shards / 'train-*.tar'}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
-                 "tracking.log_every=1", "checkpoint.every_kimg=0.16", "tracking.sample_every_kimg=0.16"]
-    return load_config(CONFIGS / "dev.yaml", overrides + [f"{k}={v}" for k, v in extra.items()])
+    return preset_config(CONFIGS / "dev.yaml", shards, **extra)
 
 
 def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits32, tmp_path):
@@ -227,9 +225,7 @@ def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits32,
     resumed = train(dev_config(digits32, **{"train.total_kimg": 0.384}), tmp_path / "resumed", resume="auto")
     assert straight.step == resumed.step == 12 and straight.nimg == 384
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
-    for net in ("G", "D", "G_ema"):
-        assert a[net].keys() == b[net].keys()
-        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+    assert_same_nets(a, b)
     # D:G ratio in the optimizers' own counters: 2 Adam steps of D per step of G.
     step_of = lambda opt: {int(s["step"]) for s in opt["state"].values()}  # noqa: E731
     assert step_of(a["strategy"]["opt_D"]) == {24} and step_of(a["strategy"]["opt_G"]) == {12}

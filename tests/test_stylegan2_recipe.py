@@ -11,7 +11,7 @@ import torch
 
 import architectures
 from architectures import ImageSpec, count_params
-from conftest import tiny_config
+from conftest import assert_same_nets, preset_config, tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.losses import LossConfig, path_length_penalty
@@ -102,9 +102,7 @@ def test_presets_follow_the_official_recipes():
 
 
 def dev_config(shards: Path, **extra):
-    overrides = [f"data.shards={shards / 'train-*.tar'}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
-                 "tracking.log_every=1", "checkpoint.every_kimg=0.16", "tracking.sample_every_kimg=0.16"]
-    return load_config(CONFIGS / "dev.yaml", overrides + [f"{k}={v}" for k, v in extra.items()])
+    return preset_config(CONFIGS / "dev.yaml", shards, **extra)
 
 
 def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits16, tmp_path):
@@ -114,8 +112,7 @@ def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits16,
     resumed = train(dev_config(digits16, **{"train.total_kimg": 0.32}), tmp_path / "resumed", resume="auto")
     assert straight.step == resumed.step == 10
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
-    for net in ("G", "D", "G_ema"):
-        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+    assert_same_nets(a, b)
     assert torch.equal(a["reg"]["pl_mean"], b["reg"]["pl_mean"]) and a["reg"]["pl_mean"] > 0
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows(tmp_path / "straight")] and \
