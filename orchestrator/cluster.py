@@ -100,6 +100,9 @@ def ray_worker(loop_config: dict) -> None:
 
     ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
                         local_rank=context.get_local_rank(), report=report, evaluator=loop_config.get("evaluator"))
+    # A W&B service token inherited through the raylet belongs to whatever process started Ray. Sharing that
+    # service keeps a lost worker's unfinished run open, and the restarted rank 0 is refused ("run ID in use").
+    os.environ.pop("WANDB_SERVICE", None)
     if cfg.train.threads:
         os.environ["OMP_NUM_THREADS"] = str(cfg.train.threads)
     ray_ckpt = ray.train.get_checkpoint()

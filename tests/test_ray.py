@@ -36,6 +36,10 @@ def cluster():
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 pytest.fail(f"port {port} is taken: a Ray cluster is already running here; stop it with `ray stop`")
+    import wandb
+
+    wandb.setup()  # as in CI after in-process W&B tests: the shell that starts Ray carries a WANDB_SERVICE token
+    env["WANDB_SERVICE"] = os.environ["WANDB_SERVICE"]
     start = ["ray", "start", "--head", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
              "--dashboard-host=127.0.0.1", f"--temp-dir={temp}"]
     try:
