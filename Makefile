@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo demo-stylegan2 test test-fast bench clean
+.PHONY: install demo demo-stylegan2 demo-progan test test-fast bench clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,9 @@ data/digits16/manifest.json: | $(BIN)/ganforge
 
 demo-stylegan2: data/digits16/manifest.json
 	$(BIN)/ganforge train configs/stylegan2/dev.yaml --run-dir runs/demo-stylegan2 --resume auto
+
+demo-progan: data/digits16/manifest.json
+	$(BIN)/ganforge train configs/progan/dev.yaml --run-dir runs/demo-progan --resume auto
 
 test: $(BIN)/ganforge
 	$(BIN)/python -m pytest

@@ -22,6 +22,7 @@ from orchestrator.cluster import RayConfig
 from orchestrator.data import DataConfig
 from orchestrator.ema import EMAConfig
 from orchestrator.evaluator import EvalConfig
+from orchestrator.growth import GrowthConfig
 from orchestrator.health import HealthConfig
 from orchestrator.losses import LossConfig
 from orchestrator.optim import OptimConfig
@@ -51,6 +52,7 @@ class JobConfig(StrictConfig):
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
     health: HealthConfig = HealthConfig()
+    growth: GrowthConfig = GrowthConfig()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default filled in)."""

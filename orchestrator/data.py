@@ -473,6 +473,12 @@ class ShardLoader:
         self.health.update(batch)
         return batch
 
+    def set_batch_size(self, batch_size: int) -> None:
+        """Hand out batches of ``batch_size`` from the next one on: the stream restarts at the current
+        position, as a resumed run's does (progressive growing changes the batch per level)."""
+        if batch_size != self.batch_size:
+            self.batch_size, self._it = batch_size, None
+
     def state_dict(self) -> dict:
         return {"batches": self.batches, "cursors": [list(c) for c in self.cursors], "num_roles": self.num_roles,
                 "world_size": self.world_size, "health": self.health.state_dict()}

@@ -529,6 +529,9 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig, holdout: str | 
 
     extractor = check_feature_extractor(cfg)
     G, job, spec = load_generator(checkpoint, device)
+    if getattr(G, "current_resolution", spec.resolution) != spec.resolution:
+        raise EvalError(f"{checkpoint}: G has grown to {G.current_resolution}×{G.current_resolution} of "
+                        f"{spec.resolution}×{spec.resolution} only; evaluate a checkpoint written after growth completed")
     urls = expand_shards(holdout) if holdout else resolve_holdout(cfg, job.data)
     manifest = None
     if not holdout and not cfg.holdout:  # the training data's manifest describes only its own held-out shards

@@ -55,6 +55,8 @@ def _load(checkpoint: str | Path, device: torch.device | str):
         spec = ImageSpec(d.resolution, d.channels, d.num_classes or 0)
     G = architectures.get(cfg.model.arch).build_generator(cfg.model, spec).to(device)
     load_into(G, state["G_ema"], "G_ema")
+    if state.get("growth") and hasattr(G, "set_lod"):  # a growing run's checkpoint: its current level of detail
+        G.set_lod(state["growth"]["resolution"], state["growth"]["alpha"])
     return G.eval().requires_grad_(False), cfg, spec, state.get("progress", {})
 
 

@@ -2,7 +2,8 @@
 
 * **D winning** (``health/d_winning``): D's loss below ``d_loss_below`` (or its accuracy above
   ``d_accuracy_above``) for ``d_winning_logs`` consecutive logs: D separates real from fake so well
-  that G's gradients vanish.
+  that G's gradients vanish. A WGAN critic's loss has no floor (it is negative in healthy runs), so
+  for ``loss.kind: wgan`` only the accuracy test applies.
 * **Mode collapse** (``health/mode_collapse``): every ``diversity_every`` logs, the mean pairwise L2
   distance between the pixels of a fixed batch of G_ema samples, divided by the same measure on real
   images (taken once at the start), is below ``diversity_fraction`` (logged as ``health/diversity``);
@@ -49,15 +50,16 @@ def diversity(images: torch.Tensor) -> float:
 class HealthMonitor:
     """Follows the logged metrics and raises alarms through ``alert(key, title, text)``."""
 
-    def __init__(self, cfg: HealthConfig, alert: Callable[[str, str, str], None]):
+    def __init__(self, cfg: HealthConfig, alert: Callable[[str, str, str], None], loss_kind: str = "nonsaturating"):
         self.cfg, self.alert = cfg, alert
+        self.d_loss_below = None if loss_kind == "wgan" else cfg.d_loss_below
         self.real_diversity: float | None = None
         self._winning_streak = 0
         self._active: dict[str, bool] = {}
 
     def observe_real(self, images: torch.Tensor) -> None:
-        """Take the real data's diversity from a batch of real images (once)."""
-        if self.real_diversity is None and len(images) > 1:
+        """Take the real data's diversity from a batch of real images (again at each level of a growing run)."""
+        if len(images) > 1:
             self.real_diversity = diversity(images[:self.cfg.diversity_samples])
 
     def diversity_due(self, log_index: int, nimg: int) -> bool:
@@ -77,7 +79,7 @@ class HealthMonitor:
                                              f"non-finite {', '.join(bad)} at step {step}")
 
         loss, acc = metrics.get("loss/D"), metrics.get("D/accuracy")
-        winning = ((cfg.d_loss_below is not None and loss is not None and loss < cfg.d_loss_below)
+        winning = ((self.d_loss_below is not None and loss is not None and loss < self.d_loss_below)
                    or (cfg.d_accuracy_above is not None and acc is not None and acc > cfg.d_accuracy_above))
         self._winning_streak = self._winning_streak + 1 if winning else 0
         out["health/d_winning"] = self._flag(

@@ -30,6 +30,8 @@ class LossConfig(StrictConfig):
     pl_batch_shrink: int = Field(2, ge=1, description="path-length batch = batch // this")
     pl_decay: float = Field(0.01, gt=0.0, le=1.0, description="decay of the running path-length mean")
     style_mixing_prob: float = Field(0.0, ge=0.0, le=1.0, description="style mixing probability (StyleGAN2: 0.9)")
+    ac_weight: float = Field(0.0, ge=0.0, description="weight of AC-GAN's label terms for a D that classifies "
+                             "(ProGAN, conditional: official 1.0): cross-entropy on reals and fakes for D, fakes for G")
     ortho_beta: float = Field(0.0, ge=0.0, description="β of BigGAN's orthogonal regularization of G, "
                               "β·Σ‖WWᵀ ⊙ (1 − I)‖²_F (paper: 1e-4; the authors' --G_ortho s is β = s/2; 0: off)")
 
@@ -54,6 +56,11 @@ def g_loss(kind: LossKind, fake_logits: torch.Tensor) -> torch.Tensor:
     if kind in ("hinge", "wgan"):
         return -fake_logits.mean()
     raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def class_loss(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """AC-GAN's label term (Odena et al. 2017): cross-entropy of D's class logits against the labels."""
+    return F.cross_entropy(class_logits.float(), labels.long())
 
 
 def r1_penalty(real_img: torch.Tensor, real_logits: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -26,6 +26,11 @@ class OptimConfig(StrictConfig):
     d: AdamConfig = AdamConfig()
 
 
+def lazy_ratio(reg_interval: int) -> float:
+    """The share ``interval / (interval + 1)`` of updates the main steps take beside a lazy regularizer."""
+    return reg_interval / (reg_interval + 1) if reg_interval > 1 else 1.0
+
+
 def make_adam(params: Iterable[torch.nn.Parameter], cfg: AdamConfig, reg_interval: int = 1) -> torch.optim.Adam:
     """Adam with lr and betas corrected for a regularizer applied every ``reg_interval`` steps.
 
@@ -33,6 +38,6 @@ def make_adam(params: Iterable[torch.nn.Parameter], cfg: AdamConfig, reg_interva
     ``interval / (interval + 1)`` of the updates (Karras et al. 2020, appendix B; StyleGAN2-ADA's
     ``mb_ratio``): lr and betas are scaled to keep the same effective averaging.
     """
-    ratio = reg_interval / (reg_interval + 1) if reg_interval > 1 else 1.0
+    ratio = lazy_ratio(reg_interval)
     betas = (cfg.betas[0] ** ratio, cfg.betas[1] ** ratio)
     return torch.optim.Adam(params, lr=cfg.lr * ratio, betas=betas, eps=cfg.eps)

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 
 from orchestrator.data import Batch
-from orchestrator.losses import (LossConfig, d_loss, g_loss, gradient_penalty, orthogonal_penalty, path_length_penalty,
-                                 r1_penalty)
+from orchestrator.losses import (LossConfig, class_loss, d_loss, g_loss, gradient_penalty, orthogonal_penalty,
+                                 path_length_penalty, r1_penalty)
 
 
 @dataclass
@@ -94,6 +94,14 @@ def run_generator(G: nn.Module, z: torch.Tensor, c: torch.Tensor | None, cfg: Lo
     return G(z, c), None
 
 
+def scores(D: nn.Module, img: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """D's real/fake logits (fp32) and, when the AC-GAN term is on, its class logits (else None)."""
+    if cfg.ac_weight:
+        logits, class_logits = D(img, c, return_class_logits=True)
+        return logits.float(), class_logits
+    return D(img, c).float(), None
+
+
 def _split(tensors: tuple, sizes: list[int]) -> list[tuple]:
     """Cut each of ``tensors`` (or None) into micro-batches of ``sizes`` rows: ``[(t1_j, t2_j, …), …]``."""
     parts = [t.split(sizes) if t is not None else [None] * len(sizes) for t in tensors]
@@ -133,12 +141,16 @@ def d_phase(nets: Nets, micro: list[tuple[torch.Tensor, torch.Tensor | None]], s
         real_in = real.detach().requires_grad_(with_r1 and not own_r1_pass)
         with st.no_sync(D) if j < len(micro) - 1 else contextlib.nullcontext():
             with st.autocast(raw_D):
-                real_logits = D(real_in, c_real).float()
-                fake_logits = D(fake.detach(), c_fake).float()
+                real_logits, real_classes = scores(D, real_in, c_real, cfg)
+                fake_logits, fake_classes = scores(D, fake.detach(), c_fake, cfg)
             loss = d_loss(cfg.kind, real_logits, fake_logits)
             new = {"loss/D": loss, "D/real": torch.sigmoid(real_logits).mean(),
                    "D/fake": torch.sigmoid(fake_logits).mean(),
                    "D/accuracy": 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())}
+            if cfg.ac_weight:
+                ac = class_loss(real_classes, c_real) + class_loss(fake_classes, c_fake)
+                loss = loss + cfg.ac_weight * ac
+                new["loss/D_ac"] = ac
             if cfg.drift:
                 loss = loss + cfg.drift * real_logits.square().mean()
             if cfg.gp_weight:
@@ -208,15 +220,18 @@ def g_phase(nets: Nets, sizes: list[int], sampler: Sampler, cfg: LossConfig,
                 with st.autocast(st.unwrap(nets.G)):
                     fake = nets.G(z, c) if not has_mapping(st.unwrap(nets.G)) else _mapped(nets, z, c, cfg)
                 with st.autocast(raw_D):
-                    logits = raw_D(fake, c).float()
+                    logits, classes = scores(raw_D, fake, c, cfg)
                 loss = g_loss(cfg.kind, logits)
-                total = loss
+                total, new = loss, {"loss/G": loss}
+                if cfg.ac_weight:
+                    new["loss/G_ac"] = class_loss(classes, c)
+                    total = total + cfg.ac_weight * new["loss/G_ac"]
                 if cfg.ortho_beta and j == len(sizes) - 1:  # once per step: × num_micro undoes backward's 1/num_micro
                     ortho = orthogonal_penalty(st.unwrap(nets.G).ortho_parameters())
-                    total = loss + cfg.ortho_beta * ortho * len(sizes)
+                    total = total + cfg.ortho_beta * ortho * len(sizes)
                     stats["reg/ortho"] = ortho.detach()
                 st.backward(total, "G", nets.G, len(sizes))
-            _add(stats, {"loss/G": loss}, len(sizes))
+            _add(stats, new, len(sizes))
         if grad_norms:
             stats["grad/G"] = grad_norm(st.unwrap(nets.G), st.loss_scale)
         st.step("G")
@@ -258,10 +273,11 @@ def g_pl_phase(nets: Nets, sizes: list[int], sampler: Sampler, cfg: LossConfig, 
 
 
 def train_step(nets: Nets, next_batch: Callable[[], Batch], num_micro: int, sampler: Sampler, cfg: LossConfig,
-               reg: RegState, g_steps_done: int, d_steps_done: int,
-               grad_norms: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+               reg: RegState, g_steps_done: int, d_steps_done: int, grad_norms: bool = False,
+               reals: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """D phase(s), lazy R1, the G phase and lazy path length; returns the statistics and the number of
-    real images this worker used (and the gradient norms when ``grad_norms``)."""
+    real images this worker used (and the gradient norms when ``grad_norms``). ``reals`` prepares real
+    images for D (progressive growing: the current level of detail)."""
     stats: dict[str, torch.Tensor] = {}
     n_real = 0
     lazy_r1 = cfg.r1_gamma > 0 and cfg.r1_interval > 1
@@ -270,7 +286,8 @@ def train_step(nets: Nets, next_batch: Callable[[], Batch], num_micro: int, samp
         for _ in range(num_micro):
             batch = next_batch()
             c = batch.label.to(sampler.device, non_blocking=True) if sampler.num_classes else None
-            micro.append((batch.img.to(sampler.device, non_blocking=True), c))
+            img = batch.img.to(sampler.device, non_blocking=True)
+            micro.append((reals(img) if reals else img, c))
             n_real += batch.img.shape[0]
         stats.update(d_phase(nets, micro, sampler, cfg, with_r1=cfg.r1_gamma > 0 and not lazy_r1,
                                      grad_norms=grad_norms))

@@ -81,6 +81,14 @@ class LocalStrategy:
     def lr(self, key: str) -> float:
         return self.opts[key].param_groups[0]["lr"]
 
+    def set_lr(self, key: str, lr: float) -> None:
+        for group in self.opts[key].param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer(self, key: str) -> None:
+        """Forget Adam's moments and step count (ProGAN's reset at a new level of detail)."""
+        self.opts[key].state.clear()
+
     def state_dict(self) -> dict:
         return {"scaler": self.precision.scaler.state_dict(),
                 "opt_G": self.opts["G"].state_dict(), "opt_D": self.opts["D"].state_dict()}
@@ -191,6 +199,14 @@ class DeepSpeedStrategy(LocalStrategy):
 
     def lr(self, key):
         return self.engines[key].optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, key, lr):
+        for group in self.engines[key].optimizer.param_groups:
+            group["lr"] = lr
+
+    def reset_optimizer(self, key):
+        raise NotImplementedError("DeepSpeed shards the optimizer state; resetting it is not supported "
+                                  "(progressive growing runs with distributed.strategy single or ddp)")
 
     def state_dict(self) -> dict:
         return {}  # optimizer states are sharded across ranks: see save_sharded

@@ -11,6 +11,7 @@ times.
 """
 from __future__ import annotations
 
+import inspect
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -27,8 +28,9 @@ from orchestrator.checkpoint import (CheckpointError, checkpoint_dir, latest_che
                                      load_checkpoint, load_into, mark_best, save_checkpoint)
 from orchestrator.data import ShardLoader, image_spec, load_manifest
 from orchestrator.ema import ema_beta, make_ema, update_ema
+from orchestrator.growth import Growth
 from orchestrator.health import HealthMonitor
-from orchestrator.optim import make_adam
+from orchestrator.optim import lazy_ratio, make_adam
 from orchestrator.phases import Nets, RegState, Sampler, has_mapping, train_step
 from orchestrator.precision import PrecisionName
 from orchestrator.strategy import make_strategy
@@ -100,16 +102,16 @@ def resolve_device(name: str, precision: str, local_rank: int = 0) -> torch.devi
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
 
 
-def batch_split(cfg: JobConfig, world_size: int) -> tuple[int, int]:
-    """``(micro_batch, micro_batches_per_step)`` of one worker for the global ``train.batch_size``."""
+def batch_split(batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
+    """``(micro_batch, micro_batches_per_step)`` of one worker for a global ``batch`` (``train.batch_size``
+    or the growth level's); ``micro_batch`` (``train.micro_batch``) caps the images per forward pass."""
     from orchestrator.config import ConfigError
 
-    batch = cfg.train.batch_size
-    micro = cfg.train.micro_batch or batch // world_size
+    micro = min(micro_batch, batch // world_size) if micro_batch else batch // world_size
     if micro < 1 or batch % (world_size * micro):
-        raise ConfigError(f"train.batch_size {batch} must be divisible by workers ({world_size}) × train.micro_batch "
-                          f"({cfg.train.micro_batch or 'batch_size / workers'}); e.g. use a batch of "
-                          f"{max(1, batch // world_size) * world_size}")
+        raise ConfigError(f"global batch {batch} (train.batch_size or growth.batch_size) must be divisible by "
+                          f"workers ({world_size}) × train.micro_batch ({micro_batch or 'batch / workers'}); "
+                          f"e.g. use a batch of {max(1, batch // world_size) * world_size}")
     return micro, batch // (world_size * micro)
 
 
@@ -125,9 +127,27 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return Path(resume)
 
 
-def check_recipe(cfg: JobConfig, G) -> None:
-    """Recipe settings the generator cannot honour are config errors, raised before training starts."""
+def check_recipe(cfg: JobConfig, G, D) -> None:
+    """Recipe settings the networks cannot honour are config errors, raised before training starts."""
     from orchestrator.config import ConfigError
+
+    progressive = hasattr(G, "set_lod")
+    if cfg.growth != type(cfg.growth)() and not progressive:
+        raise ConfigError(f"growth: progressive growing needs a growing architecture (progan); "
+                          f"model.arch is {cfg.model.arch}: remove the growth section")
+    if progressive and cfg.distributed.strategy == "deepspeed":
+        raise ConfigError("distributed.strategy: deepspeed cannot follow progressive growing (its batch sizes are "
+                          "fixed at start and its sharded Adam state cannot be reset per level); use ddp")
+    if progressive and cfg.distributed.strategy == "ddp" and not cfg.distributed.find_unused_parameters:
+        raise ConfigError("distributed.find_unused_parameters: must be true for progan under ddp (the blocks of "
+                          "levels not yet grown get no gradient)")
+    classifies = getattr(D, "num_classes", 0) and "return_class_logits" in inspect.signature(D.forward).parameters
+    if cfg.loss.ac_weight > 0 and not classifies:
+        raise ConfigError(f"loss.ac_weight: {cfg.loss.ac_weight} needs a class-conditional D with an auxiliary "
+                          f"classifier (conditional progan); set it to 0")
+    if classifies and cfg.loss.ac_weight == 0:
+        raise ConfigError(f"loss.ac_weight: 0, but the {cfg.model.arch} D only learns labels through the AC-GAN "
+                          f"term, so G would ignore them: set loss.ac_weight (official: 1.0)")
 
     for key in ("pl_weight", "style_mixing_prob"):
         if getattr(cfg.loss, key) > 0 and not has_mapping(G):
@@ -157,18 +177,22 @@ def gather(obj, ctx: WorkerContext) -> list:
 
 
 def training_state(nets: Nets, G_ema, progress: Progress, sampler: Sampler, reg: RegState, ranks: list[dict],
-                   run_id: str, config_yaml: str) -> dict:
+                   run_id: str, config_yaml: str, growth: Growth | None = None) -> dict:
     """Everything a resumed run needs to continue exactly (besides DeepSpeed's sharded files)."""
     st = nets.strategy
     return {"G": st.unwrap(nets.G).state_dict(), "D": st.unwrap(nets.D).state_dict(), "G_ema": G_ema.state_dict(),
             "strategy": st.state_dict(), "progress": asdict(progress), "reg": reg.state_dict(),
             "sampler_rng": sampler.rng.get_state(), "ranks": ranks, "tracking": {"wandb_run_id": run_id},
-            "config": config_yaml}
+            "growth": growth.state_dict() if growth else None, "config": config_yaml}
 
 
 def restore(state: dict, path: Path, nets: Nets, G_ema, progress: Progress, sampler: Sampler, loader: ShardLoader,
-            reg: RegState, ctx: WorkerContext) -> None:
+            reg: RegState, ctx: WorkerContext, growth: Growth | None = None) -> None:
     st = nets.strategy
+    if growth is not None:
+        if not state.get("growth"):
+            raise CheckpointError(f"{path} holds no growth schedule: it was not written by a progressive run")
+        growth.load_state_dict(state["growth"])
     load_into(st.unwrap(nets.G), state["G"], "G")
     load_into(st.unwrap(nets.D), state["D"], "D")
     load_into(G_ema, state["G_ema"], "G_ema")
@@ -291,7 +315,6 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
     device = resolve_device(cfg.train.device, cfg.train.precision, ctx.local_rank)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    micro_batch, num_micro = batch_split(cfg, ctx.world_size)
     start_from = ctx.restore_from or resolve_resume(run_dir, resume)
 
     torch.manual_seed(cfg.train.seed)  # the same initial networks on every rank
@@ -299,7 +322,10 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
     arch = architectures.get(cfg.model.arch)
     G = arch.build_generator(cfg.model, spec).to(device)
     D = arch.build_discriminator(cfg.model, spec).to(device)
-    check_recipe(cfg, G)
+    check_recipe(cfg, G, D)
+    growth = Growth(cfg.growth, G.start_resolution, spec.resolution) if hasattr(G, "set_lod") else None
+    global_batch = growth.batch_size(cfg.train.batch_size) if growth else cfg.train.batch_size
+    micro_batch, num_micro = batch_split(global_batch, cfg.train.micro_batch, ctx.world_size)
     if cfg.distributed.sync_batchnorm and ctx.world_size > 1:
         G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(n) for n in (G, D))
     G_ema = make_ema(G)
@@ -324,7 +350,7 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
     run_id = None
     if start_from is not None:
         saved = load_checkpoint(start_from, map_location=device)
-        restore(saved, Path(start_from), nets, G_ema, progress, sampler, loader, reg, ctx)
+        restore(saved, Path(start_from), nets, G_ema, progress, sampler, loader, reg, ctx, growth)
         run_id = saved["tracking"]["wandb_run_id"]
         if lead:
             _warn_config_changes(saved["config"], cfg, start_from)
@@ -336,7 +362,7 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
     samples_dir = run_dir / "samples"
     monitor = None
     if lead:
-        monitor = HealthMonitor(cfg.health, lambda key, title, text: tracker.alert(title, text))
+        monitor = HealthMonitor(cfg.health, lambda key, title, text: tracker.alert(title, text), cfg.loss.kind)
         health_z = torch.randn(cfg.health.diversity_samples, G.z_dim, generator=torch.Generator().manual_seed(1)).to(device)
         health_c = (torch.arange(cfg.health.diversity_samples) % spec.num_classes).to(device) if spec.num_classes else None
         with torch.random.fork_rng(devices=[]):  # reading and rendering here must not move training's RNG
@@ -350,6 +376,25 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
                                          normalize=True, value_range=(-1, 1), padding=1)
             tracker.log_image("samples/real", samples_dir / "real.png", progress.step, "real images")
 
+    def enter_level() -> None:
+        """The batch size, learning rates and real-image reference of the growth level the run is at."""
+        nonlocal global_batch, micro_batch, num_micro
+        global_batch = growth.batch_size(cfg.train.batch_size)
+        micro_batch, num_micro = batch_split(global_batch, cfg.train.micro_batch, ctx.world_size)
+        loader.set_batch_size(micro_batch)
+        strategy.set_lr("G", growth.lr(cfg.optim.g.lr) * lazy_ratio(cfg.loss.pl_interval if lazy_pl else 1))
+        strategy.set_lr("D", growth.lr(cfg.optim.d.lr) * lazy_ratio(cfg.loss.r1_interval if lazy_r1 else 1))
+        if monitor is not None:
+            monitor.observe_real(growth.reals(real_batch))
+
+    def level_grid(resolution: int) -> Path:
+        """G_ema's grid at the end of a growth level (G_ema is still at that level)."""
+        path = save_grid(G_ema, grid_z, grid_c, grid_cols, samples_dir / f"level-{resolution:04d}px.png")
+        tracker.log_image("samples/level", path, progress.step, f"G_ema at {resolution}×{resolution}")
+        return path
+
+    if growth is not None:
+        enter_level()
     data_wait = 0.0
 
     def next_batch():
@@ -375,7 +420,7 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
             _barrier(ctx)
         path = None
         if lead:
-            state = training_state(nets, G_ema, progress, sampler, reg, ranks, tracker.run_id, config_yaml)
+            state = training_state(nets, G_ema, progress, sampler, reg, ranks, tracker.run_id, config_yaml, growth)
             path = save_checkpoint(run_dir, progress.step, state, config_yaml, cfg.checkpoint.keep_last, extra=shards)
         _barrier(ctx)
         path = checkpoint_dir(run_dir) / f"ckpt-{progress.step:09d}"
@@ -387,20 +432,36 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
     t_log, img_log = time.perf_counter(), progress.nimg
     metrics: dict[str, float] = {}
     evaluator = make_eval_client(cfg, ctx, run_dir, config_yaml, tracker.note) if lead and cfg.eval.enabled else None
-    if evaluator is not None and progress.step == 0:
+    if evaluator is not None and growth is not None and not growth.complete:
+        tracker.note("evaluation waits until the networks have grown to full resolution")
+    if evaluator is not None and progress.step == 0 and (growth is None or growth.complete):
         evaluator.submit(0, 0, G_ema, None)  # the FID at the start, for comparison
     try:
         while progress.nimg < total_img and not (cfg.train.stop_at_step and progress.step >= cfg.train.stop_at_step):
             log_step = (progress.step + 1) % cfg.tracking.log_every == 0
+            if growth is not None:
+                growth.set_lod(strategy.unwrap(nets.G), strategy.unwrap(nets.D), G_ema)
             stats, n_real = train_step(nets, next_batch, num_micro, sampler, cfg.loss, reg, progress.step, progress.d_steps,
-                                       grad_norms=log_step)
+                                       grad_norms=log_step, reals=growth.reals if growth else None)
             before = progress.nimg
             progress.step += 1
             progress.nimg += n_real * ctx.world_size
             progress.d_steps += cfg.loss.d_steps
-            beta = ema_beta(cfg.ema, cfg.train.batch_size, progress.nimg)
+            beta = ema_beta(cfg.ema, global_batch, progress.nimg)
             update_ema(G_ema, strategy.unwrap(nets.G), beta)
             tracker.advance(progress.nimg)
+            if growth is not None:
+                level = growth.resolution
+                if growth.advance(n_real * ctx.world_size):  # a fade-in started or ended
+                    if cfg.growth.reset_optimizer:
+                        strategy.reset_optimizer("G")
+                        strategy.reset_optimizer("D")
+                    if growth.resolution != level:
+                        if lead:
+                            level_grid(level)
+                        enter_level()
+                        tracker.note(f"growing to {growth.resolution}×{growth.resolution} at "
+                                     f"{progress.nimg / 1000:.1f} kimg (step {progress.step})")
 
             if log_step:
                 now = time.perf_counter()
@@ -409,7 +470,8 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
                 metrics.update({"perf/img_per_s": img_per_s, "perf/kimg_per_h": img_per_s * 3.6,
                                 "perf/data_wait": data_wait / (now - t_log), "perf/peak_mem_mb": peak_memory_mb(device),
                                 "ema/beta": beta, "data/bad_samples": loader.health.bad,
-                                "lr/G": strategy.lr("G"), "lr/D": strategy.lr("D")})
+                                "lr/G": strategy.lr("G"), "lr/D": strategy.lr("D"),
+                                **(growth.metrics() if growth else {})})
                 if monitor is not None:
                     samples = None
                     if monitor.diversity_due(progress.step // cfg.tracking.log_every, progress.nimg):
@@ -426,15 +488,19 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
             eval_due = bool(cfg.eval.enabled and cfg.eval.every_kimg and _crossed(before, progress.nimg, cfg.eval.every_kimg))
             if eval_due or _crossed(before, progress.nimg, cfg.checkpoint.every_kimg):
                 last_ckpt = save(metrics)  # evaluated weights always have a checkpoint, so the best can be kept
-            if eval_due and evaluator is not None:
+            if eval_due and evaluator is not None and (growth is None or growth.complete):
                 evaluator.submit(progress.step, progress.nimg, G_ema, last_ckpt)
         if last_ckpt is None or not last_ckpt.name.endswith(f"{progress.step:09d}"):
             last_ckpt = save(metrics)
         if evaluator is not None:
-            if evaluator.last_step != progress.step:
+            if evaluator.last_step != progress.step and (growth is None or growth.complete):
                 evaluator.submit(progress.step, progress.nimg, G_ema, last_ckpt)  # the FID at the end
             evaluator.finish()
             log_eval_rows(evaluator, tracker)
+        if growth is not None:
+            growth.set_lod(strategy.unwrap(nets.G), strategy.unwrap(nets.D), G_ema)
+            if lead:
+                level_grid(growth.resolution)
         if lead:
             final_grid = grid_path(samples_dir, progress.nimg)
             if last_grid != final_grid:

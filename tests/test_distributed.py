@@ -91,3 +91,26 @@ def test_micro_batches_accumulate_to_the_global_batch(same_image_shards, tmp_pat
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "micro")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_progan_growing_on_two_ddp_workers_matches_one(same_image_shards, tmp_path):
+    """Through a fade-in (new level, per-level batch and learning rate, Adam resets), two DDP workers
+    reach the weights one worker reaches, and checkpoint the same growth state."""
+    raw = tiny_config(same_image_shards, train={"batch_size": 8, "total_kimg": 1, "stop_at_step": 5, "threads": 1},
+                      data={"workers": 0, "shuffle_buffer": 1},
+                      growth={"training_kimg": 0.008, "transition_kimg": 0.016, "batch_size": {8: 4},
+                              "lr": {8: 0.002}},
+                      loss={"kind": "wgan", "gp_weight": 10, "drift": 0.001, "ac_weight": 1.0},
+                      distributed={"find_unused_parameters": True})
+    raw["model"] = {"arch": "progan", "z_dim": 8, "fmap_base": 32, "fmap_max": 8, "mbstd_group_size": 0}
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    reference = train(validate_config(raw, "ref"), tmp_path / "single")
+    assert reference.step == 5
+    torchrun(config, tmp_path / "two", 2, "distributed.strategy=ddp")
+    one, two = weights(tmp_path / "single"), weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    growth = [load_checkpoint(sorted((d / "checkpoints").glob("ckpt-*"))[-1])["growth"] for d in
+              (tmp_path / "single", tmp_path / "two")]
+    assert growth[0] == growth[1] == {"resolution": 8, "alpha": 1.0, "level_img": 16}

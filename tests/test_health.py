@@ -112,6 +112,19 @@ def test_d_winning_alarm_when_g_cannot_learn(digits16, tmp_path, capsys):
     assert capsys.readouterr().out.count("warning: D is winning") >= 1
 
 
+def test_a_wgan_critics_negative_loss_is_not_d_winning():
+    """A WGAN critic's loss is negative in healthy runs: only the accuracy test may call it winning."""
+    cfg = HealthConfig(d_loss_below=0.01, d_accuracy_above=0.99, d_winning_logs=2)
+    for kind, expected in (("nonsaturating", 1.0), ("wgan", 0.0)):
+        alerts: list = []
+        monitor = HealthMonitor(cfg, lambda *a: alerts.append(a), loss_kind=kind)
+        flags = [monitor.check({"loss/D": -2.0, "D/accuracy": 0.6}, step=s)["health/d_winning"] for s in range(3)]
+        assert flags[-1] == expected and len(alerts) == expected, kind
+    monitor = HealthMonitor(cfg, lambda *a: None, loss_kind="wgan")
+    flags = [monitor.check({"loss/D": -2.0, "D/accuracy": 1.0}, step=s)["health/d_winning"] for s in range(3)]
+    assert flags == [0.0, 1.0, 1.0]
+
+
 def test_mode_collapse_alarm_on_identical_samples(digits16):
     real = real_digits(digits16)
     monitor, alerts = collecting_monitor(HealthConfig())

@@ -1,0 +1,253 @@
+"""ProGAN's training recipe in the loop: the growth schedule as checkpointed state, WGAN-GP with the drift
+term, the AC-GAN label term, per-level batch sizes and learning rates, Adam reset at each fade-in,
+exact resume in the middle of a fade-in, the presets, and the dev preset growing on CPU."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import architectures
+from architectures import progan as pg
+from architectures.registry import ImageSpec
+from conftest import assert_same_nets, tiny_config
+from orchestrator.checkpoint import load_checkpoint
+from orchestrator.config import ConfigError, load_config, validate_config
+from orchestrator.growth import Growth, GrowthConfig
+from orchestrator.losses import LossConfig, class_loss, gradient_penalty
+from orchestrator.optim import AdamConfig, make_adam
+from orchestrator.phases import Nets, Sampler, d_phase, g_phase
+from orchestrator.precision import make_precision
+from orchestrator.strategy import LocalStrategy
+from orchestrator.train import train
+
+ROOT = Path(__file__).parents[1]
+CONFIGS = ROOT / "configs" / "progan"
+TINY_MODEL = {"arch": "progan", "z_dim": 8, "fmap_base": 64, "fmap_max": 16, "mbstd_group_size": 4}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schedule.
+
+
+def test_growth_state_follows_the_official_training_schedule_whatever_the_batches():
+    """Level by level, with changing batch sizes, the state lands where the official TrainingSchedule
+    (a function of the images shown) puts it, and says when a fade-in starts or ends."""
+    growth = Growth(GrowthConfig(training_kimg=600, transition_kimg=600), start_resolution=4, max_resolution=1024)
+    rng, nimg, events = random.Random(0), 0, []
+    while nimg < 14_000_000:
+        before = (growth.resolution, growth.fading)
+        images = rng.choice([997, 4099, 16384, 31_337])
+        changed = growth.advance(images)
+        nimg += images
+        res, alpha = pg.training_schedule(nimg / 1000, 1024)
+        assert growth.resolution == res and math.isclose(growth.alpha, alpha, abs_tol=1e-9), nimg
+        assert changed == ((growth.resolution, growth.fading) != before)
+        if changed:
+            events.append((growth.resolution, growth.fading))
+    # fade-in start and end at every level from 8 to 1024
+    assert events == [(r, f) for r in (8, 16, 32, 64, 128, 256, 512, 1024) for f in (True, False)]
+    assert growth.complete and growth.alpha == 1.0
+
+
+def test_growth_per_level_batch_and_lr_and_state_round_trip():
+    cfg = GrowthConfig(training_kimg=1, transition_kimg=2, batch_size={4: 64, 8: 32}, lr={16: 0.003})
+    growth = Growth(cfg, start_resolution=4, max_resolution=16)
+    assert (growth.batch_size(16), growth.lr(0.001)) == (64, 0.001)
+    growth.advance(1000 + 500)  # 4×4 done; 8×8 a quarter faded in
+    assert (growth.resolution, growth.alpha, growth.batch_size(16)) == (8, 0.25, 32)
+    growth.advance(1500 + 1000 + 2000)  # 8×8 done; 16×16 fully faded in
+    assert (growth.resolution, growth.alpha, growth.batch_size(16), growth.lr(0.001)) == (16, 1.0, 16, 0.003)
+    assert growth.complete
+    copy = Growth(cfg, start_resolution=4, max_resolution=16)
+    copy.load_state_dict({"resolution": 8, "alpha": 0.25, "level_img": 500})
+    assert (copy.resolution, copy.alpha, copy.level_img) == (8, 0.25, 500)
+    with pytest.raises(ValueError, match="outside this run's 4..16"):
+        copy.load_state_dict({"resolution": 32, "alpha": 1.0, "level_img": 0})
+    with pytest.raises(ValueError, match="powers of two"):
+        GrowthConfig(batch_size={12: 8})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses.
+
+
+def test_gradient_penalty_matches_a_hand_computation_on_a_toy_critic():
+    """Critic D(x) = a·Σx², so ∇D(x̂) = 2a·x̂ and the penalty is (2a‖x̂‖ − 1)² at x̂ = ε·real + (1 − ε)·fake."""
+    a = torch.tensor(1.0, requires_grad=True)
+    critic = lambda x: a * x.square().flatten(1).sum(1)  # noqa: E731
+    real = torch.tensor([[[[3.0, 0.0]]], [[[0.0, 1.0]]]])  # [N=2, C=1, H=1, W=2]
+    fake = torch.tensor([[[[1.0, 0.0]]], [[[0.0, -1.0]]]])
+    eps = torch.tensor([0.5, 0.25]).view(2, 1, 1, 1)
+    gp = gradient_penalty(critic, real, fake, eps)
+    # x̂₀ = (2, 0): ‖∇‖ = 4, (4 − 1)² = 9.   x̂₁ = (0, −0.5): ‖∇‖ = 1, (1 − 1)² = 0.
+    assert gp.tolist() == pytest.approx([9.0, 0.0])
+    # Kept differentiable (create_graph): d/da (2a·2 − 1)² = 2·3·4 = 24 for the first image.
+    (grad,) = torch.autograd.grad(gp[0], (a,))
+    assert float(grad) == pytest.approx(24.0)
+
+
+def _tiny_conditional(num_classes: int = 3):
+    torch.manual_seed(0)
+    cfg = pg.ProGANConfig(**{k: v for k, v in TINY_MODEL.items() if k != "arch"})
+    spec = ImageSpec(16, 1, num_classes)
+    G, D = pg.build_generator(cfg, spec), pg.build_discriminator(cfg, spec)
+    for net in (G, D):
+        net.set_lod(8, 0.5)
+    strategy = LocalStrategy(make_precision("fp32", torch.device("cpu")))
+    opt = AdamConfig(lr=1e-3, betas=(0.0, 0.99))
+    nets = Nets(*strategy.prepare(G, D, make_adam(G.parameters(), opt), make_adam(D.parameters(), opt)), strategy)
+    return nets, Sampler(G.z_dim, num_classes, torch.device("cpu"), torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("ac_weight", [0.0, 1.0])
+def test_acgan_term_trains_the_class_outputs_only_when_on(ac_weight):
+    """D's class logits (the rows of its last dense layer after the first) get gradients from the AC-GAN
+    term and from nothing else; the term is cross-entropy against the labels."""
+    nets, sampler = _tiny_conditional()
+    cfg = LossConfig(kind="wgan", gp_weight=10, drift=0.001, ac_weight=ac_weight)
+    real = pg.blend_reals(torch.rand(8, 1, 16, 16) * 2 - 1, 8, 0.5)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    captured = {}
+    last = nets.D.epilogue.dense1.weight
+    last.register_hook(lambda g: captured.setdefault("grad", g.clone()))
+    stats = d_phase(nets, [(real, labels)], sampler, cfg, with_r1=False)
+    class_rows = captured["grad"][1:]
+    assert ("loss/D_ac" in stats) == bool(ac_weight) and "reg/gp" in stats
+    assert (class_rows.abs().sum() > 0) == bool(ac_weight)
+    stats = g_phase(nets, [8], sampler, cfg)
+    assert ("loss/G_ac" in stats) == bool(ac_weight)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 2)) - math.log(1 / 3)) / 2
+    assert float(class_loss(logits, torch.tensor([0, 2]))) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# In the loop.
+
+
+def growing_config(shards: Path, **train_section) -> dict:
+    """A tiny conditional ProGAN on 16×16 digits: 4×4 for 4 steps of 16, 8×8 faded in over 8 steps of 8
+    and stable for 8, then 16×16 (batch 16) faded in over 4 steps and stable to the end (28 steps)."""
+    raw = tiny_config(shards, train={"batch_size": 16, "total_kimg": 0.32, **train_section},
+                      growth={"training_kimg": 0.064, "transition_kimg": 0.064, "batch_size": {8: 8},
+                              "lr": {16: 0.002}},
+                      loss={"kind": "wgan", "gp_weight": 10, "drift": 0.001, "ac_weight": 1.0},
+                      optim={"g": {"lr": 0.001, "betas": [0.0, 0.99]}, "d": {"lr": 0.001, "betas": [0.0, 0.99]}},
+                      checkpoint={"every_kimg": 0.1, "keep_last": 10},
+                      tracking={"sample_every_kimg": 1.0})
+    raw["model"] = dict(TINY_MODEL)
+    return raw
+
+
+def test_resume_in_the_middle_of_fade_ins_reaches_the_same_weights(digits16, tmp_path):
+    """Interrupted in the 8×8 fade-in (step 10, α = 0.75) and again in the 16×16 one (step 22, α = 0.5),
+    the run ends bit-identical to an uninterrupted one; the checkpoints hold the schedule and an Adam
+    reset at the fade-in's start."""
+    whole = train(validate_config(growing_config(digits16), "whole"), tmp_path / "whole")
+    assert whole.step == 28
+    run = tmp_path / "parts"
+    train(validate_config(growing_config(digits16, stop_at_step=10), "a"), run)
+    mid = load_checkpoint(run / "checkpoints" / "ckpt-000000010")
+    assert mid["growth"] == {"resolution": 8, "alpha": 0.75, "level_img": 48}
+    # Adam was reset after step 4, when the 8×8 fade-in started: 6 steps since.
+    assert {int(s["step"]) for s in mid["strategy"]["opt_D"]["state"].values()} == {6}
+    assert mid["strategy"]["opt_G"]["param_groups"][0]["lr"] == 0.001
+    train(validate_config(growing_config(digits16, stop_at_step=22), "b"), run, resume="auto")
+    assert load_checkpoint(run / "checkpoints" / "ckpt-000000022")["growth"]["alpha"] == 0.5
+    parts = train(validate_config(growing_config(digits16), "c"), run, resume="auto")
+    assert parts.step == 28 and parts.nimg == whole.nimg == 320
+    a, b = load_checkpoint(whole.checkpoint), load_checkpoint(parts.checkpoint)
+    assert_same_nets(a, b)
+    assert a["growth"] == b["growth"] == {"resolution": 16, "alpha": 1.0, "level_img": 128}
+    assert b["strategy"]["opt_G"]["param_groups"][0]["lr"] == 0.002  # growth.lr at 16×16
+
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss/D" in r]
+    per_level = {int(r["growth/resolution"]): r for r in rows}
+    assert sorted(per_level) == [4, 8, 16]
+    steps_at = {res: sum(1 for r in rows if r["growth/resolution"] == res) for res in (4, 8, 16)}
+    assert steps_at == {4: 3, 8: 16, 16: 9}  # rows are logged after the step's advance
+    assert [r["lr/D"] for r in rows][-1] == 0.002 and rows[5]["lr/D"] == 0.001
+    assert {"loss/D_ac", "loss/G_ac", "reg/gp", "growth/alpha"} <= set(rows[-1])
+    assert all(math.isfinite(r["loss/D"]) for r in rows)
+    for res in (4, 8, 16):  # a grid per resolution, rendered at that resolution
+        grid = Image.open(tmp_path / "whole" / "samples" / f"level-{res:04d}px.png")
+        assert grid.width == 4 * (res + 1) + 1  # 4 columns of res px with 1 px padding
+
+
+def test_generate_from_a_mid_growth_checkpoint_renders_its_level(digits16, tmp_path):
+    from orchestrator.evaluator import EvalConfig, EvalError, evaluate_checkpoint
+    from orchestrator.feature_extractors import train_feature_extractor
+    from orchestrator.generate import load_generator
+
+    result = train(validate_config(growing_config(digits16, stop_at_step=10), "a"), tmp_path / "r")
+    G, _, spec = load_generator(result.checkpoint)
+    assert (G.current_resolution, G.alpha) == (8, 0.75) and spec.resolution == 16
+    assert G(torch.randn(2, G.z_dim), torch.tensor([1, 2])).shape == (2, 1, 8, 8)
+    with pytest.raises(EvalError, match="grown to 8×8 of 16×16"):
+        train_feature_extractor(str(digits16 / "train-*.tar"), tmp_path / "cnn.pt", epochs=1)
+        evaluate_checkpoint(result.checkpoint, EvalConfig(feature_extractor="dataset-cnn", weights_path=str(tmp_path / "cnn.pt"),
+                                                          cache_dir=str(tmp_path / "cache")))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"arch": "dcgan", "z_dim": 8, "g_channels": 4, "d_channels": 4}}, "growth: progressive growing"),
+    ({"distributed": {"strategy": "deepspeed"}}, "distributed.strategy: deepspeed"),
+    ({"distributed": {"strategy": "ddp"}}, "distributed.find_unused_parameters"),
+    ({"loss": {"kind": "wgan", "ac_weight": 0.0}}, "loss.ac_weight: 0"),
+])
+def test_recipe_rules_fail_before_training(digits16, tmp_path, change, message):
+    raw = growing_config(digits16)
+    raw.update(change)
+    with pytest.raises(ConfigError, match=message):
+        train(validate_config(raw, "rules"), tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_acgan_weight_needs_a_classifying_discriminator(digits16, tmp_path):
+    raw = tiny_config(digits16, loss={"ac_weight": 1.0})
+    with pytest.raises(ConfigError, match="loss.ac_weight: 1.0 needs a class-conditional D"):
+        train(validate_config(raw, "ac"), tmp_path / "r")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets.
+
+
+def test_celebahq_preset_is_the_official_network_and_schedule():
+    cfg = load_config(CONFIGS / "celebahq-1024.yaml")
+    spec = ImageSpec(cfg.data.resolution, cfg.data.channels, cfg.data.num_classes)
+    arch = architectures.get("progan")
+    G, D = arch.build_generator(cfg.model, spec), arch.build_discriminator(cfg.model, spec)
+    # only the final ToRGB / FromRGB counted, as the official network at its full resolution
+    assert pg.count_params_at_full_resolution(G) == 23_071_507
+    assert pg.count_params_at_full_resolution(D) == 23_077_137
+    g = cfg.growth
+    assert (g.training_kimg, g.transition_kimg, cfg.loss.gp_weight, cfg.loss.drift) == (600, 600, 10, 0.001)
+    assert cfg.distributed.find_unused_parameters and cfg.distributed.strategy == "ddp"
+    growth = Growth(g, cfg.model.start_resolution, spec.resolution)
+    assert [growth.batch_size(cfg.train.batch_size)] == [512]
+
+
+def test_dev_preset_grows_through_every_resolution_from_the_cli(digits16, tmp_path):
+    """``ganforge train configs/progan/dev.yaml`` on a shortened schedule: 4 → 8 → 16 with a grid each."""
+    run = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "ganforge"), "train", str(CONFIGS / "dev.yaml"), "--run-dir", str(run),
+           "--set", f"data.shards={digits16}/train-*.tar", "--set", "growth.training_kimg=0.128",
+           "--set", "growth.transition_kimg=0.128", "--set", "train.total_kimg=0.768",
+           "--set", "tracking.progress_bar=false", "--set", "tracking.wandb.mode=disabled"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "growing to 8×8" in p.stdout and "growing to 16×16" in p.stdout
+    sizes = {res: Image.open(run / "samples" / f"level-{res:04d}px.png").size for res in (4, 8, 16)}
+    assert sizes[4][0] < sizes[8][0] < sizes[16][0]
+    final = load_checkpoint(sorted((run / "checkpoints").glob("ckpt-*"))[-1])
+    assert final["growth"]["resolution"] == 16 and final["growth"]["alpha"] == 1.0
