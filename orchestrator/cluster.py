@@ -71,7 +71,8 @@ def start_evaluator(cfg, run_dir: Path):
     except ValueError:
         pass
     actor = ray.remote(EvaluatorActor).options(name=name, namespace=NAMESPACE, num_cpus=cfg.eval.cpus,
-                                               num_gpus=cfg.eval.gpus, max_restarts=-1, max_concurrency=4
+                                               num_gpus=cfg.eval.gpus, resources=cfg.eval.resources, max_restarts=-1,
+                                               max_concurrency=4
                                                ).remote(cfg.to_yaml(), str(run_dir))
     ray.get(actor.status.remote())  # fails now if the actor cannot start
     return name, actor

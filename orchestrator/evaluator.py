@@ -96,6 +96,8 @@ class EvalConfig(StrictConfig):
                                                              "images (None: only at the start and the end)")
     cpus: float = Field(0.5, ge=0, description="CPUs reserved for the evaluator actor")
     gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction of one) reserved for the evaluator actor")
+    resources: dict[str, float] = Field({}, description="extra custom Ray resources for the evaluator actor, e.g. "
+                                        "{evaluator: 1} to keep it on its own worker group (k8s/)")
 
     @field_validator("metrics", mode="before")
     @classmethod
