@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo demo-stylegan2 demo-progan test test-fast bench clean
+.PHONY: install demo demo-stylegan2 demo-progan test test-fast test-faults bench clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,9 @@ test: $(BIN)/ganforge
 
 test-fast: $(BIN)/ganforge
 	$(BIN)/python -m pytest -m "not slow"
+
+test-faults: $(BIN)/ganforge
+	$(BIN)/python -m pytest -m faults tests/faults
 
 bench: $(BIN)/ganforge
 	$(BIN)/python -m benchmarks.run

@@ -4,6 +4,7 @@ Thin: parse, then call the orchestrator."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ def _train(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.set)
     run_dir = Path(a.run_dir or Path("runs") / Path(a.config).stem)
     result = train(cfg, run_dir, resume=a.resume)
-    print(f"\nfinished at step {result.step} ({result.nimg / 1000:.1f} kimg)")
+    how = "stopped on request (SIGTERM or STOP file; continue with --resume auto)" if result.preempted else "finished"
+    print(f"\n{how} at step {result.step} ({result.nimg / 1000:.1f} kimg)")
     print(f"  checkpoint:  {result.checkpoint}")
     print(f"  sample grid: {result.grid}")
     print(f"  config:      {result.config}")
@@ -311,11 +313,20 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.config import ConfigError
     from orchestrator.data import DataError
     from orchestrator.evaluator import EvalError
+    from orchestrator.faults import NonfiniteError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError, EvalError) as e:
+    except (ConfigError, DataError, CheckpointError, EvalError, NonfiniteError) as e:
         print(f"ganforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
+            raise
+        where = e.filename or (f"into {args.run_dir}" if getattr(args, "run_dir", None) else "a file")
+        print(f"ganforge {args.command}: error: cannot write {where}: {e.strerror}. Free space (or "
+              f"fix the permissions) and run again; a training run continues from its last checkpoint with "
+              f"--resume auto (checkpoints are written atomically, so the last complete one is intact)", file=sys.stderr)
         return 2
 
 

@@ -3,11 +3,14 @@
 Loads and validates the config, then runs the training loop on ``ray.num_workers`` Ray Train workers
 (DDP or DeepSpeed from ``distributed.strategy``) with ``TorchTrainer``, restarting the worker group
 from the last reported checkpoint after a failure. Re-running it with the same run directory
-continues the run. Exits non-zero when training fails.
+continues the run. Exits non-zero when training fails. On SIGTERM (``ray job stop``) it writes
+``RUN_DIR/STOP``: the workers finish their step, checkpoint and return, and the driver exits 0 (give
+``ray job stop`` the time with ``RAY_JOB_STOP_WAIT_TIME_S`` on the cluster; see docs/reliability.md).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -34,10 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.config import ConfigError, load_config
     from orchestrator.data import DataError
     from orchestrator.evaluator import EvalError
+    from orchestrator.faults import STOP_FILE
+    from orchestrator.train import check_batches
 
     try:
         cfg = load_config(a.config, a.set)
         prepare_for_workers(cfg)
+        check_batches(cfg, cfg.ray.num_workers)
     except (ConfigError, DataError, EvalError, FileNotFoundError) as e:
         print(f"launch.ray_job: error: {e}", file=sys.stderr)
         return 2
@@ -60,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"ganforge: training {cfg.model.arch} on {r.num_workers} Ray worker(s) ({cfg.distributed.strategy}); "
           f"run directory {run_dir}", flush=True)
+
+    def request_stop(signum, frame) -> None:  # `ray job stop`: the workers checkpoint and return
+        (run_dir / STOP_FILE).touch()
+        print(f"ganforge: SIGTERM: asked the workers to stop with a checkpoint ({run_dir / STOP_FILE})", flush=True)
+
+    signal.signal(signal.SIGTERM, request_stop)
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray Train raises once the failure budget is spent

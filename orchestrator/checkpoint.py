@@ -50,14 +50,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def state_nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: about the size of its ``torch.save`` file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.numel()
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml: str, keep_last: int,
                     extra: Path | None = None) -> Path:
     """Write ``ckpt-<step>`` atomically, then prune old ones; returns its path. ``extra``: a directory
-    whose contents (e.g. DeepSpeed's sharded files) move into the checkpoint and are checksummed too."""
+    whose contents (e.g. DeepSpeed's sharded files) move into the checkpoint and are checksummed too.
+
+    Refuses to start (and says how much space it needs) when the filesystem has too little room; if a
+    write fails anyway (disk full, I/O error), the partial directory is removed. Either way the previous
+    checkpoints stay as they were."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{step:09d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+    needed = state_nbytes(state) + len(config_yaml) + 2**16
+    if extra is not None:
+        needed += sum(f.stat().st_size for f in extra.rglob("*") if f.is_file())
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise CheckpointError(f"not enough space for checkpoint {final}: it needs about {needed / 2**20:.1f} MiB, "
+                              f"{free / 2**20:.1f} MiB are free there; free some space or use another --run-dir, "
+                              f"then resume. The previous checkpoints are untouched")
     try:
         tmp.mkdir()
         torch.save(state, tmp / STATE)
@@ -84,11 +107,11 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml
         else:
             tmp.rename(final)
         _fsync_dir(root)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(root).free if root.exists() else 0
-        raise CheckpointError(f"cannot write checkpoint {final}: {e} ({free / 2**20:.0f} MiB free there); "
-                              f"the previous checkpoints are untouched") from e
+        raise CheckpointError(f"cannot write checkpoint {final}: {e} (it needs about {needed / 2**20:.1f} MiB, "
+                              f"{free / 2**20:.1f} MiB are free there); the previous checkpoints are untouched") from e
     prune(run_dir, keep_last)
     return final
 
@@ -127,8 +150,11 @@ def verify(path: Path) -> None:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE}); it was probably cut off mid-write")
     try:
         sums = json.loads(marker.read_text())["sha256"]
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{marker} is unreadable ({e})") from None
+    if not isinstance(sums, dict) or STATE not in sums or CONFIG not in sums:
+        raise CheckpointError(f"{marker} does not list the checksums of {STATE} and {CONFIG}: not written by ganforge "
+                              f"or altered; the checkpoint is not loaded unverified")
     for name, want in sums.items():
         f = path / name
         if not f.exists() or sha256_file(f) != want:
@@ -169,7 +195,8 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str
               for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         parts = [f"missing {missing[:10]}" if missing else "", f"unexpected {unexpected[:10]}" if unexpected else "",
-                 f"shape mismatch {shapes[:10]}" if shapes else ""]
+                 f"shape mismatch {shapes[:10]}" + (f" and {len(shapes) - 10} more" if len(shapes) > 10 else "")
+                 if shapes else ""]
         raise CheckpointError(f"{what} in the checkpoint does not fit this config's network: "
                               + "; ".join(p for p in parts if p) + " (another architecture or config?)")
     module.load_state_dict(state)

@@ -22,6 +22,7 @@ from orchestrator.cluster import RayConfig
 from orchestrator.data import DataConfig
 from orchestrator.ema import EMAConfig
 from orchestrator.evaluator import EvalConfig
+from orchestrator.faults import FaultConfig
 from orchestrator.growth import GrowthConfig
 from orchestrator.health import HealthConfig
 from orchestrator.losses import LossConfig
@@ -53,6 +54,7 @@ class JobConfig(StrictConfig):
     eval: EvalConfig = EvalConfig()
     health: HealthConfig = HealthConfig()
     growth: GrowthConfig = GrowthConfig()
+    faults: FaultConfig = FaultConfig()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default filled in)."""

@@ -263,6 +263,8 @@ def load_manifest(cfg: DataConfig) -> dict | None:
             return None
         path = Path(os.path.dirname(first) or ".") / MANIFEST
         if not path.exists():
+            if cfg.resolution is None or cfg.channels is None:
+                expand_shards(cfg.shards)  # no shards there either: say that, rather than "resolution unknown"
             return None
     try:
         return json.loads(path.read_text())
@@ -331,12 +333,24 @@ class ShardStream(torch.utils.data.IterableDataset):
             shards = list(self.urls)
             random.Random(f"{self.seed}-shards-{epoch}").shuffle(shards)
             errors: list[tuple[str, str, str]] = []
+            mine = shards[stream::n_streams]
+            reported: set[str] = set()
 
             def on_error(exn: Exception) -> bool:
-                errors.append((_url_of(exn), "", f"unreadable: {exn}"))
+                url = _url_of(exn, mine)
+                reported.add(url)
+                errors.append((url, "", f"unreadable: {exn}"))
                 return True
 
-            samples = tariterators.tarfile_samples(({"url": u} for u in shards[stream::n_streams]), handler=on_error)
+            def read_shards() -> Iterator[dict]:
+                for url in mine:
+                    yield from tariterators.tarfile_samples([{"url": url}], handler=on_error)
+                    # Python's tarfile takes a file cut at (or inside) a member header for a normal end
+                    if url not in reported and not _ends_like_a_tar(url):
+                        errors.append((url, "", "truncated: the file ends without a tar end-of-archive marker; "
+                                                "the samples after the cut are lost (rewrite or re-copy the shard)"))
+
+            samples = read_shards()
             rng = random.Random(f"{self.seed}-samples-{epoch}-{stream}")
             good_in_epoch = 0
             for index, sample in enumerate(filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)):
@@ -364,11 +378,28 @@ class ShardStream(torch.utils.data.IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
-def _url_of(exn: Exception) -> str:
+def _ends_like_a_tar(url: str) -> bool:
+    """Whether a local shard ends with the two zero blocks that close a tar file (streams: not checked)."""
+    if url.startswith("pipe:") or "://" in url:
+        return True
+    try:
+        with open(url, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < 1024 or size % 512:
+                return False
+            f.seek(size - 1024)
+            return f.read(1024) == bytes(1024)
+    except OSError:
+        return True  # unreadable files are reported by the reader itself
+
+
+def _url_of(exn: Exception, urls: list[str] = ()) -> str:
     for a in getattr(exn, "args", ()):
         if isinstance(a, str) and (a.endswith(".tar") or a.startswith("pipe:")):
             return a
-    return "?"
+    # a member cut short mid-read: webdataset only appends "@ <file object naming the shard>" to the message
+    text = str(exn)
+    return next((u for u in sorted(urls, key=len, reverse=True) if u in text), "?")
 
 
 def decode_sample(sample: dict, spec: ImageSpec) -> tuple[torch.Tensor, int] | str:

@@ -43,20 +43,46 @@ def _no_scaling(loss: torch.Tensor) -> torch.Tensor:
 
 
 class LocalStrategy:
-    """One process: autocast and an fp16 GradScaler from :class:`Precision`; nothing to synchronise."""
+    """One process: autocast and an fp16 GradScaler from :class:`Precision`; nothing to synchronise.
+
+    With ``skip_nonfinite`` set, ``step`` skips (and counts in ``skipped``) an update whose gradients hold
+    a NaN or Inf (see :mod:`orchestrator.faults`)."""
 
     wrapped = False
 
     def __init__(self, precision: Precision):
         self.precision = precision
         self.opts: dict[str, torch.optim.Optimizer] = {}
+        self.skip_nonfinite = False
+        self.skipped = 0
+        self.fp32 = False
+
+    def use_fp32(self, *nets: nn.Module) -> None:
+        """Run everything in fp32 from now on (after a NaN/Inf rollback): no autocast, and networks with
+        per-block reduced precision (StyleGAN2's ``num_fp16_res``) keep those blocks in fp32."""
+        self.fp32 = True
+        for net in (*nets, *(self.unwrap(n) for n in self.nets)):
+            if hasattr(net, "reduced_dtype"):
+                net.reduced_dtype = None
+
+    def _nonfinite(self, key: str) -> bool:
+        """Whether the update of ``key`` is to be skipped: guarding, and a gradient is NaN/Inf (then zeroed)."""
+        if not self.skip_nonfinite:
+            return False
+        grads = [p.grad for g in self.opts[key].param_groups for p in g["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return False
+        self.zero_grad(key)
+        self.skipped += 1
+        return True
 
     def prepare(self, G: nn.Module, D: nn.Module, opt_G, opt_D):
         self.opts = {"G": opt_G, "D": opt_D}
+        self.nets = (G, D)
         return G, D
 
     def autocast(self, net: nn.Module | None = None):
-        return self.precision.autocast(net)
+        return contextlib.nullcontext() if self.fp32 else self.precision.autocast(net)
 
     def unwrap(self, net: nn.Module) -> nn.Module:
         return net
@@ -75,6 +101,8 @@ class LocalStrategy:
         self.precision.scaler.scale(loss / num_micro).backward()
 
     def step(self, key: str) -> None:
+        if self._nonfinite(key):
+            return
         self.precision.scaler.step(self.opts[key])
         self.precision.scaler.update()
 
@@ -121,10 +149,11 @@ class DDPStrategy(LocalStrategy):
     def prepare(self, G, D, opt_G, opt_D):
         G, D, opt_G, opt_D = self.accelerator.prepare(G, D, opt_G, opt_D)
         self.opts = {"G": opt_G, "D": opt_D}
+        self.nets = (G, D)
         return G, D
 
     def autocast(self, net: nn.Module | None = None):
-        return self.accelerator.autocast()
+        return contextlib.nullcontext() if self.fp32 else self.accelerator.autocast()
 
     def unwrap(self, net: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(net)
@@ -141,6 +170,8 @@ class DDPStrategy(LocalStrategy):
         self.accelerator.backward(loss / num_micro)
 
     def step(self, key):
+        if self._nonfinite(key):
+            return
         self.opts[key].step()  # an AcceleratedOptimizer: unscales, skips inf steps, updates the scale
 
     def state_dict(self) -> dict:
@@ -177,7 +208,8 @@ class DeepSpeedStrategy(LocalStrategy):
             engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=dict(self.ds_config),
                                                    dist_init_required=False)
             self.engines[key] = engine
-        return self.engines["G"], self.engines["D"]
+        self.nets = (self.engines["G"], self.engines["D"])
+        return self.nets
 
     def unwrap(self, net):
         return net.module if hasattr(net, "module") else net

@@ -12,6 +12,7 @@ times.
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +29,7 @@ from orchestrator.checkpoint import (CheckpointError, checkpoint_dir, latest_che
                                      load_checkpoint, load_into, mark_best, save_checkpoint)
 from orchestrator.data import ShardLoader, image_spec, load_manifest
 from orchestrator.ema import ema_beta, make_ema, update_ema
+from orchestrator.faults import FaultState, NonfiniteError, StopRequest
 from orchestrator.growth import Growth
 from orchestrator.health import HealthMonitor
 from orchestrator.optim import lazy_ratio, make_adam
@@ -87,6 +89,7 @@ class TrainResult:
     wandb_dir: str | None
     step: int
     nimg: int
+    preempted: bool = False  # stopped early by SIGTERM or a STOP file, with a checkpoint
 
 
 def resolve_device(name: str, precision: str, local_rank: int = 0) -> torch.device:
@@ -113,6 +116,13 @@ def batch_split(batch: int, micro_batch: int | None, world_size: int) -> tuple[i
                           f"workers ({world_size}) × train.micro_batch ({micro_batch or 'batch / workers'}); "
                           f"e.g. use a batch of {max(1, batch // world_size) * world_size}")
     return micro, batch // (world_size * micro)
+
+
+def check_batches(cfg: JobConfig, world_size: int) -> None:
+    """Every global batch the run will use (``train.batch_size`` and each of ``growth.batch_size``) splits
+    evenly into ``world_size`` workers × micro-batches: checked before any work starts."""
+    for batch in {cfg.train.batch_size, *cfg.growth.batch_size.values()}:
+        batch_split(batch, cfg.train.micro_batch, world_size)
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
@@ -177,13 +187,13 @@ def gather(obj, ctx: WorkerContext) -> list:
 
 
 def training_state(nets: Nets, G_ema, progress: Progress, sampler: Sampler, reg: RegState, ranks: list[dict],
-                   run_id: str, config_yaml: str, growth: Growth | None = None) -> dict:
+                   run_id: str, config_yaml: str, growth: Growth | None, faults: FaultState) -> dict:
     """Everything a resumed run needs to continue exactly (besides DeepSpeed's sharded files)."""
     st = nets.strategy
     return {"G": st.unwrap(nets.G).state_dict(), "D": st.unwrap(nets.D).state_dict(), "G_ema": G_ema.state_dict(),
             "strategy": st.state_dict(), "progress": asdict(progress), "reg": reg.state_dict(),
             "sampler_rng": sampler.rng.get_state(), "ranks": ranks, "tracking": {"wandb_run_id": run_id},
-            "growth": growth.state_dict() if growth else None, "config": config_yaml}
+            "growth": growth.state_dict() if growth else None, "faults": faults.state_dict(), "config": config_yaml}
 
 
 def restore(state: dict, path: Path, nets: Nets, G_ema, progress: Progress, sampler: Sampler, loader: ShardLoader,
@@ -301,6 +311,29 @@ def log_eval_rows(evaluator, tracker: Tracker) -> None:
                 mark_best(Path(row["checkpoint"]), {"fid": fid, "step": row["step"]})
 
 
+def _any_rank(flag: bool, ctx: WorkerContext, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (a collective call when distributed, so all ranks agree)."""
+    if ctx.world_size == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Create the run directory and prove it takes a file, before any work starts."""
+    from orchestrator.config import ConfigError
+
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}): choose another --run-dir or "
+                          f"fix the path or its permissions") from None
+
+
 def _barrier(ctx: WorkerContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()
@@ -308,24 +341,30 @@ def _barrier(ctx: WorkerContext) -> None:
 
 def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: WorkerContext | None = None) -> TrainResult:
     """Train (or continue training) the GAN described by ``cfg`` in ``run_dir``, as worker ``ctx``."""
+    from orchestrator.config import ConfigError
+
     ctx = ctx or WorkerContext()
     lead = ctx.rank == 0
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device, cfg.train.precision, ctx.local_rank)
+    check_batches(cfg, ctx.world_size)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    start_from = ctx.restore_from or resolve_resume(run_dir, resume)
 
     torch.manual_seed(cfg.train.seed)  # the same initial networks on every rank
     spec = image_spec(cfg.data, load_manifest(cfg.data))
     arch = architectures.get(cfg.model.arch)
-    G = arch.build_generator(cfg.model, spec).to(device)
-    D = arch.build_discriminator(cfg.model, spec).to(device)
+    try:
+        G = arch.build_generator(cfg.model, spec).to(device)
+        D = arch.build_discriminator(cfg.model, spec).to(device)
+    except ValueError as e:  # e.g. a resolution the architecture cannot take
+        raise ConfigError(f"model ({cfg.model.arch}) on data {spec}: {e}") from None
     check_recipe(cfg, G, D)
     growth = Growth(cfg.growth, G.start_resolution, spec.resolution) if hasattr(G, "set_lod") else None
     global_batch = growth.batch_size(cfg.train.batch_size) if growth else cfg.train.batch_size
     micro_batch, num_micro = batch_split(global_batch, cfg.train.micro_batch, ctx.world_size)
+    ensure_writable(run_dir)  # the config holds up: now the run directory
+    start_from = ctx.restore_from or resolve_resume(run_dir, resume)
     if cfg.distributed.sync_batchnorm and ctx.world_size > 1:
         G, D = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(n) for n in (G, D))
     G_ema = make_ema(G)
@@ -335,6 +374,8 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
     opt_G = make_adam(G.parameters(), cfg.optim.g, reg_interval=cfg.loss.pl_interval if lazy_pl else 1)
     opt_D = make_adam(D.parameters(), cfg.optim.d, reg_interval=cfg.loss.r1_interval if lazy_r1 else 1)
     strategy = make_strategy(cfg.distributed, cfg.train.precision, device, micro_batch, num_micro, ctx.world_size)
+    strategy.skip_nonfinite = cfg.faults.skip_nonfinite and cfg.train.precision != "fp16"  # fp16: the scaler's job
+    faults = FaultState()
     for net in (G, D, G_ema):
         strategy.precision.adopt(net)
     nets = Nets(*strategy.prepare(G, D, opt_G, opt_D), strategy)
@@ -344,16 +385,16 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
     loader = ShardLoader(cfg.data, spec, micro_batch, seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size)
     progress = Progress()
     config_yaml = cfg.to_yaml()
-    if lead:
-        (run_dir / "config.yaml").write_text(config_yaml)
-
     run_id = None
     if start_from is not None:
         saved = load_checkpoint(start_from, map_location=device)
         restore(saved, Path(start_from), nets, G_ema, progress, sampler, loader, reg, ctx, growth)
         run_id = saved["tracking"]["wandb_run_id"]
+        faults.load_state_dict(saved.get("faults") or {})
         if lead:
             _warn_config_changes(saved["config"], cfg, start_from)
+    if lead:  # only now: a checkpoint this config cannot restore leaves the run's config as it was
+        (run_dir / "config.yaml").write_text(config_yaml)
     total_img = int(cfg.train.total_kimg * 1000)
     tracker = Tracker(cfg.tracking, run_dir, cfg.model_dump(mode="json"), total_img, run_id, progress.nimg, active=lead)
     if start_from is not None:
@@ -376,16 +417,59 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
                                          normalize=True, value_range=(-1, 1), padding=1)
             tracker.log_image("samples/real", samples_dir / "real.png", progress.step, "real images")
 
+    def apply_lr() -> None:
+        """Learning rates of the growth level (or the config), corrected for lazy regularization and
+        lowered by any NaN/Inf rollbacks."""
+        for key, adam, lazy, interval in (("G", cfg.optim.g, lazy_pl, cfg.loss.pl_interval),
+                                          ("D", cfg.optim.d, lazy_r1, cfg.loss.r1_interval)):
+            lr = growth.lr(adam.lr) if growth else adam.lr
+            strategy.set_lr(key, lr * lazy_ratio(interval if lazy else 1) * faults.lr_scale)
+
     def enter_level() -> None:
         """The batch size, learning rates and real-image reference of the growth level the run is at."""
         nonlocal global_batch, micro_batch, num_micro
         global_batch = growth.batch_size(cfg.train.batch_size)
         micro_batch, num_micro = batch_split(global_batch, cfg.train.micro_batch, ctx.world_size)
         loader.set_batch_size(micro_batch)
-        strategy.set_lr("G", growth.lr(cfg.optim.g.lr) * lazy_ratio(cfg.loss.pl_interval if lazy_pl else 1))
-        strategy.set_lr("D", growth.lr(cfg.optim.d.lr) * lazy_ratio(cfg.loss.r1_interval if lazy_r1 else 1))
+        apply_lr()
         if monitor is not None:
             monitor.observe_real(growth.reals(real_batch))
+
+    def apply_fault_state() -> None:
+        apply_lr()
+        if faults.fp32:
+            strategy.use_fp32(G_ema)
+
+    def rollback() -> None:
+        """Back to the last good checkpoint with a lower learning rate (K bad steps in a row)."""
+        path = latest_checkpoint(run_dir)
+        why = f"{faults.consecutive} consecutive steps with NaN/Inf gradients at step {progress.step}"
+        if cfg.faults.on_nonfinite == "stop" or path is None or faults.rollbacks >= cfg.faults.max_rollbacks:
+            reason = ("faults.on_nonfinite is stop" if cfg.faults.on_nonfinite == "stop" else
+                      "no checkpoint to roll back to" if path is None else
+                      f"faults.max_rollbacks ({cfg.faults.max_rollbacks}) reached")
+            raise NonfiniteError(f"{why}; {reason}. Lower optim.*.lr, use train.precision fp32, or raise "
+                                 f"faults.nonfinite_patience")
+        restore(load_checkpoint(path, map_location=device), path, nets, G_ema, progress, sampler, loader, reg, ctx,
+                growth)
+        faults.rollbacks += 1
+        faults.consecutive = 0
+        faults.lr_scale *= cfg.faults.lr_factor
+        faults.fp32 = faults.fp32 or cfg.faults.fp32_fallback
+        if growth is not None:
+            enter_level()
+        apply_fault_state()
+        text = (f"{why}: rolled back to {path.name} (step {progress.step}); learning rates × {faults.lr_scale:g}"
+                + ("; reduced-precision blocks now run in fp32" if faults.fp32 else ""))
+        tracker.note(f"warning: {text}")
+        tracker.alert("Rolled back after NaN/Inf", text)
+
+    if growth is not None:
+        enter_level()
+    if faults.lr_scale != 1.0 or faults.fp32:
+        apply_fault_state()
+    stop = StopRequest(run_dir, cfg.faults.grace_s, lead)
+    stop.install()
 
     def level_grid(resolution: int) -> Path:
         """G_ema's grid at the end of a growth level (G_ema is still at that level)."""
@@ -420,7 +504,8 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
             _barrier(ctx)
         path = None
         if lead:
-            state = training_state(nets, G_ema, progress, sampler, reg, ranks, tracker.run_id, config_yaml, growth)
+            state = training_state(nets, G_ema, progress, sampler, reg, ranks, tracker.run_id, config_yaml, growth,
+                                   faults)
             path = save_checkpoint(run_dir, progress.step, state, config_yaml, cfg.checkpoint.keep_last, extra=shards)
         _barrier(ctx)
         path = checkpoint_dir(run_dir) / f"ckpt-{progress.step:09d}"
@@ -436,6 +521,7 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
         tracker.note("evaluation waits until the networks have grown to full resolution")
     if evaluator is not None and progress.step == 0 and (growth is None or growth.complete):
         evaluator.submit(0, 0, G_ema, None)  # the FID at the start, for comparison
+    preempted = False
     try:
         while progress.nimg < total_img and not (cfg.train.stop_at_step and progress.step >= cfg.train.stop_at_step):
             log_step = (progress.step + 1) % cfg.tracking.log_every == 0
@@ -450,6 +536,15 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
             beta = ema_beta(cfg.ema, global_batch, progress.nimg)
             update_ema(G_ema, strategy.unwrap(nets.G), beta)
             tracker.advance(progress.nimg)
+            skipped, strategy.skipped = strategy.skipped, 0  # optimizer updates skipped for NaN/Inf gradients
+            faults.consecutive = faults.consecutive + 1 if skipped else 0
+            faults.skipped_steps += bool(skipped)
+            if skipped:
+                tracker.note(f"warning: NaN/Inf gradients at step {progress.step}: {skipped} update(s) skipped "
+                             f"({faults.skipped_steps} bad steps so far)")
+            if faults.consecutive >= cfg.faults.nonfinite_patience:
+                rollback()
+                continue
             if growth is not None:
                 level = growth.resolution
                 if growth.advance(n_real * ctx.world_size):  # a fade-in started or ended
@@ -471,6 +566,7 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
                                 "perf/data_wait": data_wait / (now - t_log), "perf/peak_mem_mb": peak_memory_mb(device),
                                 "ema/beta": beta, "data/bad_samples": loader.health.bad,
                                 "lr/G": strategy.lr("G"), "lr/D": strategy.lr("D"),
+                                "fault/skipped_steps": faults.skipped_steps, "fault/rollbacks": faults.rollbacks,
                                 **(growth.metrics() if growth else {})})
                 if monitor is not None:
                     samples = None
@@ -490,9 +586,16 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
                 last_ckpt = save(metrics)  # evaluated weights always have a checkpoint, so the best can be kept
             if eval_due and evaluator is not None and (growth is None or growth.complete):
                 evaluator.submit(progress.step, progress.nimg, G_ema, last_ckpt)
+            if _any_rank(stop.requested(), ctx, device):
+                preempted = True
+                break
         if last_ckpt is None or not last_ckpt.name.endswith(f"{progress.step:09d}"):
             last_ckpt = save(metrics)
-        if evaluator is not None:
+        if preempted:
+            stop.served()
+            tracker.note(f"stopped on request at step {progress.step} with checkpoint {last_ckpt}; "
+                         f"continue with --resume auto")
+        elif evaluator is not None:
             if evaluator.last_step != progress.step and (growth is None or growth.complete):
                 evaluator.submit(progress.step, progress.nimg, G_ema, last_ckpt)  # the FID at the end
             evaluator.finish()
@@ -508,9 +611,10 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
                 tracker.log_image("samples/grid", last_grid, progress.step, f"G_ema at {progress.nimg / 1000:.1f} kimg")
         wandb_dir = tracker.wandb_dir
     finally:
+        stop.uninstall()
         tracker.close()
     return TrainResult(run_dir, last_ckpt if lead else None, last_grid, run_dir / "config.yaml", wandb_dir,
-                       progress.step, progress.nimg)
+                       progress.step, progress.nimg, preempted)
 
 
 def _warn_config_changes(saved_yaml: str, cfg: JobConfig, path: Path) -> None:

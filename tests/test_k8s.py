@@ -315,6 +315,27 @@ def test_pods_follow_the_platform_rules(directory):
             assert all(c["workingDir"] == dict(dockerfile())["WORKDIR"] for c in spec["containers"]), where
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_evicted_head_stops_the_run_with_a_checkpoint_in_time(variant):
+    """The RayJob head's preStop hook writes the run's STOP file (the one the training loop watches, in the
+    entrypoint's run directory) and waits for it to be served; the grace periods leave room for the
+    loop's own (faults.grace_s) and ``ray job stop`` waits as long (RAY_JOB_STOP_WAIT_TIME_S)."""
+    from orchestrator.faults import STOP_FILE
+
+    rayjob = only(render(f"{variant}rayjob"), "RayJob")
+    tokens = shlex.split(rayjob["spec"]["entrypoint"])
+    stop_file = f"{tokens[tokens.index('--run-dir') + 1]}/{STOP_FILE}"
+    head = cluster_spec(rayjob)["headGroupSpec"]["template"]["spec"]
+    hook = " ".join(head["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
+    assert f"touch {stop_file};" in hook and f"while [ -e {stop_file} ]" in hook
+    wait = int(re.search(r"timeout (\d+)", hook).group(1))
+    grace = job_config(rayjob).faults.grace_s
+    assert grace < wait < head["terminationGracePeriodSeconds"]
+    for obj in (rayjob, only(render(f"{variant}raycluster"), "RayCluster")):
+        stop_wait = env(cluster_spec(obj)["headGroupSpec"]["template"]["spec"]["containers"][0])["RAY_JOB_STOP_WAIT_TIME_S"]
+        assert grace < int(stop_wait["value"]) <= head["terminationGracePeriodSeconds"]
+
+
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS)
 def test_secrets_reach_pods_only_through_secret_refs(directory):
     """No env var whose name says key, token, secret or password has a literal value anywhere in the
@@ -390,9 +411,11 @@ def test_readme_and_docs_submit_the_same_command():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_rayjob_and_raycluster_are_the_same_cluster(variant):
-    """The RayJob's cluster and the long-lived RayCluster do not drift apart."""
+    """The RayJob's cluster and the long-lived RayCluster do not drift apart (but for the RayJob head's
+    preStop hook, which names the one run directory it stops)."""
     rayjob = only(render(variant + "rayjob"), "RayJob")
     raycluster = only(render(variant + "raycluster"), "RayCluster")
+    del rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["lifecycle"]
     assert rayjob["spec"]["rayClusterSpec"] == raycluster["spec"]
 
 
