@@ -176,8 +176,36 @@ def evaluator_overhead(steps: int = 150) -> None:
     print(f"\nwith / without: {rates[True] / rates[False]:.2f}")
 
 
+def nonfinite_guard_overhead(steps: int = 300, repeats: int = 2) -> None:
+    """Training images/s of the DCGAN digits preset with the NaN/Inf guard (``faults.skip_nonfinite``: one
+    finiteness check and host sync per optimizer step) on and off, alternated, best of ``repeats`` each."""
+    from orchestrator.config import load_config
+    from orchestrator.data import write_shards
+    from orchestrator.train import train
+
+    os.environ["WANDB_MODE"] = "disabled"
+    rates: dict[bool, float] = {True: 0.0, False: 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=256)
+        for i in range(repeats):
+            for guard in (False, True):
+                cfg = load_config(ROOT / "configs/dev/dcgan-digits.yaml", [
+                    f"data.shards={tmp}/d/train-*.tar", f"faults.skip_nonfinite={str(guard).lower()}",
+                    f"train.stop_at_step={steps}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
+                    "eval.enabled=false", f"tracking.log_every={steps // 3}", "checkpoint.every_kimg=1000",
+                    "tracking.sample_every_kimg=1000"])
+                run_dir = Path(tmp) / f"g{guard}-{i}"
+                train(cfg, run_dir)
+                row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+                rates[guard] = max(rates[guard], row["perf/img_per_s"])
+    print("\n| NaN/Inf guard | img/s (steady, best of %d) |\n|---|---|" % repeats)
+    print(f"| off | {rates[False]:.0f} |\n| on | {rates[True]:.0f} |")
+    print(f"\non / off: {rates[True] / rates[False]:.3f}")
+
+
 BENCHMARKS = {"dev_loader_settings": dev_loader_settings, "stylegan2_1024_forward": stylegan2_1024_forward,
-              "ddp_scaling": ddp_scaling, "strategy_memory": strategy_memory, "evaluator_overhead": evaluator_overhead}
+              "ddp_scaling": ddp_scaling, "strategy_memory": strategy_memory, "evaluator_overhead": evaluator_overhead,
+              "nonfinite_guard_overhead": nonfinite_guard_overhead}
 
 
 def main() -> int:

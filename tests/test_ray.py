@@ -31,7 +31,8 @@ def cluster():
     home = Path(tempfile.mkdtemp(prefix="gf-ray-home-"))
     temp = Path(tempfile.mkdtemp(prefix="gf-ray-"))  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+           "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_JOB_STOP_WAIT_TIME_S": "120"}  # `ray job stop` leaves the preemption checkpoint time (k8s: 240)
     for port in (6379, 8265):  # the README's command talks to the default job API port
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
@@ -111,6 +112,9 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(cluster, digits32, tm
         while not list((tmp_path / "run" / "checkpoints").glob("ckpt-*")):
             assert time.time() < deadline and job.poll() is None, "no checkpoint appeared"
             time.sleep(1)
+        while max(steps(tmp_path / "run"), default=0) < interval_steps + 3:  # some steps past the checkpoint
+            assert time.time() < deadline and job.poll() is None, "training stopped after its first checkpoint"
+            time.sleep(0.2)
         workers = run(["pgrep", "-f", "ray::RayTrainWorker"], cluster).stdout.split()
         assert len(workers) == 2, workers
         os.kill(int(workers[-1]), signal.SIGKILL)
@@ -125,6 +129,33 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(cluster, digits32, tm
     assert back, "the step counter never went back: the worker was not lost mid-run"
     assert all(a - b < interval_steps for a, b in back), back  # lost at most one checkpoint interval
     assert seen[-1] == 100
+
+
+def test_ray_job_stop_makes_the_workers_checkpoint_and_the_driver_exit_0(cluster, digits32, tmp_path):
+    """`ray job stop` sends SIGTERM to the driver, which writes RUN_DIR/STOP; both workers finish their
+    step and stop together, rank 0 checkpoints there and removes the file, and the driver exits 0."""
+    run_dir = tmp_path / "run"
+    entry = ["python", "-m", "launch.ray_job", "configs/dev/dcgan-digits.yaml", "--run-dir", str(run_dir),
+             "--set", f"data.shards={digits32}/train-*.tar", "--set", "eval.enabled=false",
+             "--set", "checkpoint.every_kimg=1.28", "--set", "ray.max_failures=0", *FAST]
+    p = run(["ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--no-wait", "--",
+             *entry], cluster)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    job_id = re.search(r"(raysubmit_\w+)", p.stdout + p.stderr).group(1)
+    deadline = time.time() + 300
+    while not list((run_dir / "checkpoints").glob("ckpt-*")):
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(1)
+    time.sleep(2)
+    stop = run(["ray", "job", "stop", "--address", "http://127.0.0.1:8265", job_id], cluster, timeout=300)
+    logs = run(["ray", "job", "logs", "--address", "http://127.0.0.1:8265", job_id], cluster).stdout
+    assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+    m = re.search(r"stopped on request at step (\d+) with checkpoint (\S+);", logs)
+    assert m, logs[-5000:]
+    assert "SIGTERM: asked the workers to stop" in logs
+    assert (run_dir / "checkpoints" / f"ckpt-{int(m.group(1)):09d}" / "COMPLETE.json").exists()
+    assert not (run_dir / "STOP").exists()
+    assert steps(run_dir)[-1] == int(m.group(1))
 
 
 def test_deepspeed_zero2_stylegan2_with_r1_checkpoints_and_resumes(cluster, digits32, tmp_path):
