@@ -28,6 +28,7 @@ from pathlib import Path
 from orchestrator.checkpoint import save_checkpoint
 run, first = Path(sys.argv[1]), int(sys.argv[2])
 state = {"w": torch.randn(4_000_000, generator=torch.Generator().manual_seed(first))}  # 16 MB
+print("saving", flush=True)
 for step in range(first, first + 1000):
     save_checkpoint(run, step, state, "model: {}\\n", keep_last=1)
 """
@@ -49,8 +50,10 @@ def test_sigkill_at_any_point_of_a_save_never_leaves_a_pickable_broken_checkpoin
     for trial in range(8):
         before = latest_checkpoint(run)
         before_files = fingerprint(before)
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(run), str(first)], cwd=ROOT, env=env)
-        time.sleep(1.0 + rng.uniform(0.0, 1.5))  # start-up, then somewhere inside one of the saves
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(run), str(first)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "saving\n"
+        time.sleep(rng.uniform(0.0, 1.0))  # somewhere inside one of the saves (or between two)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         picked = latest_checkpoint(run)
