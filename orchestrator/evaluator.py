@@ -173,12 +173,9 @@ def check_feature_extractor(cfg: EvalConfig) -> ExtractorWeights:
                         f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
     path, source = _weights_location(cfg)
     if name == INCEPTION:
-        if path is None:
-            raise EvalError(f"no Inception weights: neither eval.weights_path nor ${INCEPTION_ENV} is set and "
-                            f"{INCEPTION_FILE} is not in the torch hub cache. {_inception_howto()}")
-        if not path.is_file():
-            raise EvalError(f"{source} points at {path}, which does not exist: the {INCEPTION} feature extractor needs "
-                            f"{INCEPTION_FILE} there. {_inception_howto()}")
+        _require_file(path, source, f"no Inception weights: neither eval.weights_path nor ${INCEPTION_ENV} is set "
+                      f"and {INCEPTION_FILE} is not in the torch hub cache. {_inception_howto()}",
+                      f"the {INCEPTION} feature extractor needs {INCEPTION_FILE} there. {_inception_howto()}")
         try:
             state = _load_tensors(path)
             ok = state["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3) and state["fc.weight"].shape == (1008, 2048)
@@ -190,12 +187,9 @@ def check_feature_extractor(cfg: EvalConfig) -> ExtractorWeights:
     elif name == feature_extractors.NAME:
         howto = (f"train it once with `ganforge extractor train --data 'DIR/train-*.tar' --out DIR/{name}.pt` "
                  f"and pass --weights DIR/{name}.pt (eval.weights_path)")
-        if path is None:
-            raise EvalError(f"eval.weights_path is not set: the {name} feature extractor is a classifier trained on "
-                            f"the data set's train split; {howto}")
-        if not path.is_file():
-            raise EvalError(f"{source} points at {path}, which does not exist: the {name} feature extractor needs "
-                            f"its weights there; {howto}")
+        _require_file(path, source, f"eval.weights_path is not set: the {name} feature extractor is a classifier "
+                      f"trained on the data set's train split; {howto}",
+                      f"the {name} feature extractor needs its weights there; {howto}")
         try:
             feature_extractors.load_classifier(path)
         except ValueError as e:
@@ -210,6 +204,15 @@ def check_feature_extractor(cfg: EvalConfig) -> ExtractorWeights:
     except OSError as e:
         raise EvalError(f"eval.cache_dir: cannot create {cache}: {e.strerror}") from None
     return ExtractorWeights(name, path, _sha256_memo(path))
+
+
+def _require_file(path: Path | None, source: str, unset: str, needed: str) -> None:
+    """Raise :class:`EvalError` with ``unset`` when no weights path is configured, or naming ``source`` and
+    the path, then ``needed``, when the file is not there."""
+    if path is None:
+        raise EvalError(unset)
+    if not path.is_file():
+        raise EvalError(f"{source} points at {path}, which does not exist: {needed}")
 
 
 def _load_tensors(path: Path) -> dict:

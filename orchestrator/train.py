@@ -464,12 +464,8 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
         tracker.note(f"warning: {text}")
         tracker.alert("Rolled back after NaN/Inf", text)
 
-    if growth is not None:
-        enter_level()
     if faults.lr_scale != 1.0 or faults.fp32:
         apply_fault_state()
-    stop = StopRequest(run_dir, cfg.faults.grace_s, lead)
-    stop.install()
 
     def level_grid(resolution: int) -> Path:
         """G_ema's grid at the end of a growth level (G_ema is still at that level)."""
@@ -517,11 +513,18 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
     t_log, img_log = time.perf_counter(), progress.nimg
     metrics: dict[str, float] = {}
     evaluator = make_eval_client(cfg, ctx, run_dir, config_yaml, tracker.note) if lead and cfg.eval.enabled else None
-    if evaluator is not None and growth is not None and not growth.complete:
+
+    def full_size() -> bool:
+        """Whether G has its final size (FID compares full-resolution images)."""
+        return growth is None or growth.complete
+
+    if evaluator is not None and not full_size():
         tracker.note("evaluation waits until the networks have grown to full resolution")
-    if evaluator is not None and progress.step == 0 and (growth is None or growth.complete):
+    if evaluator is not None and progress.step == 0 and full_size():
         evaluator.submit(0, 0, G_ema, None)  # the FID at the start, for comparison
     preempted = False
+    stop = StopRequest(run_dir, cfg.faults.grace_s, lead)
+    stop.install()
     try:
         while progress.nimg < total_img and not (cfg.train.stop_at_step and progress.step >= cfg.train.stop_at_step):
             log_step = (progress.step + 1) % cfg.tracking.log_every == 0
@@ -584,7 +587,7 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
             eval_due = bool(cfg.eval.enabled and cfg.eval.every_kimg and _crossed(before, progress.nimg, cfg.eval.every_kimg))
             if eval_due or _crossed(before, progress.nimg, cfg.checkpoint.every_kimg):
                 last_ckpt = save(metrics)  # evaluated weights always have a checkpoint, so the best can be kept
-            if eval_due and evaluator is not None and (growth is None or growth.complete):
+            if eval_due and evaluator is not None and full_size():
                 evaluator.submit(progress.step, progress.nimg, G_ema, last_ckpt)
             if _any_rank(stop.requested(), ctx, device):
                 preempted = True
@@ -596,7 +599,7 @@ def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: W
             tracker.note(f"stopped on request at step {progress.step} with checkpoint {last_ckpt}; "
                          f"continue with --resume auto")
         elif evaluator is not None:
-            if evaluator.last_step != progress.step and (growth is None or growth.complete):
+            if evaluator.last_step != progress.step and full_size():
                 evaluator.submit(progress.step, progress.nimg, G_ema, last_ckpt)  # the FID at the end
             evaluator.finish()
             log_eval_rows(evaluator, tracker)

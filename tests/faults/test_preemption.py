@@ -73,8 +73,9 @@ def test_sigterm_checkpoints_exits_0_and_resumes_exactly(digits16, tmp_path):
     resumed = start(config, run, f"train.stop_at_step={end}")
     out, _ = resumed.communicate(timeout=120)
     assert resumed.returncode == 0 and f"resumed from {last}" in out, out[-3000:]
-    whole = train(validate_config(yaml.safe_load(config.read_text()) | {"train": {
-        **yaml.safe_load(config.read_text())["train"], "stop_at_step": end}}, "whole"), tmp_path / "whole")
+    raw = yaml.safe_load(config.read_text())
+    raw["train"]["stop_at_step"] = end
+    whole = train(validate_config(raw, "whole"), tmp_path / "whole")
     assert whole.step == end
     assert_same_nets(load_checkpoint(latest_checkpoint(run)), load_checkpoint(whole.checkpoint))
 
