@@ -18,28 +18,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict
 
-
-class StrictConfig(BaseModel):
-    """Base of every config section in ganforge: unknown keys are errors, values are validated on
-    assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from core.config import StrictConfig
+from core.spec import ImageSpec
 
 
 class ArchConfig(StrictConfig):
     """Base of a family's network config; subclasses add ``arch: Literal["<name>"]``."""
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """What the data looks like: square images of ``resolution`` px, ``channels`` channels, and
-    ``num_classes`` labels (0 for an unconditional model)."""
-
-    resolution: int
-    channels: int
-    num_classes: int = 0
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def dev_loader_settings(steps: int = 150) -> None:
     """Training images/s of the DCGAN digits preset for DataLoader workers × torch threads."""
     from orchestrator.config import load_config
-    from orchestrator.data import write_shards
-    from orchestrator.train import train
+    from orchestrator.data.shards import write_shards
+    from orchestrator.train.run import train
 
     os.environ["WANDB_MODE"] = "disabled"
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +95,7 @@ def _torchrun(nproc: int, config: str, run_dir: Path, overrides: list[str]) -> d
 def ddp_scaling(steps: int = 120) -> None:
     """Training images/s of the DCGAN digits preset with 1 and 2 torchrun workers (1 thread each, DDP over
     gloo, global batch 64), and the scaling efficiency (img/s with 2) / (2 × img/s with 1)."""
-    from orchestrator.data import write_shards
+    from orchestrator.data.shards import write_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=128)
@@ -114,7 +114,7 @@ def ddp_scaling(steps: int = 120) -> None:
 def strategy_memory() -> None:
     """Peak resident memory of rank 0 for one step of the StyleGAN2 `cifar` networks (20.2 M + 23.1 M
     parameters) on 2 workers: DDP versus DeepSpeed ZeRO-2 (fp32, global batch 16: micro-batches of 4, 2 accumulated)."""
-    from orchestrator.data import write_shards
+    from orchestrator.data.shards import write_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=128, channels=3)
@@ -139,8 +139,8 @@ def evaluator_overhead(steps: int = 150) -> None:
     evaluating every 0.64 kimg on its own 0.5 CPU, versus without it. Starts and stops a loopback Ray head."""
     import subprocess
 
-    from orchestrator.data import write_shards
-    from orchestrator.feature_extractors import train_feature_extractor
+    from orchestrator.data.shards import write_shards
+    from orchestrator.eval.extractors import train_feature_extractor
 
     with tempfile.TemporaryDirectory() as tmp:
         home, temp = Path(tmp) / "home", Path(tempfile.mkdtemp(prefix="gf-bench-ray-"))
@@ -180,8 +180,8 @@ def nonfinite_guard_overhead(steps: int = 300, repeats: int = 2) -> None:
     """Training images/s of the DCGAN digits preset with the NaN/Inf guard (``faults.skip_nonfinite``: one
     finiteness check and host sync per optimizer step) on and off, alternated, best of ``repeats`` each."""
     from orchestrator.config import load_config
-    from orchestrator.data import write_shards
-    from orchestrator.train import train
+    from orchestrator.data.shards import write_shards
+    from orchestrator.train.run import train
 
     os.environ["WANDB_MODE"] = "disabled"
     rates: dict[bool, float] = {True: 0.0, False: 0.0}

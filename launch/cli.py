@@ -12,7 +12,7 @@ from pathlib import Path
 
 def _train(a: argparse.Namespace) -> int:
     from orchestrator.config import load_config
-    from orchestrator.train import train
+    from orchestrator.train.run import train
 
     cfg = load_config(a.config, a.set)
     run_dir = Path(a.run_dir or Path("runs") / Path(a.config).stem)
@@ -33,7 +33,7 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from orchestrator.generate import generate, interpolate
+    from orchestrator.tools.generate import generate, interpolate
 
     if a.interpolate is not None:
         if a.seeds is not None or a.num is not None or a.seed is not None:
@@ -55,19 +55,19 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _seeds(text: str) -> list[int]:
-    from orchestrator.generate import seeds_arg  # imported when used: torch is slow to import for --help
+    from orchestrator.tools.generate import seeds_arg  # imported when used: torch is slow to import for --help
 
     return seeds_arg(text)
 
 
 def _seed_pair(text: str) -> tuple[int, int]:
-    from orchestrator.generate import seed_pair_arg
+    from orchestrator.tools.generate import seed_pair_arg
 
     return seed_pair_arg(text)
 
 
 def _report(a: argparse.Namespace) -> int:
-    from orchestrator.report import ReportError, write_report
+    from orchestrator.tools.report import ReportError, write_report
 
     try:
         r = write_report(a.run_dir, a.out, max_grids=a.max_grids)
@@ -80,7 +80,7 @@ def _report(a: argparse.Namespace) -> int:
 
 
 def _shards(a: argparse.Namespace) -> int:
-    from orchestrator.data import write_shards
+    from orchestrator.data.shards import write_shards
 
     m = write_shards(a.source, a.out, a.resolution, holdout=a.holdout, shard_size=a.shard_size,
                      channels=a.channels, seed=a.seed)
@@ -97,7 +97,7 @@ def _info(a: argparse.Namespace) -> int:
     import architectures
     from architectures.registry import count_params
     from orchestrator.config import load_config
-    from orchestrator.data import image_spec, load_manifest
+    from orchestrator.data.shards import image_spec, load_manifest
 
     cfg = load_config(a.config, a.set)
     spec = image_spec(cfg.data, load_manifest(cfg.data))
@@ -121,7 +121,7 @@ def _info(a: argparse.Namespace) -> int:
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from orchestrator.evaluator import eval_config_for, evaluate_checkpoint
+    from orchestrator.eval.evaluator import eval_config_for, evaluate_checkpoint
 
     cfg = eval_config_for(a.checkpoint, metrics=a.metrics, num_samples=a.num, seed=a.seed, batch_size=a.batch_size,
                           truncation_psi=a.truncation, feature_extractor=a.feature_extractor, weights_path=a.weights,
@@ -144,7 +144,7 @@ def _eval(a: argparse.Namespace) -> int:
 def _extractor_train(a: argparse.Namespace) -> int:
     import os
 
-    from orchestrator.feature_extractors import NAME, train_feature_extractor
+    from orchestrator.eval.extractors import NAME, train_feature_extractor
 
     holdout = a.holdout
     if holdout is None:
@@ -310,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from orchestrator.checkpoint import CheckpointError
-    from orchestrator.config import ConfigError
-    from orchestrator.data import DataError
-    from orchestrator.evaluator import EvalError
+    from core.config import ConfigError
+    from orchestrator.data.shards import DataError
+    from orchestrator.eval.evaluator import EvalError
     from orchestrator.faults import NonfiniteError
 
     try:

@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.cluster import prepare_for_workers, ray_worker, start_evaluator
+    from launch.ray_worker import prepare_for_workers, ray_worker, start_evaluator
     from orchestrator.config import ConfigError, load_config
-    from orchestrator.data import DataError
-    from orchestrator.evaluator import EvalError
+    from orchestrator.data.shards import DataError
+    from orchestrator.eval.evaluator import EvalError
     from orchestrator.faults import STOP_FILE
-    from orchestrator.train import check_batches
+    from orchestrator.train.run import check_batches
 
     try:
         cfg = load_config(a.config, a.set)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from orchestrator.config import load_config
-    from orchestrator.train import WorkerContext, train
+    from orchestrator.train.run import WorkerContext, train
 
     cfg = load_config(a.config, a.set)
     world = int(os.environ.get("WORLD_SIZE", "1"))

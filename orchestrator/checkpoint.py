@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from architectures.registry import StrictConfig
-from orchestrator.data import sha256_file
+from core.config import StrictConfig
+from orchestrator.data.shards import sha256_file
 
 STATE, CONFIG, COMPLETE, BEST = "state.pt", "config.yaml", "COMPLETE.json", "BEST"
 NAME = re.compile(r"^ckpt-(\d{9})$")

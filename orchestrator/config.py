@@ -10,32 +10,43 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Union
+from typing import Annotated, Any, Iterable, Literal, Union
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 import architectures
-from architectures.registry import REGISTRY, StrictConfig
+from architectures.registry import REGISTRY
+from core.config import ConfigError, StrictConfig
 from orchestrator.checkpoint import CheckpointConfig
-from orchestrator.cluster import RayConfig
-from orchestrator.data import DataConfig
+from orchestrator.dist.ray_config import RayConfig
+from orchestrator.data.shards import DataConfig
 from orchestrator.ema import EMAConfig
-from orchestrator.evaluator import EvalConfig
+from orchestrator.eval.evaluator import EvalConfig
 from orchestrator.faults import FaultConfig
 from orchestrator.growth import GrowthConfig
 from orchestrator.health import HealthConfig
 from orchestrator.losses import LossConfig
 from orchestrator.optim import OptimConfig
-from orchestrator.strategy import DistributedConfig
+from orchestrator.dist.strategy import DistributedConfig
 from orchestrator.tracking import TrackingConfig
-from orchestrator.train import TrainConfig
+from orchestrator.precision import PrecisionName
 
 ModelConfig = Annotated[Union[tuple(a.config for a in REGISTRY.values())], Field(discriminator="arch")]
 
 
-class ConfigError(ValueError):
-    """An invalid config; the message says where and what would be valid."""
+class TrainConfig(StrictConfig):
+    """Length, batch, seed, precision and device of a run."""
+
+    batch_size: int = Field(64, ge=1, description="global batch: images per D step, all workers together")
+    micro_batch: int | None = Field(None, ge=1, description="images per worker per forward pass (default: "
+                                    "batch_size / workers); batch_size / (workers × micro_batch) micro-batches are accumulated")
+    total_kimg: float = Field(100.0, gt=0, description="train until this many thousand real images were shown to D")
+    stop_at_step: int | None = Field(None, ge=1, description="stop early after this step, with a checkpoint (resume continues)")
+    seed: int = Field(0, description="seeds the networks' init, latents and data order")
+    precision: PrecisionName = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs CUDA; fp32 is the CPU default)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: torch's choice)")
 
 
 class JobConfig(StrictConfig):

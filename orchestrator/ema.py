@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from architectures.registry import StrictConfig
+from core.config import StrictConfig
 
 
 class EMAConfig(StrictConfig):

@@ -4,7 +4,7 @@
 reaching a torchrun or dev-mode process) or a file named ``STOP`` in the run directory (written by the
 Ray driver on SIGTERM, by the Kubernetes ``preStop`` hook, or by hand) into a request the loop reads
 between steps: every worker finishes its step, the workers agree (one all-reduce), rank 0 writes a
-checkpoint and :func:`~orchestrator.train.train` returns, so the process exits 0. A watchdog ends the
+checkpoint and :func:`~orchestrator.train.run.train` returns, so the process exits 0. A watchdog ends the
 process (exit code 75, EX_TEMPFAIL) if that has not happened ``faults.grace_s`` seconds after the
 request; the previous checkpoint is intact either way (checkpoints are written atomically).
 
@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from architectures.registry import StrictConfig
+from core.config import StrictConfig
 
 STOP_FILE = "STOP"
 GRACE_EXIT_CODE = 75

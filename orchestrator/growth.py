@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, field_validator
 
 from architectures.progan import blend_reals
-from architectures.registry import StrictConfig
+from core.config import StrictConfig
 
 
 def _is_pow2(n: int) -> bool:

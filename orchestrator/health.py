@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from pydantic import Field
 
-from architectures.registry import StrictConfig
+from core.config import StrictConfig
 
 
 class HealthConfig(StrictConfig):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from architectures.registry import StrictConfig
+from core.config import StrictConfig
 
 LossKind = Literal["minimax", "nonsaturating", "hinge", "wgan"]
 

@@ -6,7 +6,7 @@ from typing import Annotated, Iterable
 import torch
 from pydantic import Field
 
-from architectures.registry import StrictConfig
+from core.config import StrictConfig
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 

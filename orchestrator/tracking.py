@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from architectures.registry import StrictConfig
+from core.config import StrictConfig
 
 RUN_ID_FILE = "wandb_run_id"
 METRICS_FILE = "metrics.jsonl"

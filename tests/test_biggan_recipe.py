@@ -18,10 +18,10 @@ from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.ema import ema_beta
 from orchestrator.losses import LossConfig, orthogonal_penalty
 from orchestrator.optim import AdamConfig, make_adam
-from orchestrator.phases import Nets, RegState, Sampler, d_phase, g_phase, train_step
+from orchestrator.recipes.noise_to_image import Nets, RegState, Sampler, d_phase, g_phase, train_step
 from orchestrator.precision import make_precision
-from orchestrator.strategy import LocalStrategy
-from orchestrator.train import train
+from orchestrator.dist.strategy import LocalStrategy
+from orchestrator.train.run import train
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "biggan"
 TINY = dict(g_ch=4, d_ch=4, z_dim=8, shared_dim=4, attention=[16])
@@ -31,7 +31,7 @@ SPEC = ImageSpec(resolution=32, channels=1, num_classes=3)
 @pytest.fixture(scope="session")
 def digits32(tmp_path_factory) -> Path:
     """Digits at 32×32 in shards of 256, for the dev preset."""
-    from orchestrator.data import write_shards
+    from orchestrator.data.shards import write_shards
 
     out = tmp_path_factory.mktemp("digits32")
     write_shards("builtin:digits", out, resolution=32, shard_size=256)
@@ -237,7 +237,7 @@ def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits32,
     assert any(not torch.equal(late["G_ema"][k], late["G"][k]) for k in late["G"] if late["G"][k].is_floating_point())
 
     from launch.cli import main
-    from orchestrator.generate import Renderer
+    from orchestrator.tools.generate import Renderer
 
     out = tmp_path / "gen"
     assert main(["generate", str(resumed.checkpoint), "--out", str(out), "--num", "4", "--class", "3",

@@ -14,8 +14,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from architectures.registry import ImageSpec
-from orchestrator.data import (DataConfig, DataError, DataHealth, ShardLoader, ShardStream, expand_shards,
+from core.spec import ImageSpec
+from orchestrator.data.shards import (DataConfig, DataError, DataHealth, ShardLoader, ShardStream, expand_shards,
                                image_spec, load_manifest, sha256_file, write_shards)
 
 

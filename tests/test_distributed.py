@@ -16,8 +16,8 @@ import yaml
 from conftest import tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import validate_config
-from orchestrator.data import write_shards
-from orchestrator.train import train
+from orchestrator.data.shards import write_shards
+from orchestrator.train.run import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]

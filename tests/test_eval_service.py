@@ -12,10 +12,10 @@ import torch
 from conftest import tiny_config
 from orchestrator.checkpoint import list_checkpoints, load_checkpoint
 from orchestrator.config import validate_config
-from orchestrator.eval_service import EvaluatorActor
-from orchestrator.evaluator import evaluate, resolve_holdout
-from orchestrator.feature_extractors import train_feature_extractor
-from orchestrator.train import train
+from orchestrator.eval.service import EvaluatorActor
+from orchestrator.eval.evaluator import evaluate, resolve_holdout
+from orchestrator.eval.extractors import train_feature_extractor
+from orchestrator.train.run import train
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_dev_mode_evaluates_at_start_interval_and_end(digits16, extractor, tmp_p
     assert kept[-1].name == "ckpt-000000015"
     # the number is the evaluator core's, on the same weights
     G_ema = load_checkpoint(best["checkpoint"])["G_ema"]
-    from orchestrator.generate import load_generator
+    from orchestrator.tools.generate import load_generator
 
     G, _, spec = load_generator(best["checkpoint"])
     again = evaluate(G, spec, cfg.eval, resolve_holdout(cfg.eval, cfg.data))
@@ -96,7 +96,7 @@ def test_a_failed_evaluation_is_recorded_not_fatal(digits16, extractor, tmp_path
 
 
 def test_missing_extractor_weights_fail_before_training(digits16, tmp_path):
-    from orchestrator.evaluator import EvalError
+    from orchestrator.eval.evaluator import EvalError
 
     raw = eval_config(digits16, tmp_path / "nope.pt", tmp_path / "cache")
     t0 = time.perf_counter()

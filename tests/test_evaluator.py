@@ -18,13 +18,13 @@ from PIL import Image
 from webdataset import TarWriter, tariterators
 
 import architectures
-from architectures.registry import ImageSpec
+from core.spec import ImageSpec
 from conftest import tiny_config
-from orchestrator import feature_extractors
-from orchestrator.data import expand_shards, sha256_file
-from orchestrator.evaluator import (INCEPTION_ENV, INCEPTION_FILE, EvalConfig, EvalError, GeneratedImages, ShardImages,
+from orchestrator.eval import extractors
+from orchestrator.data.shards import expand_shards, sha256_file
+from orchestrator.eval.evaluator import (INCEPTION_ENV, INCEPTION_FILE, EvalConfig, EvalError, GeneratedImages, ShardImages,
                                     check_feature_extractor, evaluate, eval_config_for)
-from orchestrator.feature_extractors import DatasetCNNFeatureExtractor, train_feature_extractor
+from orchestrator.eval.extractors import DatasetCNNFeatureExtractor, train_feature_extractor
 
 GANFORGE = [str(Path(sys.executable).parent / "ganforge")]
 SPEC = ImageSpec(16, 1, 10)
@@ -140,9 +140,9 @@ def test_eval_config_fields_are_validated():
 def test_constants_agree_with_torch_fidelity():
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-    from orchestrator.evaluator import DATASET_CNN, INCEPTION_URL
+    from orchestrator.eval.evaluator import DATASET_CNN, INCEPTION_URL
 
-    assert INCEPTION_URL == URL_INCEPTION_V3 and DATASET_CNN == feature_extractors.NAME
+    assert INCEPTION_URL == URL_INCEPTION_V3 and DATASET_CNN == extractors.NAME
 
 
 def test_missing_inception_weights_fail_fast_with_what_to_do(tmp_path, monkeypatch):
@@ -374,7 +374,7 @@ def test_inception_fid_kid_equal_torch_fidelity(offline_inception, digits16, tmp
 def checkpoint(tmp_path_factory, digits16) -> Path:
     """A tiny trained run (in-process, as tests/test_train.py does)."""
     from orchestrator.config import validate_config
-    from orchestrator.train import train
+    from orchestrator.train.run import train
 
     run = tmp_path_factory.mktemp("evalrun")
     result = train(validate_config(tiny_config(digits16, train={"total_kimg": 0.064}), source="test"), run / "run")
@@ -409,7 +409,7 @@ def test_cli_eval_missing_weights_exits_2_within_seconds(checkpoint, digits16, t
 
 
 def test_eval_images_are_the_images_generate_writes(checkpoint, tmp_path):
-    from orchestrator.generate import generate, load_generator
+    from orchestrator.tools.generate import generate, load_generator
 
     G, _, spec = load_generator(checkpoint)
     ours = GeneratedImages(G, spec, 4, seed=3, batch_size=4)
@@ -425,7 +425,7 @@ def test_cli_extractor_train(digits16, tmp_path):
                        "--holdout", str(digits16 / "train-000000.tar"), "--epochs", "1", "--json").stdout)
     assert out.exists() and r["num_classes"] == 10 and r["num_train"] == 180 and r["num_holdout"] == 128
     assert 0 <= r["holdout_accuracy"] <= 1
-    assert feature_extractors.load_classifier(out).resolution == 16
+    assert extractors.load_classifier(out).resolution == 16
 
 
 @pytest.mark.parametrize("command", [["eval"], ["extractor", "train"]])

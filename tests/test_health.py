@@ -14,9 +14,9 @@ import torch
 
 from conftest import tiny_config
 from orchestrator.config import validate_config
-from orchestrator.data import ShardLoader, image_spec, load_manifest
+from orchestrator.data.shards import ShardLoader, image_spec, load_manifest
 from orchestrator.health import HealthConfig, HealthMonitor, diversity
-from orchestrator.train import train
+from orchestrator.train.run import train
 
 
 def run(shards: Path, run_dir: Path, resume: str | None = None, **sections):
@@ -176,7 +176,7 @@ def test_real_grid_has_one_row_per_class(digits16, tmp_path):
 
 
 def test_wandb_offline_run_files_and_resume(digits16, tmp_path):
-    from orchestrator.feature_extractors import train_feature_extractor
+    from orchestrator.eval.extractors import train_feature_extractor
 
     extractor = tmp_path / "dataset-cnn.pt"
     train_feature_extractor(str(digits16 / "train-*.tar"), extractor, epochs=1)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from architectures import progan as pg
 from architectures.layers import EqualizedConv2d, EqualizedLinear
-from architectures.registry import REGISTRY, ImageSpec, count_params
+from core.spec import ImageSpec
+from architectures.registry import REGISTRY, count_params
 
 torch.set_num_threads(1)
 

@@ -16,17 +16,17 @@ from PIL import Image
 
 import architectures
 from architectures import progan as pg
-from architectures.registry import ImageSpec
+from core.spec import ImageSpec
 from conftest import assert_same_nets, tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.growth import Growth, GrowthConfig
 from orchestrator.losses import LossConfig, class_loss, gradient_penalty
 from orchestrator.optim import AdamConfig, make_adam
-from orchestrator.phases import Nets, Sampler, d_phase, g_phase
+from orchestrator.recipes.noise_to_image import Nets, Sampler, d_phase, g_phase
 from orchestrator.precision import make_precision
-from orchestrator.strategy import LocalStrategy
-from orchestrator.train import train
+from orchestrator.dist.strategy import LocalStrategy
+from orchestrator.train.run import train
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs" / "progan"
@@ -184,9 +184,9 @@ def test_resume_in_the_middle_of_fade_ins_reaches_the_same_weights(digits16, tmp
 
 
 def test_generate_from_a_mid_growth_checkpoint_renders_its_level(digits16, tmp_path):
-    from orchestrator.evaluator import EvalConfig, EvalError, evaluate_checkpoint
-    from orchestrator.feature_extractors import train_feature_extractor
-    from orchestrator.generate import load_generator
+    from orchestrator.eval.evaluator import EvalConfig, EvalError, evaluate_checkpoint
+    from orchestrator.eval.extractors import train_feature_extractor
+    from orchestrator.tools.generate import load_generator
 
     result = train(validate_config(growing_config(digits16, stop_at_step=10), "a"), tmp_path / "r")
     G, _, spec = load_generator(result.checkpoint)

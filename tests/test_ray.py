@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.data import write_shards
+from orchestrator.data.shards import write_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).parents[1]
@@ -62,7 +62,7 @@ def digits32() -> Path:
     if not (out / "manifest.json").exists():
         write_shards("builtin:digits", out, resolution=32, shard_size=256)
     if not (out / "dataset-cnn.pt").exists():  # the demo config evaluates with it
-        from orchestrator.feature_extractors import train_feature_extractor
+        from orchestrator.eval.extractors import train_feature_extractor
 
         train_feature_extractor(str(out / "train-*.tar"), out / "dataset-cnn.pt", epochs=3)
     return out
@@ -159,7 +159,7 @@ def test_ray_job_stop_makes_the_workers_checkpoint_and_the_driver_exit_0(cluster
 
 
 def test_deepspeed_zero2_stylegan2_with_r1_checkpoints_and_resumes(cluster, digits32, tmp_path):
-    from orchestrator.data import write_shards as _write  # digits at 16 px for the StyleGAN2 dev preset
+    from orchestrator.data.shards import write_shards as _write  # digits at 16 px for the StyleGAN2 dev preset
 
     shards = tmp_path / "digits16"
     _write("builtin:digits", shards, resolution=16, shard_size=128)

@@ -21,8 +21,8 @@ from PIL import Image
 
 from conftest import tiny_config
 from launch.cli import main
-from orchestrator.generate import format_seeds, generate, interpolate, parse_seeds, slerp
-from orchestrator.report import ReportError, data_uri, load_metrics, pick_evenly, write_report
+from orchestrator.tools.generate import format_seeds, generate, interpolate, parse_seeds, slerp
+from orchestrator.tools.report import ReportError, data_uri, load_metrics, pick_evenly, write_report
 
 GANFORGE = [str(Path(sys.executable).parent / "ganforge")]
 
@@ -157,7 +157,7 @@ def test_interpolation_errors_say_what_to_do(ckpt, tmp_path, capsys, args, messa
 
 def test_stylegan2_interpolates_in_w_with_truncation(digits16, tmp_path):
     from orchestrator.config import load_config
-    from orchestrator.train import train
+    from orchestrator.train.run import train
 
     overrides = [f"data.shards={digits16 / 'train-*.tar'}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
                  "train.total_kimg=0.032", "train.threads=1", "model.channel_max=8", "tracking.grid_size=2"]

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from architectures import layers as L
 from architectures import stylegan2 as sg
-from architectures.registry import REGISTRY, ImageSpec, count_params
+from core.spec import ImageSpec
+from architectures.registry import REGISTRY, count_params
 
 torch.set_num_threads(1)
 

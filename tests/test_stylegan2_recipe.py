@@ -16,10 +16,10 @@ from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.losses import LossConfig, path_length_penalty
 from orchestrator.optim import AdamConfig, make_adam
-from orchestrator.phases import Nets, RegState, Sampler, d_phase, g_phase, g_pl_phase
+from orchestrator.recipes.noise_to_image import Nets, RegState, Sampler, d_phase, g_phase, g_pl_phase
 from orchestrator.precision import make_precision
-from orchestrator.strategy import LocalStrategy
-from orchestrator.train import train
+from orchestrator.dist.strategy import LocalStrategy
+from orchestrator.train.run import train
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "stylegan2"
 
@@ -121,7 +121,7 @@ def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits16,
     assert sum("reg/pl_penalty" in r for r in rows(tmp_path / "straight")) == 3
     assert sum("reg/r1" in r for r in rows(tmp_path / "straight")) == 1
 
-    from orchestrator.generate import generate, load_generator
+    from orchestrator.tools.generate import generate, load_generator
 
     paths = generate(resumed.checkpoint, tmp_path / "gen", num=4, seed=0, truncation=0.7, class_index=3)
     assert len(paths) == 5 and all(p.exists() for p in paths)

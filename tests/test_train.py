@@ -17,10 +17,10 @@ from orchestrator.config import ConfigError, validate_config
 from orchestrator.ema import EMAConfig, ema_beta, update_ema
 from orchestrator.losses import LossConfig, d_loss, g_loss, gradient_penalty, r1_penalty
 from orchestrator.optim import AdamConfig, make_adam
-from orchestrator.phases import Nets, Sampler, d_phase, g_phase
+from orchestrator.recipes.noise_to_image import Nets, Sampler, d_phase, g_phase
 from orchestrator.precision import make_precision
-from orchestrator.strategy import LocalStrategy
-from orchestrator.train import train
+from orchestrator.dist.strategy import LocalStrategy
+from orchestrator.train.run import train
 
 
 def run(shards: Path, run_dir: Path, arch: str = "dcgan", resume: str | None = None, **sections):

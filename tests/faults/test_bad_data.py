@@ -19,11 +19,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from architectures.registry import ImageSpec
+from core.spec import ImageSpec
 from conftest import tiny_config
 from orchestrator.config import validate_config
-from orchestrator.data import DataConfig, DataError, ShardLoader, ShardStream, expand_shards
-from orchestrator.train import train
+from orchestrator.data.shards import DataConfig, DataError, ShardLoader, ShardStream, expand_shards
+from orchestrator.train.run import train
 
 pytestmark = pytest.mark.faults
 
@@ -220,7 +220,7 @@ def no_steps(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a training step ran although the data is missing")
 
-    monkeypatch.setattr("orchestrator.train.train_step", refuse)
+    monkeypatch.setattr("orchestrator.train.run.train_step", refuse)
 
 
 @pytest.mark.parametrize("case", ["missing-dir", "empty-dir", "glob-typo", "empty-dir-with-manifest"])

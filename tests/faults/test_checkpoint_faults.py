@@ -17,7 +17,7 @@ import yaml
 from conftest import tiny_config
 from orchestrator.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                      save_checkpoint, verify)
-from orchestrator.data import sha256_file
+from orchestrator.data.shards import sha256_file
 
 pytestmark = pytest.mark.faults
 ROOT = Path(__file__).parents[2]

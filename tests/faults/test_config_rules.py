@@ -8,8 +8,8 @@ import pytest
 
 from conftest import tiny_config
 from orchestrator.config import ConfigError, validate_config
-from orchestrator.data import DataError, write_shards
-from orchestrator.train import WorkerContext, train
+from orchestrator.data.shards import DataError, write_shards
+from orchestrator.train.run import WorkerContext, train
 
 pytestmark = pytest.mark.faults
 

@@ -19,12 +19,12 @@ import torch
 import yaml
 
 import architectures
-from architectures.registry import ImageSpec
+from core.spec import ImageSpec
 from conftest import tiny_config
 from orchestrator.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_into
 from orchestrator.config import validate_config
-from orchestrator.generate import load_generator
-from orchestrator.train import train
+from orchestrator.tools.generate import load_generator
+from orchestrator.train.run import train
 
 pytestmark = pytest.mark.faults
 

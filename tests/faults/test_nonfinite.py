@@ -15,7 +15,7 @@ from conftest import tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import validate_config
 from orchestrator.faults import NonfiniteError
-from orchestrator.train import train
+from orchestrator.train.run import train
 
 pytestmark = pytest.mark.faults
 

@@ -18,7 +18,7 @@ from conftest import assert_same_nets, tiny_config
 from orchestrator.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from orchestrator.config import validate_config
 from orchestrator.faults import GRACE_EXIT_CODE, STOP_FILE
-from orchestrator.train import train
+from orchestrator.train.run import train
 
 pytestmark = pytest.mark.faults
 ROOT = Path(__file__).parents[2]

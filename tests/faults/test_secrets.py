@@ -17,7 +17,7 @@ import yaml
 
 from conftest import tiny_config
 from orchestrator.config import validate_config
-from orchestrator.train import train
+from orchestrator.train.run import train
 
 pytestmark = pytest.mark.faults
 

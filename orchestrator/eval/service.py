@@ -34,8 +34,8 @@ class Evaluator:
     def __init__(self, config_yaml: str, run_dir: str):
         import architectures
         from orchestrator.config import config_from_yaml_text
-        from orchestrator.data import image_spec, load_manifest
-        from orchestrator.evaluator import check_feature_extractor, resolve_holdout
+        from orchestrator.data.shards import image_spec, load_manifest
+        from orchestrator.eval.evaluator import check_feature_extractor, resolve_holdout
 
         cfg = config_from_yaml_text(config_yaml, "the evaluator's config")
         self.cfg, self.run_dir = cfg.eval, Path(run_dir)
@@ -47,7 +47,7 @@ class Evaluator:
 
     def evaluate(self, step: int, kimg: float, g_ema_state: dict, checkpoint: str | None = None) -> dict:
         """Evaluate one set of G_ema weights now; append and return the result row."""
-        from orchestrator.evaluator import evaluate
+        from orchestrator.eval.evaluator import evaluate
 
         started = time.time()
         self.G.load_state_dict(g_ema_state)

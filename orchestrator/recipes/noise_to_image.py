@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from orchestrator.data import Batch
+from orchestrator.data.shards import Batch
 from orchestrator.losses import (LossConfig, class_loss, d_loss, g_loss, gradient_penalty, orthogonal_penalty,
                                  path_length_penalty, r1_penalty)
 

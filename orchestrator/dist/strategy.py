@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from architectures.registry import StrictConfig
+from core.config import StrictConfig
 from orchestrator.precision import Precision, make_precision
 
 StrategyName = Literal["single", "ddp", "deepspeed"]

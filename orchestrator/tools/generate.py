@@ -23,10 +23,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 import architectures
-from architectures.registry import ImageSpec
+from core.spec import ImageSpec
 from orchestrator.checkpoint import load_checkpoint, load_into
-from orchestrator.config import ConfigError, config_from_yaml_text
-from orchestrator.data import image_spec, load_manifest
+from core.config import ConfigError
+from orchestrator.config import config_from_yaml_text
+from orchestrator.data.shards import image_spec, load_manifest
 
 SYNTHETIC_KEY = "ganforge:synthetic"
 # IPTC NewsCodes "digital source type" for media created by a trained generative model: the standard,

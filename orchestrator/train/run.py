@@ -24,36 +24,21 @@ import torch.distributed as dist
 from pydantic import Field
 
 import architectures
-from architectures.registry import StrictConfig
+from core.config import StrictConfig
+from orchestrator.config import JobConfig
 from orchestrator.checkpoint import (CheckpointError, checkpoint_dir, latest_checkpoint, list_checkpoints,
                                      load_checkpoint, load_into, mark_best, save_checkpoint)
-from orchestrator.data import ShardLoader, image_spec, load_manifest
+from orchestrator.data.shards import ShardLoader, image_spec, load_manifest
 from orchestrator.ema import ema_beta, make_ema, update_ema
 from orchestrator.faults import FaultState, NonfiniteError, StopRequest
 from orchestrator.growth import Growth
 from orchestrator.health import HealthMonitor
 from orchestrator.optim import lazy_ratio, make_adam
-from orchestrator.phases import Nets, RegState, Sampler, has_mapping, train_step
+from orchestrator.recipes.noise_to_image import Nets, RegState, Sampler, has_mapping, train_step
 from orchestrator.precision import PrecisionName
-from orchestrator.strategy import make_strategy
+from orchestrator.dist.strategy import make_strategy
 from orchestrator.tracking import Tracker, peak_memory_mb
 
-if TYPE_CHECKING:
-    from orchestrator.config import JobConfig
-
-
-class TrainConfig(StrictConfig):
-    """Length, batch, seed, precision and device of a run."""
-
-    batch_size: int = Field(64, ge=1, description="global batch: images per D step, all workers together")
-    micro_batch: int | None = Field(None, ge=1, description="images per worker per forward pass (default: "
-                                    "batch_size / workers); batch_size / (workers × micro_batch) micro-batches are accumulated")
-    total_kimg: float = Field(100.0, gt=0, description="train until this many thousand real images were shown to D")
-    stop_at_step: int | None = Field(None, ge=1, description="stop early after this step, with a checkpoint (resume continues)")
-    seed: int = Field(0, description="seeds the networks' init, latents and data order")
-    precision: PrecisionName = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs CUDA; fp32 is the CPU default)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: torch's choice)")
 
 
 @dataclass
@@ -93,7 +78,7 @@ class TrainResult:
 
 
 def resolve_device(name: str, precision: str, local_rank: int = 0) -> torch.device:
-    from orchestrator.config import ConfigError
+    from core.config import ConfigError
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,7 +93,7 @@ def resolve_device(name: str, precision: str, local_rank: int = 0) -> torch.devi
 def batch_split(batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
     """``(micro_batch, micro_batches_per_step)`` of one worker for a global ``batch`` (``train.batch_size``
     or the growth level's); ``micro_batch`` (``train.micro_batch``) caps the images per forward pass."""
-    from orchestrator.config import ConfigError
+    from core.config import ConfigError
 
     micro = min(micro_batch, batch // world_size) if micro_batch else batch // world_size
     if micro < 1 or batch % (world_size * micro):
@@ -139,7 +124,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 def check_recipe(cfg: JobConfig, G, D) -> None:
     """Recipe settings the networks cannot honour are config errors, raised before training starts."""
-    from orchestrator.config import ConfigError
+    from core.config import ConfigError
 
     progressive = hasattr(G, "set_lod")
     if cfg.growth != type(cfg.growth)() and not progressive:
@@ -291,7 +276,7 @@ def _mean_across_ranks(stats: dict[str, torch.Tensor], ctx: WorkerContext) -> di
 
 def make_eval_client(cfg: JobConfig, ctx: WorkerContext, run_dir: Path, config_yaml: str, note):
     """Rank 0's evaluator: the named Ray actor when the launcher made one, else one in this process."""
-    from orchestrator.eval_service import NAMESPACE, EvalClient, Evaluator
+    from orchestrator.eval.service import NAMESPACE, EvalClient, Evaluator
 
     if ctx.evaluator:
         import ray
@@ -322,7 +307,7 @@ def _any_rank(flag: bool, ctx: WorkerContext, device: torch.device) -> bool:
 
 def ensure_writable(run_dir: Path) -> None:
     """Create the run directory and prove it takes a file, before any work starts."""
-    from orchestrator.config import ConfigError
+    from core.config import ConfigError
 
     probe = run_dir / f".write-test-{os.getpid()}"
     try:
@@ -341,7 +326,7 @@ def _barrier(ctx: WorkerContext) -> None:
 
 def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: WorkerContext | None = None) -> TrainResult:
     """Train (or continue training) the GAN described by ``cfg`` in ``run_dir``, as worker ``ctx``."""
-    from orchestrator.config import ConfigError
+    from core.config import ConfigError
 
     ctx = ctx or WorkerContext()
     lead = ctx.rank == 0

@@ -35,7 +35,8 @@ from PIL import Image
 from pydantic import Field
 from webdataset import filters, shardlists, tariterators
 
-from architectures.registry import ImageSpec, StrictConfig
+from core.config import StrictConfig
+from core.spec import ImageSpec
 
 MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -285,7 +286,8 @@ def image_spec(cfg: DataConfig, manifest: dict | None) -> ImageSpec:
         if values[key] is None:
             raise DataError(f"data.{key} is unknown: no manifest.json beside {cfg.shards!r}; "
                             f"set data.manifest or data.{key}")
-    return ImageSpec(values["resolution"], values["channels"], values["num_classes"] or 0)
+    names = tuple((manifest or {}).get("class_names") or ())
+    return ImageSpec(values["resolution"], values["channels"], values["num_classes"] or 0, names)
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Training on a Ray cluster: the ``ray`` config section and the function each Ray Train worker runs.
+"""Training on a Ray cluster: the checks the driver makes, the evaluator actor it starts, and the function
+each Ray Train worker runs.
 
-The driver (``launch/ray_job.py``) builds a ``TorchTrainer`` from :class:`RayConfig`; every worker
+The driver (``launch/ray_job.py``) builds a ``TorchTrainer`` from the ``ray`` config section; every worker
 runs :func:`ray_worker`, which is the dev-mode loop with a :class:`WorkerContext` whose ``report``
 hands each new checkpoint to ``ray.train.report`` and whose ``restore_from`` is the newest of Ray's
 checkpoint (after a worker-group restart) and the run directory's (after a driver restart).
@@ -11,31 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from pydantic import Field
-
-from architectures.registry import StrictConfig
-
-
-class RayConfig(StrictConfig):
-    """The Ray Train worker group and run settings (used by ``python -m launch.ray_job``)."""
-
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves (below 1 leaves room for the "
-                                   "evaluator on small machines)")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each worker reserves (0: CPU training with gloo)")
-    resources_per_worker: dict[str, float] = Field({}, description="extra custom resources per worker")
-    name: str | None = Field(None, description="Ray Train run name (default: the run directory's name)")
-    storage_path: str | None = Field(None, description="where Ray keeps reported checkpoints: a local path or a "
-                                     "cloud URI such as s3://bucket/ganforge (default: RUN_DIR/ray)")
-    max_failures: int = Field(3, ge=-1, description="worker-group restarts after a failure (-1: unlimited)")
-    num_to_keep: int = Field(2, ge=1, description="checkpoints Ray keeps in its storage")
-
 
 def prepare_for_workers(cfg) -> None:
     """Check, on the driver, what would otherwise fail on every worker and every restart, and make file
     paths absolute: Ray Train workers do not run in the job's working directory."""
-    from orchestrator.data import expand_shards
-    from orchestrator.strategy import deepspeed_config
+    from orchestrator.data.shards import expand_shards
+    from orchestrator.dist.strategy import deepspeed_config
 
     local = lambda p: not (p.startswith("pipe:") or "://" in p)
     if local(cfg.data.shards) and not os.path.isabs(cfg.data.shards):
@@ -49,7 +31,7 @@ def prepare_for_workers(cfg) -> None:
         cfg.distributed.deepspeed_config = str(Path(cfg.distributed.deepspeed_config).resolve())
         deepspeed_config(cfg.distributed, cfg.train.precision, 1, 1, 1)  # readable?
     if cfg.eval.enabled:
-        from orchestrator.evaluator import check_feature_extractor
+        from orchestrator.eval.evaluator import check_feature_extractor
 
         for key in ("weights_path", "holdout"):
             value = getattr(cfg.eval, key)
@@ -63,7 +45,7 @@ def start_evaluator(cfg, run_dir: Path):
     and handle. The caller must hold the handle while training runs: Ray ends an actor with its last handle."""
     import ray
 
-    from orchestrator.eval_service import NAMESPACE, EvaluatorActor, actor_name
+    from orchestrator.eval.service import NAMESPACE, EvaluatorActor, actor_name
 
     name = actor_name(run_dir)
     try:
@@ -90,7 +72,7 @@ def ray_worker(loop_config: dict) -> None:
 
     from orchestrator.checkpoint import latest_checkpoint
     from orchestrator.config import config_from_yaml_text
-    from orchestrator.train import WorkerContext, train
+    from orchestrator.train.run import WorkerContext, train
 
     cfg = config_from_yaml_text(loop_config["config_yaml"], "the ray job's config")
     run_dir = Path(loop_config["run_dir"])

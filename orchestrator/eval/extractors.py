@@ -27,8 +27,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from webdataset import tariterators
 
-from architectures.registry import ImageSpec
-from orchestrator.data import DataConfig, DataError, decode_sample, expand_shards, image_spec, load_manifest
+from core.spec import ImageSpec
+from orchestrator.data.shards import DataConfig, DataError, decode_sample, expand_shards, image_spec, load_manifest
 
 NAME = "dataset-cnn"
 

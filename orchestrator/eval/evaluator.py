@@ -35,8 +35,9 @@ from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 from webdataset import tariterators
 
-from architectures.registry import ImageSpec, StrictConfig
-from orchestrator.data import DataConfig, DataError, decode_sample, expand_shards, sha256_file
+from core.config import StrictConfig
+from core.spec import ImageSpec
+from orchestrator.data.shards import DataConfig, DataError, decode_sample, expand_shards, sha256_file
 
 # torch-fidelity (and torchvision, which it imports) is imported where it is used: importing this
 # module, e.g. for EvalConfig, stays cheap.
@@ -47,7 +48,7 @@ INCEPTION_ENV = "GANFORGE_INCEPTION_WEIGHTS"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[-1]
-DATASET_CNN = "dataset-cnn"  # orchestrator.feature_extractors.NAME
+DATASET_CNN = "dataset-cnn"  # orchestrator.eval.extractors.NAME
 CACHE_KEY_VERSION = 1
 
 Metric = Literal["fid", "kid", "isc", "prc"]
@@ -164,7 +165,7 @@ def check_feature_extractor(cfg: EvalConfig) -> ExtractorWeights:
     is missing or is not the right kind of file. Loads tensors only (``weights_only=True``), so a
     file that would run code when torch-fidelity unpickles it is refused here.
     """
-    from orchestrator import feature_extractors  # registers dataset-cnn with torch-fidelity
+    from orchestrator.eval import extractors  # registers dataset-cnn with torch-fidelity
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     name = cfg.feature_extractor
@@ -184,14 +185,14 @@ def check_feature_extractor(cfg: EvalConfig) -> ExtractorWeights:
         if not ok:
             raise EvalError(f"{source}: {path} is not torch-fidelity's Inception weights (a state_dict of "
                             f"FeatureExtractorInceptionV3, {INCEPTION_FILE}). {_inception_howto()}")
-    elif name == feature_extractors.NAME:
+    elif name == extractors.NAME:
         howto = (f"train it once with `ganforge extractor train --data 'DIR/train-*.tar' --out DIR/{name}.pt` "
                  f"and pass --weights DIR/{name}.pt (eval.weights_path)")
         _require_file(path, source, f"eval.weights_path is not set: the {name} feature extractor is a classifier "
                       f"trained on the data set's train split; {howto}",
                       f"the {name} feature extractor needs its weights there; {howto}")
         try:
-            feature_extractors.load_classifier(path)
+            extractors.load_classifier(path)
         except ValueError as e:
             raise EvalError(f"{source}: {e}") from None
     else:
@@ -331,7 +332,7 @@ class ShardImages(Dataset):
     """Images of shards as uint8 ``3×H×W``, in shard order (the first ``limit`` of them).
 
     Nothing is read until the length or an image is asked for; then the encoded samples are held in
-    memory and decoded (with :func:`~orchestrator.data.decode_sample`) one at a time. ``reads``
+    memory and decoded (with :func:`~orchestrator.data.shards.decode_sample`) one at a time. ``reads``
     counts images handed out: 0 after an evaluation means torch-fidelity took the held-out
     features from its cache.
     """
@@ -468,7 +469,7 @@ def evaluate(G: torch.nn.Module, spec: ImageSpec, cfg: EvalConfig, holdout_urls:
     """
     import torch_fidelity
 
-    from orchestrator import feature_extractors  # noqa: F401 - registers dataset-cnn with torch-fidelity
+    from orchestrator.eval import extractors  # noqa: F401 - registers dataset-cnn with torch-fidelity
 
     t0 = time.perf_counter()
     extractor = extractor or check_feature_extractor(cfg)
@@ -529,8 +530,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig, holdout: str | 
 
     The weights are checked before anything else is loaded, so a missing file fails in seconds.
     """
-    from orchestrator.data import load_manifest
-    from orchestrator.generate import load_generator
+    from orchestrator.data.shards import load_manifest
+    from orchestrator.tools.generate import load_generator
 
     extractor = check_feature_extractor(cfg)
     G, job, spec = load_generator(checkpoint, device)
