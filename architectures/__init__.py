@@ -3,7 +3,7 @@ from architectures import dcgan, mlp  # noqa: F401  (each module registers its f
 from architectures import biggan  # noqa: F401
 from architectures import stylegan2  # noqa: F401
 from architectures import progan  # noqa: F401
-from architectures.registry import REGISTRY, Architecture, ArchConfig, count_params, get
+from architectures.registry import REGISTRY, Architecture, ArchConfig, Capabilities, count_params, get
 from core.spec import ImageSpec
 
 __all__ = ["REGISTRY", "Architecture", "ArchConfig", "ImageSpec", "count_params", "get"]

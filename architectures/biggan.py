@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch.nn.utils.parametrizations import spectral_norm
 
-from architectures.registry import Architecture, ArchConfig, ImageSpec, register
+from core.spec import ImageSpec
+from architectures.registry import Architecture, ArchConfig, Capabilities, register
 
 
 class BigGANConfig(ArchConfig):
@@ -364,4 +365,5 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
 
 
-register(Architecture("biggan", BigGANConfig, BigGANGenerator, BigGANDiscriminator))
+register(Architecture("biggan", BigGANConfig, BigGANGenerator, BigGANDiscriminator,
+                           Capabilities(ortho_parameters=True, truncation="resample")))

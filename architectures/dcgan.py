@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from architectures.registry import Architecture, ArchConfig, ImageSpec, register
+from core.spec import ImageSpec
+from architectures.registry import Architecture, ArchConfig, register
 
 
 class DCGANConfig(ArchConfig):

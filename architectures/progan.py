@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from architectures.layers import EqualizedConv2d, EqualizedLinear, bias_act, minibatch_stddev, normalize_2nd_moment
-from architectures.registry import Architecture, ArchConfig, ImageSpec, count_params, register
+from core.spec import ImageSpec
+from architectures.registry import Architecture, ArchConfig, Capabilities, count_params, register
 
 SQRT2 = math.sqrt(2)
 
@@ -407,4 +408,5 @@ def build_discriminator(cfg: ProGANConfig, spec: ImageSpec) -> Discriminator:
     return D
 
 
-register(Architecture("progan", ProGANConfig, build_generator, build_discriminator))
+register(Architecture("progan", ProGANConfig, build_generator, build_discriminator,
+                           Capabilities(growth=True, class_logits=True)))

@@ -15,7 +15,7 @@ Network contract (what the training loop relies on):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch.nn as nn
 
@@ -28,13 +28,43 @@ class ArchConfig(StrictConfig):
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a family's networks offer beyond ``G(z, c)`` and ``D(img, c)``, declared once so that the
+    training loop and the tools never probe for attributes.
+
+    * ``mapping``: G is ``G.mapping(z, c, truncation_psi=…)`` + ``G.synthesis(ws)`` with
+      ``G.mapping_with_style_mixing`` (style mixing, path length regularization, ``--space w``).
+    * ``growth``: G and D grow by levels of detail: ``net.set_lod(resolution, alpha)``, ``G.start_resolution``,
+      ``net.current_resolution``.
+    * ``ortho_parameters``: ``G.ortho_parameters()`` names the weights of orthogonal regularization.
+    * ``class_logits``: a conditional D returns auxiliary class logits with ``D(img, c, return_class_logits=True)``
+      (AC-GAN); such a D learns labels only through that term.
+    * ``reduced_dtype``: G and D choose per-block precision through a ``reduced_dtype`` attribute instead of
+      running under autocast.
+    * ``noise_inputs``: G takes per-layer noise and ``G(z, c, noise_mode="const")`` makes it fixed.
+    * ``truncation``: ``"psi"`` (``G(z, c, truncation_psi=ψ)``), ``"resample"`` (``G.truncated_latents(n, θ)``)
+      or ``None``.
+    """
+
+    mapping: bool = False
+    growth: bool = False
+    ortho_parameters: bool = False
+    class_logits: bool = False
+    reduced_dtype: bool = False
+    noise_inputs: bool = False
+    truncation: Literal["psi", "resample"] | None = None
+
+
+@dataclass(frozen=True)
 class Architecture:
-    """A GAN family: its config type and how to build G and D from a config and an image spec."""
+    """A GAN family: its config type, how to build G and D from a config and an image spec, and what its
+    networks can do."""
 
     name: str
     config: type[ArchConfig]
     build_generator: Callable[[ArchConfig, ImageSpec], nn.Module]
     build_discriminator: Callable[[ArchConfig, ImageSpec], nn.Module]
+    capabilities: Capabilities = Capabilities()
 
 
 REGISTRY: dict[str, Architecture] = {}

@@ -45,7 +45,8 @@ from architectures.layers import (
     setup_filter,
     upsample2d,
 )
-from architectures.registry import Architecture, ArchConfig, ImageSpec, register
+from core.spec import ImageSpec
+from architectures.registry import Architecture, ArchConfig, Capabilities, register
 
 FIR_FILTER = (1, 3, 3, 1)
 Arch = Literal["orig", "skip", "resnet"]
@@ -640,4 +641,5 @@ def build_discriminator(cfg: StyleGAN2Config, spec: ImageSpec) -> Discriminator:
                          mbstd_group_size=cfg.mbstd_group_size, mbstd_num_channels=cfg.mbstd_num_channels)
 
 
-register(Architecture("stylegan2", StyleGAN2Config, build_generator, build_discriminator))
+register(Architecture("stylegan2", StyleGAN2Config, build_generator, build_discriminator,
+                           Capabilities(mapping=True, reduced_dtype=True, noise_inputs=True, truncation="psi")))

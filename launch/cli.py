@@ -23,12 +23,10 @@ def _train(a: argparse.Namespace) -> int:
     print(f"  sample grid: {result.grid}")
     print(f"  config:      {result.config}")
     print(f"  W&B run:     {result.wandb_dir or 'disabled'}")
-    evals = run_dir / "eval.jsonl"
-    if evals.exists():
-        rows = [json.loads(line) for line in evals.read_text().splitlines() if '"eval/fid"' in line]
-        if rows:
-            print(f"  FID ({rows[0]['feature_extractor']} features, held-out data): {rows[0]['eval/fid']:.1f} at step "
-                  f"{rows[0]['step']}, {rows[-1]['eval/fid']:.1f} at step {rows[-1]['step']}; all in {evals}")
+    rows = [row for row in result.evaluations if "eval/fid" in row]  # this run's line, not abandoned branches
+    if rows:
+        print(f"  FID ({rows[0]['feature_extractor']} features, held-out data): {rows[0]['eval/fid']:.1f} at step "
+              f"{rows[0]['step']}, {rows[-1]['eval/fid']:.1f} at step {rows[-1]['step']}; all in {run_dir / 'eval.jsonl'}")
     return 0
 
 

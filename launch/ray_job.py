@@ -38,26 +38,30 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.data.shards import DataError
     from orchestrator.eval.evaluator import EvalError
     from orchestrator.faults import STOP_FILE
-    from orchestrator.train.run import check_batches
+    from orchestrator.data.shards import image_spec, load_manifest
+    from orchestrator.train.preflight import check_batches
 
     try:
         cfg = load_config(a.config, a.set)
         prepare_for_workers(cfg)
         check_batches(cfg, cfg.ray.num_workers)
+        spec = image_spec(cfg.data, load_manifest(cfg.data))
     except (ConfigError, DataError, EvalError, FileNotFoundError) as e:
         print(f"launch.ray_job: error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(a.run_dir).resolve() if a.run_dir else default_run_dir(a.config)
     r = cfg.ray
     if cfg.distributed.strategy == "single" and r.num_workers > 1:
-        cfg.distributed.strategy = "ddp"  # several workers need a synchronising strategy
+        print(f"ganforge: distributed.strategy is single but ray.num_workers is {r.num_workers}: the workers train "
+              f"with ddp (set distributed.strategy: ddp or deepspeed to choose)", flush=True)
+        cfg.distributed.strategy = "ddp"
     ray.init()  # inside `ray job submit`: the cluster that runs the job
-    evaluator, evaluator_handle = start_evaluator(cfg, run_dir) if cfg.eval.enabled else (None, None)
+    evaluator, evaluator_handle = start_evaluator(cfg, spec, run_dir) if cfg.eval.enabled else (None, None)
     use_gpu = r.gpus_per_worker > 0
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {}), **r.resources_per_worker}
     trainer = TorchTrainer(
         ray_worker,
-        train_loop_config={"config_yaml": cfg.to_yaml(), "run_dir": str(run_dir), "evaluator": evaluator},
+        train_loop_config={"config": cfg, "run_dir": str(run_dir), "evaluator": evaluator},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=r.name or run_dir.name, storage_path=r.storage_path or str(run_dir / "ray"),

@@ -8,7 +8,6 @@ checkpoint (after a worker-group restart) and the run directory's (after a drive
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ def prepare_for_workers(cfg) -> None:
     """Check, on the driver, what would otherwise fail on every worker and every restart, and make file
     paths absolute: Ray Train workers do not run in the job's working directory."""
     from orchestrator.data.shards import expand_shards
-    from orchestrator.dist.strategy import deepspeed_config
+    from orchestrator.dist.deepspeed import deepspeed_config
 
     local = lambda p: not (p.startswith("pipe:") or "://" in p)
     if local(cfg.data.shards) and not os.path.isabs(cfg.data.shards):
@@ -40,12 +39,13 @@ def prepare_for_workers(cfg) -> None:
         check_feature_extractor(cfg.eval)  # missing weights fail here, in seconds, not in the actor
 
 
-def start_evaluator(cfg, run_dir: Path):
+def start_evaluator(cfg, spec, run_dir: Path):
     """Start the evaluator actor with its own resources (restarted by Ray if it dies); returns its name
     and handle. The caller must hold the handle while training runs: Ray ends an actor with its last handle."""
     import ray
 
     from orchestrator.eval.service import NAMESPACE, EvaluatorActor, actor_name
+    from orchestrator.train.monitor import evaluation_job
 
     name = actor_name(run_dir)
     try:
@@ -55,26 +55,19 @@ def start_evaluator(cfg, run_dir: Path):
     actor = ray.remote(EvaluatorActor).options(name=name, namespace=NAMESPACE, num_cpus=cfg.eval.cpus,
                                                num_gpus=cfg.eval.gpus, resources=cfg.eval.resources, max_restarts=-1,
                                                max_concurrency=4
-                                               ).remote(cfg.to_yaml(), str(run_dir))
+                                               ).remote(evaluation_job(cfg, spec), str(run_dir))
     ray.get(actor.status.remote())  # fails now if the actor cannot start
     return name, actor
-
-
-def _step_of(path: Path | None) -> int:
-    if path is None or not (path / "COMPLETE.json").exists():
-        return -1
-    return json.loads((path / "COMPLETE.json").read_text())["step"]
 
 
 def ray_worker(loop_config: dict) -> None:
     """The Ray Train worker function: restore if there is something to restore, then train."""
     import ray.train
 
-    from orchestrator.checkpoint import latest_checkpoint
-    from orchestrator.config import config_from_yaml_text
+    from orchestrator.checkpoint import checkpoint_step, latest_checkpoint
     from orchestrator.train.run import WorkerContext, train
 
-    cfg = config_from_yaml_text(loop_config["config_yaml"], "the ray job's config")
+    cfg = loop_config["config"]
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
 
@@ -95,5 +88,5 @@ def ray_worker(loop_config: dict) -> None:
         train(cfg, run_dir, resume="auto", ctx=ctx)
         return
     with ray_ckpt.as_directory() as directory:  # the newer of Ray's and the run directory's
-        ctx.restore_from = Path(directory) if _step_of(Path(directory)) >= _step_of(local) else local
+        ctx.restore_from = Path(directory) if checkpoint_step(Path(directory)) >= checkpoint_step(local) else local
         train(cfg, run_dir, resume="auto", ctx=ctx)

@@ -15,15 +15,20 @@ import re
 import shutil
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import Field
 
+import architectures
+from architectures.registry import Architecture, ArchConfig
 from core.config import StrictConfig
+from core.spec import ImageSpec
 from orchestrator.data.shards import sha256_file
 
 STATE, CONFIG, COMPLETE, BEST = "state.pt", "config.yaml", "COMPLETE.json", "BEST"
+META = "meta"  # the state entry that describes the run (see Checkpoint)
 NAME = re.compile(r"^ckpt-(\d{9})$")
 
 
@@ -161,6 +166,13 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"{f} is missing or does not match its checksum in {COMPLETE}: truncated or altered")
 
 
+def checkpoint_step(path: Path | None) -> int:
+    """The step a complete checkpoint was written at (-1 for None or an incomplete one)."""
+    if path is None or not (Path(path) / COMPLETE).exists():
+        return -1
+    return int(json.loads((Path(path) / COMPLETE).read_text())["step"])
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint whose checksums verify, skipping (and naming) broken ones."""
     for path in reversed(list_checkpoints(run_dir)):
@@ -200,3 +212,105 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str
         raise CheckpointError(f"{what} in the checkpoint does not fit this config's network: "
                               + "; ".join(p for p in parts if p) + " (another architecture or config?)")
     module.load_state_dict(state)
+
+
+class StateRegistry:
+    """Everything that must survive a restart, each registered once under its name (an object with
+    ``state_dict`` / ``load_state_dict``). The checkpoint writer saves exactly :meth:`state_dict`; the one
+    reader restores exactly what was registered, and a checkpoint missing a piece is an error naming it."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Any] = {}
+
+    def register(self, name: str, obj: Any) -> None:
+        """Add ``obj`` under ``name`` (names are unique)."""
+        if name in self._items:
+            raise ValueError(f"state {name!r} is registered twice")
+        self._items[name] = obj
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every registered object's state (a collective call when an object gathers across ranks)."""
+        return {name: obj.state_dict() for name, obj in self._items.items()}
+
+    def load_state_dict(self, states: dict[str, Any], source: Path) -> None:
+        """Restore every registered object from ``states`` (read from checkpoint ``source``)."""
+        missing = [name for name in self._items if name not in states]
+        if missing:
+            raise CheckpointError(f"{source} holds no state for {missing}: it was written by another recipe, "
+                                  f"strategy or ganforge version than this run's")
+        for name, obj in self._items.items():
+            obj.load_state_dict(states[name])
+
+
+class ModuleState:
+    """A network in the state registry: its raw module's state dict, loaded with a readable mismatch error."""
+
+    def __init__(self, module: torch.nn.Module, name: str):
+        self.module, self.name = module, name
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        load_into(self.module, state, self.name)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint read back: its directory, the registered states, and ``meta`` (what the run
+    was: image spec, model, recipe, config), which makes it usable without the training data."""
+
+    path: Path
+    states: dict[str, Any]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.states[META]
+
+    @property
+    def spec(self) -> ImageSpec:
+        return ImageSpec.from_dict(self.meta["spec"])
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """The one checkpoint reader: verify, load (``weights_only=True``) and check that it carries ``meta``."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    states = load_checkpoint(path, map_location)
+    if not isinstance(states.get(META), dict) or "spec" not in states[META]:
+        raise CheckpointError(f"{path} carries no run description ({META!r}): it was written by an older ganforge; "
+                              f"resume or sample it with that version")
+    return Checkpoint(path, states)
+
+
+@dataclass
+class LoadedGenerator:
+    """A checkpoint's sampling network, ready to run, and what it was trained as."""
+
+    G: torch.nn.Module
+    arch: Architecture
+    model: ArchConfig
+    spec: ImageSpec
+    checkpoint: Checkpoint
+
+    @property
+    def progress(self) -> dict:
+        return self.checkpoint.states.get("progress", {})
+
+
+def load_generator(path: str | Path, device: torch.device | str = "cpu") -> LoadedGenerator:
+    """The generator samples come from (G_ema) of a checkpoint, built from the description it carries (no data,
+    no config file needed), at the level of detail it had reached, in eval mode without gradients."""
+    ckpt = read_checkpoint(path, map_location=device)
+    meta = ckpt.meta
+    arch = architectures.get(meta["arch"])
+    model = arch.config.model_validate(meta["model"])
+    G = arch.build_generator(model, ckpt.spec).to(device)
+    load_into(G, ckpt.states[meta["generator"]], meta["generator"])
+    if meta.get("level") and arch.capabilities.growth:
+        G.set_lod(*meta["level"])
+    return LoadedGenerator(G.eval().requires_grad_(False), arch, model, ckpt.spec, ckpt)

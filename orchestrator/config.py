@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 import architectures
 from architectures.registry import REGISTRY
@@ -26,11 +26,13 @@ from orchestrator.eval.evaluator import EvalConfig
 from orchestrator.faults import FaultConfig
 from orchestrator.growth import GrowthConfig
 from orchestrator.health import HealthConfig
+from orchestrator import recipes  # noqa: F401  (registers the built-in recipes)
 from orchestrator.losses import LossConfig
 from orchestrator.optim import OptimConfig
 from orchestrator.dist.strategy import DistributedConfig
 from orchestrator.tracking import TrackingConfig
 from orchestrator.precision import PrecisionName
+from orchestrator.recipes.recipe import RECIPES
 
 ModelConfig = Annotated[Union[tuple(a.config for a in REGISTRY.values())], Field(discriminator="arch")]
 
@@ -47,6 +49,15 @@ class TrainConfig(StrictConfig):
     precision: PrecisionName = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs CUDA; fp32 is the CPU default)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: torch's choice)")
+    recipe: str = Field("noise_to_image", description="the GAN kind's recipe: its networks and phases "
+                        "(orchestrator/recipes/; noise_to_image trains every family in architectures/)")
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, v: str) -> str:
+        if v not in RECIPES:
+            raise ValueError(f"unknown recipe {v!r}; known: {', '.join(sorted(RECIPES))}")
+        return v
 
 
 class JobConfig(StrictConfig):

@@ -4,7 +4,7 @@
 reaching a torchrun or dev-mode process) or a file named ``STOP`` in the run directory (written by the
 Ray driver on SIGTERM, by the Kubernetes ``preStop`` hook, or by hand) into a request the loop reads
 between steps: every worker finishes its step, the workers agree (one all-reduce), rank 0 writes a
-checkpoint and :func:`~orchestrator.train.run.train` returns, so the process exits 0. A watchdog ends the
+checkpoint and the Run's ``train()`` returns, so the process exits 0. A watchdog ends the
 process (exit code 75, EX_TEMPFAIL) if that has not happened ``faults.grace_s`` seconds after the
 request; the previous checkpoint is intact either way (checkpoints are written atomically).
 
@@ -69,6 +69,49 @@ class FaultState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+class FaultGuard:
+    """The policy for non-finite steps, and its state: count skipped updates, and say when the run must
+    roll back (``faults.nonfinite_patience`` bad steps in a row) or stop."""
+
+    def __init__(self, cfg: FaultConfig):
+        self.cfg, self.state = cfg, FaultState()
+
+    def record(self, skipped: int) -> bool:
+        """Count a step's skipped updates; True when a rollback is due."""
+        self.state.consecutive = self.state.consecutive + 1 if skipped else 0
+        self.state.skipped_steps += bool(skipped)
+        return self.state.consecutive >= self.cfg.nonfinite_patience
+
+    def check_rollback(self, step: int, target: Path | None) -> str:
+        """Why the run rolls back (a sentence), or :class:`NonfiniteError` when it must stop instead."""
+        why = f"{self.state.consecutive} consecutive steps with NaN/Inf gradients at step {step}"
+        reason = ("faults.on_nonfinite is stop" if self.cfg.on_nonfinite == "stop" else
+                  "no checkpoint to roll back to" if target is None else
+                  f"faults.max_rollbacks ({self.cfg.max_rollbacks}) reached"
+                  if self.state.rollbacks >= self.cfg.max_rollbacks else None)
+        if reason:
+            raise NonfiniteError(f"{why}; {reason}. Lower optim.*.lr, use train.precision fp32, or raise "
+                                 f"faults.nonfinite_patience")
+        return why
+
+    def rolled_back(self) -> None:
+        """After the restore (which keeps this guard's own state): lower the learning rates, maybe fall back to
+        fp32, count the rollback."""
+        self.state.rollbacks += 1
+        self.state.consecutive = 0
+        self.state.lr_scale *= self.cfg.lr_factor
+        self.state.fp32 = self.state.fp32 or self.cfg.fp32_fallback
+
+    def metrics(self) -> dict[str, float]:
+        return {"fault/skipped_steps": self.state.skipped_steps, "fault/rollbacks": self.state.rollbacks}
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)
 
 
 class StopRequest:

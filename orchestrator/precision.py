@@ -3,7 +3,8 @@
 On CUDA, bf16/fp16 are the fast path. On this project's CPUs they run 50-70× slower than fp32, so
 fp32 is the CPU default and reduced precision on CPU is for tests with tiny models. Networks that
 choose their own per-block precision (StyleGAN2's ``num_fp16_res``) expose ``reduced_dtype``; they
-get that attribute set instead of running under autocast, as the official code does.
+(declared by their family's ``Capabilities.reduced_dtype``) get that attribute set instead of running under
+autocast, as the official code does.
 """
 from __future__ import annotations
 
@@ -30,16 +31,15 @@ class Precision:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.name]
 
-    def autocast(self, net: nn.Module | None = None):
-        """Autocast for a pass through ``net``; none for fp32 or for nets with their own ``reduced_dtype``."""
-        if self.name == "fp32" or (net is not None and hasattr(net, "reduced_dtype")):
+    def autocast(self, own_dtype: bool = False):
+        """Autocast for a forward pass; none for fp32 or for a net that picks its own per-block dtype."""
+        if self.name == "fp32" or own_dtype:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def adopt(self, net: nn.Module) -> None:
-        """Tell a network with per-block precision which reduced dtype to use (None for fp32)."""
-        if hasattr(net, "reduced_dtype"):
-            net.reduced_dtype = None if self.name == "fp32" else self.dtype
+        """Tell a network with per-block precision (``reduced_dtype``) which reduced dtype to use (None for fp32)."""
+        net.reduced_dtype = None if self.name == "fp32" else self.dtype
 
     @property
     def loss_scale(self) -> float:

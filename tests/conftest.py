@@ -58,3 +58,40 @@ def assert_same_nets(a: dict, b: dict) -> None:
     for net in ("G", "D", "G_ema"):
         assert a[net].keys() == b[net].keys(), net
         assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+
+
+def local_context(G, D, arch: str, num_classes: int = 0, precision: str = "fp32", opt=None, sampler_seed: int = 1):
+    """G and D with Adam under the single-process strategy, as the phases see them (a StepContext), and the
+    family's capabilities: for tests of single phases without a Run."""
+    import architectures
+    from orchestrator.dist.local import LocalStrategy
+    from orchestrator.optim import AdamConfig, make_adam
+    from orchestrator.precision import make_precision
+    from orchestrator.recipes.recipe import Sampler, StepContext
+
+    caps = architectures.get(arch).capabilities
+    cpu = torch.device("cpu")
+    strategy = LocalStrategy(make_precision(precision, cpu), {"G", "D"} if caps.reduced_dtype else set(), False)
+    opt = opt or AdamConfig()
+    nets = strategy.prepare({"G": G, "D": D}, {"G": make_adam(G.parameters(), opt), "D": make_adam(D.parameters(), opt)})
+    sampler = Sampler(G.z_dim, num_classes, cpu, torch.Generator().manual_seed(sampler_seed))
+    return StepContext(nets, dict(nets), strategy, sampler), caps
+
+
+def run_d_phase(ctx, caps, cfg, real, labels=None, sizes=None, with_r1=False) -> dict:
+    """One D phase (noise → image recipe) on ``real`` cut into micro-batches of ``sizes``; its statistics."""
+    from orchestrator.recipes.noise_to_image import d_phase
+    from orchestrator.recipes.recipe import run_phase
+
+    phase = d_phase(cfg, caps, with_r1)
+    data = phase.inputs(ctx, {"img": real, "label": labels}, len(real))
+    return run_phase(phase, ctx, data, sizes or [len(real)]).stats
+
+
+def run_g_phase(ctx, caps, cfg, sizes) -> dict:
+    """One G phase (noise → image recipe) on micro-batches of ``sizes`` latents; its statistics."""
+    from orchestrator.recipes.noise_to_image import g_phase
+    from orchestrator.recipes.recipe import run_phase
+
+    phase = g_phase(cfg, caps)
+    return run_phase(phase, ctx, phase.inputs(ctx, {}, sum(sizes)), sizes).stats

@@ -54,9 +54,10 @@ def test_dev_mode_evaluates_at_start_interval_and_end(digits16, extractor, tmp_p
     assert kept[-1].name == "ckpt-000000015"
     # the number is the evaluator core's, on the same weights
     G_ema = load_checkpoint(best["checkpoint"])["G_ema"]
-    from orchestrator.tools.generate import load_generator
+    from orchestrator.checkpoint import load_generator
 
-    G, _, spec = load_generator(best["checkpoint"])
+    loaded = load_generator(best["checkpoint"])
+    G, spec = loaded.G, loaded.spec
     again = evaluate(G, spec, cfg.eval, resolve_holdout(cfg.eval, cfg.data))
     assert again.metrics["fid"] == pytest.approx(best["eval/fid"], rel=1e-6) and G_ema
 

@@ -409,10 +409,12 @@ def test_cli_eval_missing_weights_exits_2_within_seconds(checkpoint, digits16, t
 
 
 def test_eval_images_are_the_images_generate_writes(checkpoint, tmp_path):
-    from orchestrator.tools.generate import generate, load_generator
+    from orchestrator.checkpoint import load_generator
+    from orchestrator.tools.generate import generate
 
-    G, _, spec = load_generator(checkpoint)
-    ours = GeneratedImages(G, spec, 4, seed=3, batch_size=4)
+    loaded = load_generator(checkpoint)
+    G, spec = loaded.G, loaded.spec
+    ours = GeneratedImages(G, spec, 4, seed=3, batch_size=4, capabilities=loaded.arch.capabilities)
     paths = generate(checkpoint, tmp_path, num=4, seed=3)
     for i, path in enumerate(paths[:-1]):
         png = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)

@@ -17,15 +17,12 @@ from PIL import Image
 import architectures
 from architectures import progan as pg
 from core.spec import ImageSpec
-from conftest import assert_same_nets, tiny_config
+from conftest import assert_same_nets, local_context, run_d_phase, run_g_phase, tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.growth import Growth, GrowthConfig
 from orchestrator.losses import LossConfig, class_loss, gradient_penalty
 from orchestrator.optim import AdamConfig, make_adam
-from orchestrator.recipes.noise_to_image import Nets, Sampler, d_phase, g_phase
-from orchestrator.precision import make_precision
-from orchestrator.dist.strategy import LocalStrategy
 from orchestrator.train.run import train
 
 ROOT = Path(__file__).parents[1]
@@ -101,28 +98,25 @@ def _tiny_conditional(num_classes: int = 3):
     G, D = pg.build_generator(cfg, spec), pg.build_discriminator(cfg, spec)
     for net in (G, D):
         net.set_lod(8, 0.5)
-    strategy = LocalStrategy(make_precision("fp32", torch.device("cpu")))
-    opt = AdamConfig(lr=1e-3, betas=(0.0, 0.99))
-    nets = Nets(*strategy.prepare(G, D, make_adam(G.parameters(), opt), make_adam(D.parameters(), opt)), strategy)
-    return nets, Sampler(G.z_dim, num_classes, torch.device("cpu"), torch.Generator().manual_seed(1))
+    return local_context(G, D, "progan", num_classes, opt=AdamConfig(lr=1e-3, betas=(0.0, 0.99)))
 
 
 @pytest.mark.parametrize("ac_weight", [0.0, 1.0])
 def test_acgan_term_trains_the_class_outputs_only_when_on(ac_weight):
     """D's class logits (the rows of its last dense layer after the first) get gradients from the AC-GAN
     term and from nothing else; the term is cross-entropy against the labels."""
-    nets, sampler = _tiny_conditional()
+    ctx, caps = _tiny_conditional()
     cfg = LossConfig(kind="wgan", gp_weight=10, drift=0.001, ac_weight=ac_weight)
     real = pg.blend_reals(torch.rand(8, 1, 16, 16) * 2 - 1, 8, 0.5)
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     captured = {}
-    last = nets.D.epilogue.dense1.weight
+    last = ctx.raw["D"].epilogue.dense1.weight
     last.register_hook(lambda g: captured.setdefault("grad", g.clone()))
-    stats = d_phase(nets, [(real, labels)], sampler, cfg, with_r1=False)
+    stats = run_d_phase(ctx, caps, cfg, real, labels)
     class_rows = captured["grad"][1:]
     assert ("loss/D_ac" in stats) == bool(ac_weight) and "reg/gp" in stats
     assert (class_rows.abs().sum() > 0) == bool(ac_weight)
-    stats = g_phase(nets, [8], sampler, cfg)
+    stats = run_g_phase(ctx, caps, cfg, [8])
     assert ("loss/G_ac" in stats) == bool(ac_weight)
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     expected = (-math.log(math.exp(2) / (math.exp(2) + 2)) - math.log(1 / 3)) / 2
@@ -158,8 +152,8 @@ def test_resume_in_the_middle_of_fade_ins_reaches_the_same_weights(digits16, tmp
     mid = load_checkpoint(run / "checkpoints" / "ckpt-000000010")
     assert mid["growth"] == {"resolution": 8, "alpha": 0.75, "level_img": 48}
     # Adam was reset after step 4, when the 8×8 fade-in started: 6 steps since.
-    assert {int(s["step"]) for s in mid["strategy"]["opt_D"]["state"].values()} == {6}
-    assert mid["strategy"]["opt_G"]["param_groups"][0]["lr"] == 0.001
+    assert {int(s["step"]) for s in mid["optimizers"]["D"]["state"].values()} == {6}
+    assert mid["optimizers"]["G"]["param_groups"][0]["lr"] == 0.001
     train(validate_config(growing_config(digits16, stop_at_step=22), "b"), run, resume="auto")
     assert load_checkpoint(run / "checkpoints" / "ckpt-000000022")["growth"]["alpha"] == 0.5
     parts = train(validate_config(growing_config(digits16), "c"), run, resume="auto")
@@ -167,7 +161,7 @@ def test_resume_in_the_middle_of_fade_ins_reaches_the_same_weights(digits16, tmp
     a, b = load_checkpoint(whole.checkpoint), load_checkpoint(parts.checkpoint)
     assert_same_nets(a, b)
     assert a["growth"] == b["growth"] == {"resolution": 16, "alpha": 1.0, "level_img": 128}
-    assert b["strategy"]["opt_G"]["param_groups"][0]["lr"] == 0.002  # growth.lr at 16×16
+    assert b["optimizers"]["G"]["param_groups"][0]["lr"] == 0.002  # growth.lr at 16×16
 
     rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss/D" in r]
@@ -186,10 +180,11 @@ def test_resume_in_the_middle_of_fade_ins_reaches_the_same_weights(digits16, tmp
 def test_generate_from_a_mid_growth_checkpoint_renders_its_level(digits16, tmp_path):
     from orchestrator.eval.evaluator import EvalConfig, EvalError, evaluate_checkpoint
     from orchestrator.eval.extractors import train_feature_extractor
-    from orchestrator.tools.generate import load_generator
+    from orchestrator.checkpoint import load_generator
 
     result = train(validate_config(growing_config(digits16, stop_at_step=10), "a"), tmp_path / "r")
-    G, _, spec = load_generator(result.checkpoint)
+    loaded = load_generator(result.checkpoint)
+    G, spec = loaded.G, loaded.spec
     assert (G.current_resolution, G.alpha) == (8, 0.75) and spec.resolution == 16
     assert G(torch.randn(2, G.z_dim), torch.tensor([1, 2])).shape == (2, 1, 8, 8)
     with pytest.raises(EvalError, match="grown to 8×8 of 16×16"):

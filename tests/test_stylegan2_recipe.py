@@ -11,14 +11,13 @@ import torch
 
 import architectures
 from architectures import ImageSpec, count_params
-from conftest import assert_same_nets, preset_config, tiny_config
+from conftest import assert_same_nets, local_context, preset_config, run_d_phase, run_g_phase, tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.losses import LossConfig, path_length_penalty
 from orchestrator.optim import AdamConfig, make_adam
-from orchestrator.recipes.noise_to_image import Nets, RegState, Sampler, d_phase, g_phase, g_pl_phase
-from orchestrator.precision import make_precision
-from orchestrator.dist.strategy import LocalStrategy
+from orchestrator.recipes.noise_to_image import RegState, g_pl_phase
+from orchestrator.recipes.recipe import run_phase
 from orchestrator.train.run import train
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "stylegan2"
@@ -53,19 +52,17 @@ def _tiny_stylegan2(num_classes=0):
 
 def test_phases_track_w_avg_in_the_d_pass_and_update_pl_mean():
     G, D = _tiny_stylegan2()
-    strategy = LocalStrategy(make_precision("fp32", torch.device("cpu")))
-    nets = Nets(*strategy.prepare(G, D, make_adam(G.parameters(), AdamConfig()), make_adam(D.parameters(), AdamConfig())),
-                strategy)
-    sampler = Sampler(8, 0, torch.device("cpu"), torch.Generator().manual_seed(0))
+    ctx, caps = local_context(G, D, "stylegan2", sampler_seed=0)
     cfg = LossConfig(style_mixing_prob=0.9, pl_weight=2.0)
     w_avg = G.mapping.w_avg.clone()
-    g_phase(nets, [4], sampler, cfg)
+    run_g_phase(ctx, caps, cfg, [4])
     assert torch.equal(G.mapping.w_avg, w_avg)  # the G pass leaves w_avg alone
-    d_phase(nets, [(torch.rand(4, 1, 8, 8) * 2 - 1, None)], sampler, cfg, with_r1=False)
+    run_d_phase(ctx, caps, cfg, torch.rand(4, 1, 8, 8) * 2 - 1)
     assert not torch.equal(G.mapping.w_avg, w_avg)  # the D pass's fakes update it, as the official loss
     reg = RegState(pl_mean=torch.zeros([]))
     before = [p.clone() for p in G.parameters()]
-    stats = g_pl_phase(nets, [4], sampler, cfg, reg)
+    phase = g_pl_phase(cfg, caps, reg)
+    stats = run_phase(phase, ctx, phase.inputs(ctx, {}, 4), [4]).stats
     assert reg.pl_mean > 0 and torch.equal(stats["reg/pl_mean"], reg.pl_mean)
     assert any(not torch.equal(a, b) for a, b in zip(before, G.parameters()))
 
@@ -113,7 +110,7 @@ def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits16,
     assert straight.step == resumed.step == 10
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
     assert_same_nets(a, b)
-    assert torch.equal(a["reg"]["pl_mean"], b["reg"]["pl_mean"]) and a["reg"]["pl_mean"] > 0
+    assert torch.equal(a["recipe.reg"]["pl_mean"], b["recipe.reg"]["pl_mean"]) and a["recipe.reg"]["pl_mean"] > 0
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows(tmp_path / "straight")] and \
         [(r["step"], r["loss/D"], r["loss/G"]) for r in rows(tmp_path / "straight")] == \
@@ -121,11 +118,12 @@ def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits16,
     assert sum("reg/pl_penalty" in r for r in rows(tmp_path / "straight")) == 3
     assert sum("reg/r1" in r for r in rows(tmp_path / "straight")) == 1
 
-    from orchestrator.tools.generate import generate, load_generator
+    from orchestrator.checkpoint import load_generator
+    from orchestrator.tools.generate import generate
 
     paths = generate(resumed.checkpoint, tmp_path / "gen", num=4, seed=0, truncation=0.7, class_index=3)
     assert len(paths) == 5 and all(p.exists() for p in paths)
-    G, _, _ = load_generator(resumed.checkpoint)
+    G = load_generator(resumed.checkpoint).G
     z = torch.randn(2, G.z_dim)
     c = torch.tensor([3, 3])
     w_trunc0 = G.mapping(z, c, truncation_psi=0.0)
@@ -136,5 +134,5 @@ def test_lazy_path_length_corrects_g_adam(digits16, tmp_path):
     cfg = dev_config(digits16, **{"train.total_kimg": 0.032})
     train(cfg, tmp_path)
     state = load_checkpoint(next((tmp_path / "checkpoints").iterdir()))
-    assert state["strategy"]["opt_G"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 4 / 5)
-    assert state["strategy"]["opt_D"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 16 / 17)
+    assert state["optimizers"]["G"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 4 / 5)
+    assert state["optimizers"]["D"]["param_groups"][0]["lr"] == pytest.approx(0.0025 * 16 / 17)

@@ -10,16 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny_config
+from conftest import local_context, run_d_phase, run_g_phase, tiny_config
 from orchestrator.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, load_into,
                                      mark_best, save_checkpoint)
 from orchestrator.config import ConfigError, validate_config
 from orchestrator.ema import EMAConfig, ema_beta, update_ema
 from orchestrator.losses import LossConfig, d_loss, g_loss, gradient_penalty, r1_penalty
 from orchestrator.optim import AdamConfig, make_adam
-from orchestrator.recipes.noise_to_image import Nets, Sampler, d_phase, g_phase
 from orchestrator.precision import make_precision
-from orchestrator.dist.strategy import LocalStrategy
 from orchestrator.train.run import train
 
 
@@ -44,9 +42,9 @@ def test_tiny_run_fp32(digits16, tmp_path, arch):
     assert res.checkpoint == tmp_path / arch / "checkpoints" / "ckpt-000000010"
     assert res.grid.exists() and (tmp_path / arch / "config.yaml").exists()
     state = load_checkpoint(res.checkpoint)
-    assert set(state) >= {"G", "D", "G_ema", "strategy", "progress", "sampler_rng", "ranks", "config"}
-    assert set(state["strategy"]) == {"scaler", "opt_G", "opt_D"} and set(state["ranks"][0]) >= {"data", "torch_rng"}
-    assert state["progress"] == {"step": 10, "nimg": 160, "d_steps": 10}
+    assert set(state) >= {"G", "D", "G_ema", "optimizers", "progress", "sampler", "ranks", "meta"}
+    assert set(state["optimizers"]) == {"scaler", "G", "D"} and set(state["ranks"][0]) >= {"data", "torch_rng"}
+    assert state["progress"] == {"step": 10, "nimg": 160, "phases": {"D": 10, "G": 10}}
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "mlp"])
@@ -67,7 +65,7 @@ def test_bf16_autocast_really_runs_in_bf16(digits16):
     G = arch.build_generator(arch.config(z_dim=8, g_channels=4), ImageSpec(16, 1, 0))
     seen = []
     G.net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    with make_precision("bf16", torch.device("cpu")).autocast(G):
+    with make_precision("bf16", torch.device("cpu")).autocast():
         G(torch.randn(2, 8))
     assert seen == [torch.bfloat16]
 
@@ -83,23 +81,21 @@ def test_fp16_loss_scaling_path(digits16):
             arch.build_discriminator(arch.config(z_dim=4, hidden=8, layers=1), spec))
     precision = make_precision("fp16", torch.device("cpu"))
     assert precision.scaler.is_enabled() and precision.loss_scale == 65536.0
-    strategy = LocalStrategy(precision)
-    nets = Nets(*strategy.prepare(G, D, make_adam(G.parameters(), AdamConfig()), make_adam(D.parameters(), AdamConfig())),
-                strategy)
-    sampler = Sampler(4, 0, torch.device("cpu"), torch.Generator().manual_seed(0))
+    ctx, caps = local_context(G, D, "mlp", precision="fp16", sampler_seed=0)
+    precision = ctx.strategy.precision
     real = torch.rand(4, 1, 8, 8) * 2 - 1
     # fp16 overflows at the initial 2**16 scale: GradScaler skips those steps (weights untouched) and
     # halves the scale until the scaled gradients fit; after that the steps update the weights.
     for _ in range(30):
         before = [p.clone() for p in D.parameters()]
         scale = precision.loss_scale
-        stats = d_phase(nets, [(real, None)], sampler, LossConfig(r1_gamma=1.0), with_r1=True)
+        stats = run_d_phase(ctx, caps, LossConfig(r1_gamma=1.0), real, with_r1=True)
         changed = any(not torch.equal(a, b) for a, b in zip(before, D.parameters()))
         if all(torch.isfinite(v) for v in stats.values()):
             break
         assert not changed and precision.loss_scale == scale / 2
     assert changed and precision.loss_scale < 65536.0
-    stats.update(g_phase(nets, [4], sampler, LossConfig()))
+    stats.update(run_g_phase(ctx, caps, LossConfig(), [4]))
     assert all(torch.isfinite(v) for v in stats.values())
 
 
@@ -125,9 +121,9 @@ def test_resume_reaches_the_same_weights_and_losses(digits16, tmp_path):
     for net in ("G", "D", "G_ema"):
         for key in a[net]:
             assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs after resume"
-    for opt in ("opt_G", "opt_D"):
-        for pid, st in a["strategy"][opt]["state"].items():
-            assert all(torch.equal(st[k], b["strategy"][opt]["state"][pid][k]) for k in st)
+    for opt in ("G", "D"):
+        for pid, st in a["optimizers"][opt]["state"].items():
+            assert all(torch.equal(st[k], b["optimizers"][opt]["state"][pid][k]) for k in st)
     assert a["progress"] == b["progress"] and a["ranks"][0]["data"] == b["ranks"][0]["data"]
     losses = lambda rows: [(r["step"], r["loss/D"], r["loss/G"], r.get("reg/r1")) for r in rows]
     assert losses(metrics(tmp_path / "resumed")) == losses(metrics(tmp_path / "straight"))

@@ -20,7 +20,6 @@ Images are handed to torch-fidelity as ``3×H×W`` uint8: grey images are repeat
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import sys
@@ -32,12 +31,15 @@ from typing import Iterator, Literal
 
 import torch
 from pydantic import Field, field_validator
+import yaml
 from torch.utils.data import Dataset
 from webdataset import tariterators
 
+from architectures.registry import Capabilities
 from core.config import StrictConfig
 from core.spec import ImageSpec
-from orchestrator.data.shards import DataConfig, DataError, decode_sample, expand_shards, sha256_file
+from orchestrator.checkpoint import load_generator
+from orchestrator.data.shards import DataConfig, DataError, decode_sample, expand_shards, load_manifest, sha256_file
 
 # torch-fidelity (and torchvision, which it imports) is imported where it is used: importing this
 # module, e.g. for EvalConfig, stays cheap.
@@ -281,14 +283,13 @@ class GeneratedImages(Dataset):
     """
 
     def __init__(self, G: torch.nn.Module, spec: ImageSpec, num: int, seed: int = 0, batch_size: int = 64,
-                 truncation_psi: float | None = None):
+                 truncation_psi: float | None = None, capabilities: Capabilities = Capabilities()):
         self.G, self.spec, self.num, self.seed, self.batch_size = G, spec, num, seed, batch_size
         self.kwargs: dict[str, object] = {}
-        params = inspect.signature(G.forward).parameters
-        if "noise_mode" in params:
+        if capabilities.noise_inputs:
             self.kwargs["noise_mode"] = "const"
         if truncation_psi is not None:
-            if "truncation_psi" not in params:
+            if capabilities.truncation != "psi":
                 raise EvalError(f"eval.truncation_psi={truncation_psi}: {type(G).__name__} has no truncation trick; "
                                 f"leave it unset")
             self.kwargs["truncation_psi"] = truncation_psi
@@ -460,7 +461,7 @@ class EvalResult:
 
 def evaluate(G: torch.nn.Module, spec: ImageSpec, cfg: EvalConfig, holdout_urls: list[str], *,
              extractor: ExtractorWeights | None = None, manifest: dict | None = None,
-             verbose: bool = False) -> EvalResult:
+             verbose: bool = False, capabilities: Capabilities = Capabilities()) -> EvalResult:
     """Compute ``cfg.metrics`` for ``G`` (G_ema) against the held-out shards with torch-fidelity.
 
     ``extractor`` is what :func:`check_feature_extractor` returned at start (checked again if
@@ -474,7 +475,7 @@ def evaluate(G: torch.nn.Module, spec: ImageSpec, cfg: EvalConfig, holdout_urls:
     t0 = time.perf_counter()
     extractor = extractor or check_feature_extractor(cfg)
     cache_dir = Path(cfg.cache_dir).expanduser()
-    generated = GeneratedImages(G, spec, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.truncation_psi)
+    generated = GeneratedImages(G, spec, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.truncation_psi, capabilities)
     binary = any(m in BINARY_METRICS for m in cfg.metrics)
     held = key = sidecar = num_holdout = None
     hashes: list[str] = []
@@ -528,24 +529,26 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig, holdout: str | 
                         device: str | torch.device = "cpu", verbose: bool = False) -> EvalResult:
     """Evaluate a checkpoint's G_ema; ``holdout`` (a shard pattern) overrides :func:`resolve_holdout`.
 
-    The weights are checked before anything else is loaded, so a missing file fails in seconds.
+    The checkpoint carries its generator's description, so only the held-out shards are read. The weights
+    are checked before anything else is loaded, so a missing file fails in seconds.
     """
-    from orchestrator.data.shards import load_manifest
-    from orchestrator.tools.generate import load_generator
-
     extractor = check_feature_extractor(cfg)
-    G, job, spec = load_generator(checkpoint, device)
-    if getattr(G, "current_resolution", spec.resolution) != spec.resolution:
-        raise EvalError(f"{checkpoint}: G has grown to {G.current_resolution}×{G.current_resolution} of "
-                        f"{spec.resolution}×{spec.resolution} only; evaluate a checkpoint written after growth completed")
-    urls = expand_shards(holdout) if holdout else resolve_holdout(cfg, job.data)
+    loaded = load_generator(checkpoint, device)
+    level = loaded.checkpoint.meta.get("level")
+    if level and (level[0] != loaded.spec.resolution or level[1] < 1):
+        raise EvalError(f"{checkpoint}: G has grown to {level[0]}×{level[0]} of "
+                        f"{loaded.spec.resolution}×{loaded.spec.resolution} only; evaluate a checkpoint written after "
+                        f"growth completed")
+    data = DataConfig.model_validate((yaml.safe_load(loaded.checkpoint.meta["config"]) or {})["data"])
+    urls = expand_shards(holdout) if holdout else resolve_holdout(cfg, data)
     manifest = None
     if not holdout and not cfg.holdout:  # the training data's manifest describes only its own held-out shards
         try:
-            manifest = load_manifest(job.data)
+            manifest = load_manifest(data)
         except DataError:
             pass
-    return evaluate(G, spec, cfg, urls, extractor=extractor, manifest=manifest, verbose=verbose)
+    return evaluate(loaded.G, loaded.spec, cfg, urls, extractor=extractor, manifest=manifest, verbose=verbose,
+                    capabilities=loaded.arch.capabilities)
 
 
 def _write_json(path: Path, obj: dict) -> None:

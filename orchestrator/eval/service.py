@@ -20,38 +20,51 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+import architectures
+from architectures.registry import ArchConfig
+from core.spec import ImageSpec
+from orchestrator.eval.evaluator import EvalConfig, check_feature_extractor, evaluate
 
 EVAL_FILE = "eval.jsonl"
 NAMESPACE = "ganforge"  # named actors are per namespace; the driver's and Ray Train workers' differ
 
 
+@dataclass(frozen=True)
+class EvalJob:
+    """What an evaluator needs, resolved once by whoever starts it: its settings, the generator to rebuild
+    (family, model config, image spec), the held-out shard URLs and the training data's manifest (sha256
+    of held-out shards that are not local files; None when unknown)."""
+
+    eval: EvalConfig
+    arch: str
+    model: ArchConfig
+    spec: ImageSpec
+    holdout: list[str]
+    manifest: dict | None = None
+
+
 class Evaluator:
     """Evaluates G_ema weights against the held-out shards and records the results in ``eval.jsonl``."""
 
-    def __init__(self, config_yaml: str, run_dir: str):
-        import architectures
-        from orchestrator.config import config_from_yaml_text
-        from orchestrator.data.shards import image_spec, load_manifest
-        from orchestrator.eval.evaluator import check_feature_extractor, resolve_holdout
-
-        cfg = config_from_yaml_text(config_yaml, "the evaluator's config")
-        self.cfg, self.run_dir = cfg.eval, Path(run_dir)
-        self.extractor = check_feature_extractor(cfg.eval)  # fails at once when the weights are missing
-        self.manifest = load_manifest(cfg.data)
-        self.spec = image_spec(cfg.data, self.manifest)
-        self.holdout = resolve_holdout(cfg.eval, cfg.data)
-        self.G = architectures.get(cfg.model.arch).build_generator(cfg.model, self.spec).eval().requires_grad_(False)
+    def __init__(self, job: EvalJob, run_dir: str):
+        self.cfg, self.run_dir, self.spec = job.eval, Path(run_dir), job.spec
+        self.extractor = check_feature_extractor(job.eval)  # fails at once when the weights are missing
+        self.manifest, self.holdout = job.manifest, job.holdout
+        arch = architectures.get(job.arch)
+        self.capabilities = arch.capabilities
+        self.G = arch.build_generator(job.model, job.spec).eval().requires_grad_(False)
 
     def evaluate(self, step: int, kimg: float, g_ema_state: dict, checkpoint: str | None = None) -> dict:
         """Evaluate one set of G_ema weights now; append and return the result row."""
-        from orchestrator.eval.evaluator import evaluate
-
         started = time.time()
         self.G.load_state_dict(g_ema_state)
-        result = evaluate(self.G, self.spec, self.cfg, self.holdout, extractor=self.extractor, manifest=self.manifest)
+        result = evaluate(self.G, self.spec, self.cfg, self.holdout, extractor=self.extractor, manifest=self.manifest,
+                          capabilities=self.capabilities)
         row = {"step": step, "kimg": kimg, "checkpoint": checkpoint, "started": started, "finished": time.time(),
                **{f"eval/{k}": v for k, v in result.metrics.items()}, "eval/seconds": result.seconds,
                "eval/cache_hit": result.cache_hit, "feature_extractor": result.feature_extractor}
@@ -72,8 +85,8 @@ class EvaluatorActor(Evaluator):
     """The evaluator as a Ray actor: ``submit`` never waits; one background thread evaluates the newest
     request. Create it with ``ray.remote(EvaluatorActor).options(max_concurrency=4, max_restarts=-1, ...)``."""
 
-    def __init__(self, config_yaml: str, run_dir: str):
-        super().__init__(config_yaml, run_dir)
+    def __init__(self, job: EvalJob, run_dir: str):
+        super().__init__(job, run_dir)
         self._pending: tuple | None = None
         self._busy = False
         self._wake = threading.Condition()
@@ -121,12 +134,15 @@ class EvalClient:
     """What rank 0 calls: ``submit`` (never waits for the evaluation), ``poll`` (new result rows) and
     ``finish`` (wait for the last request). Local in dev mode, a Ray actor handle on a cluster."""
 
-    def __init__(self, evaluator: Evaluator | None = None, actor=None, note=print):
+    def __init__(self, evaluator: Evaluator | None = None, actor=None, note=print, resume_step: int | None = None):
+        """``resume_step``: the step this run resumed from; results of later steps belong to a branch that
+        was abandoned (a corrupt newest checkpoint skipped, a crash) and are neither logged nor counted."""
         self.local, self.actor, self.note = evaluator, actor, note
         self.last_step: int | None = None
         earlier = (self.local.results() if evaluator else self._remote("results", 0)) or []
         self.seen = len(earlier)  # results of an earlier attempt of this run are not logged again
-        self.best_fid = min((r["eval/fid"] for r in earlier if "eval/fid" in r), default=float("inf"))
+        self.history = [r for r in earlier if resume_step is not None and r["step"] <= resume_step]
+        self.best_fid = min((r["eval/fid"] for r in self.history if "eval/fid" in r), default=float("inf"))
 
     def _remote(self, method: str, *args, timeout: float = 30.0):
         import ray
@@ -150,6 +166,7 @@ class EvalClient:
         """Result rows that arrived since the last poll."""
         rows = self.local.results(self.seen) if self.local else (self._remote("results", self.seen, timeout=5.0) or [])
         self.seen += len(rows)
+        self.history += rows
         return rows
 
     def finish(self, timeout: float = 600.0) -> None:

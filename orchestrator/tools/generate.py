@@ -11,7 +11,6 @@ generated with it, and StyleGAN2's per-layer noise is the generator's fixed buff
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,8 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-import architectures
-from core.spec import ImageSpec
-from orchestrator.checkpoint import load_checkpoint, load_into
 from core.config import ConfigError
-from orchestrator.config import config_from_yaml_text
-from orchestrator.data.shards import image_spec, load_manifest
+from orchestrator.checkpoint import load_generator
 
 SYNTHETIC_KEY = "ganforge:synthetic"
 # IPTC NewsCodes "digital source type" for media created by a trained generative model: the standard,
@@ -36,29 +31,6 @@ IPTC_TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype
 MAX_SEED = 2**32 - 1
 
 Space = Literal["auto", "z", "w"]
-
-
-def load_generator(checkpoint: str | Path, device: torch.device | str = "cpu"):
-    """G_ema of a checkpoint, built from the config saved with it; returns ``(G_ema, config, spec)``."""
-    G, cfg, spec, _ = _load(checkpoint, device)
-    return G, cfg, spec
-
-
-def _load(checkpoint: str | Path, device: torch.device | str):
-    state = load_checkpoint(checkpoint, map_location=device)
-    cfg = config_from_yaml_text(state["config"], f"{checkpoint} (saved config)")
-    try:
-        spec = image_spec(cfg.data, load_manifest(cfg.data))
-    except ValueError:  # shards moved away: the network's shape is in the saved weights' config
-        d = cfg.data
-        if d.resolution is None or d.channels is None:
-            raise
-        spec = ImageSpec(d.resolution, d.channels, d.num_classes or 0)
-    G = architectures.get(cfg.model.arch).build_generator(cfg.model, spec).to(device)
-    load_into(G, state["G_ema"], "G_ema")
-    if state.get("growth") and hasattr(G, "set_lod"):  # a growing run's checkpoint: its current level of detail
-        G.set_lod(state["growth"]["resolution"], state["growth"]["alpha"])
-    return G.eval().requires_grad_(False), cfg, spec, state.get("progress", {})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,23 +185,24 @@ class Renderer:
 
     def __init__(self, checkpoint: str | Path, truncation: float | None = None, class_index: int | None = None,
                  device: str = "cpu"):
-        self.G, self.cfg, self.spec, progress = _load(checkpoint, device)
+        loaded = load_generator(checkpoint, device)
+        self.G, self.arch, self.spec, progress = loaded.G, loaded.arch, loaded.spec, loaded.progress
         self.device, self.truncation, self.class_index = device, truncation, class_index
-        params = inspect.signature(self.G.forward).parameters
+        caps = self.arch.capabilities
         self.kwargs: dict[str, object] = {}
         self.truncate_z = False  # BigGAN: truncation resamples z (G.truncated_latents), G's forward is unchanged
         if truncation is not None:
-            if "truncation_psi" in params:
+            if caps.truncation == "psi":
                 self.kwargs["truncation_psi"] = truncation
-            elif hasattr(self.G, "truncated_latents"):
+            elif caps.truncation == "resample":
                 if truncation <= 0:
-                    raise ConfigError(f"--truncation {truncation}: the {self.cfg.model.arch} truncation threshold "
+                    raise ConfigError(f"--truncation {truncation}: the {self.arch.name} truncation threshold "
                                       f"must be positive")
                 self.truncate_z = True
             else:
-                raise ConfigError(f"--truncation: the {self.cfg.model.arch} generator has no truncation trick; "
+                raise ConfigError(f"--truncation: the {self.arch.name} generator has no truncation trick; "
                                   f"leave it out")
-        if "noise_mode" in params:
+        if caps.noise_inputs:
             self.kwargs["noise_mode"] = "const"  # the same seed gives the same image
         n = self.spec.num_classes
         if class_index is not None and not 0 <= class_index < n:
@@ -237,13 +210,13 @@ class Renderer:
                               + (" (it is unconditional)" if not n else f"; use 0-{n - 1}"))
         step = progress.get("step")
         nimg = progress.get("nimg")
-        self.provenance = Provenance(self.cfg.model.arch, str(Path(checkpoint).resolve()), step,
+        self.provenance = Provenance(self.arch.name, str(Path(checkpoint).resolve()), step,
                                      nimg / 1000 if nimg is not None else None)
 
     @property
     def has_mapping(self) -> bool:
         """Whether G is mapping + synthesis (StyleGAN2): W-space interpolation applies."""
-        return hasattr(self.G, "mapping") and hasattr(self.G, "synthesis")
+        return self.arch.capabilities.mapping
 
     def latent(self, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``z [1, z_dim]`` and the class ``c [1]`` (None if unconditional) of a seed."""
@@ -272,7 +245,7 @@ class Renderer:
     @torch.no_grad()
     def image_from_w(self, ws: torch.Tensor) -> torch.Tensor:
         """The synthesis network's image of ``ws``, ``[C, H, W]`` in [-1, 1]."""
-        kw = {"noise_mode": "const"} if "noise_mode" in inspect.signature(self.G.synthesis.forward).parameters else {}
+        kw = {"noise_mode": "const"} if self.arch.capabilities.noise_inputs else {}
         return self.G.synthesis(ws, **kw).float().clamp(-1, 1)[0]
 
     def params(self, c: torch.Tensor | None) -> dict[str, object]:
@@ -336,7 +309,7 @@ def interpolate(checkpoint: str | Path, out: str | Path, seed_a: int, seed_b: in
     if space == "auto":
         space = "w" if s.has_mapping else "z"
     if space == "w" and not s.has_mapping:
-        raise ConfigError(f"--space w: the {s.cfg.model.arch} generator has no mapping network; use --space z")
+        raise ConfigError(f"--space w: the {s.arch.name} generator has no mapping network; use --space z")
     if s.spec.num_classes and class_index is None:
         raise ConfigError(f"--interpolate: this model is class-conditional ({s.spec.num_classes} classes); "
                           f"pass --class to choose the class both ends share")

@@ -220,7 +220,7 @@ def no_steps(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a training step ran although the data is missing")
 
-    monkeypatch.setattr("orchestrator.train.run.train_step", refuse)
+    monkeypatch.setattr("orchestrator.train.run.run_phase", refuse)
 
 
 @pytest.mark.parametrize("case", ["missing-dir", "empty-dir", "glob-typo", "empty-dir-with-manifest"])

@@ -23,7 +23,7 @@ from core.spec import ImageSpec
 from conftest import tiny_config
 from orchestrator.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_into
 from orchestrator.config import validate_config
-from orchestrator.tools.generate import load_generator
+from orchestrator.checkpoint import load_generator
 from orchestrator.train.run import train
 
 pytestmark = pytest.mark.faults
@@ -201,7 +201,7 @@ def test_resuming_from_another_config_lists_keys_and_shapes_and_overwrites_nothi
     config_before = (run_dir / "config.yaml").read_bytes()
     new_cfg = cfg_of(digits16, "dcgan", channels=16) if other == "dcgan-16-channels" else cfg_of(digits16, "dcgan")
     saved = load_checkpoint(src)
-    old_model = validate_config(yaml.safe_load(saved["config"]), source="saved").model
+    old_model = validate_config(yaml.safe_load(saved["meta"]["config"]), source="saved").model
     missing, unexpected, shapes = expected_mismatches(old_model, new_cfg.model)
     assert missing or unexpected or shapes
 

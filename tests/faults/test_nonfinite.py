@@ -59,7 +59,7 @@ def test_a_few_bad_steps_are_skipped_and_counted_and_weights_stay_finite(digits1
     assert result.step == 12
     state = load_checkpoint(result.checkpoint)
     assert finite(state)
-    g_steps = {int(s["step"]) for s in state["strategy"]["opt_G"]["state"].values()}
+    g_steps = {int(s["step"]) for s in state["optimizers"]["G"]["state"].values()}
     assert g_steps == {10}, g_steps  # 12 steps, 2 G updates skipped
     last = rows(tmp_path / "r")[-1]
     assert last["fault/skipped_steps"] == 2 and last["fault/rollbacks"] == 0
@@ -75,7 +75,7 @@ def test_k_bad_steps_in_a_row_roll_back_with_a_lower_learning_rate(digits16, tmp
     state = load_checkpoint(result.checkpoint)
     assert finite(state) and result.step == 12
     assert state["faults"]["rollbacks"] == 1 and state["faults"]["lr_scale"] == 0.25
-    assert state["strategy"]["opt_G"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.25)
+    assert state["optimizers"]["G"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.25)
     seen = rows(tmp_path / "r")
     steps = [r["step"] for r in seen]
     assert steps == [*range(1, 12), *range(9, 13)]  # step 12 triggered the rollback; 9-12 replayed from 8
@@ -90,7 +90,7 @@ def test_a_resumed_run_keeps_the_lowered_learning_rate(digits16, tmp_path, poiso
                       checkpoint={"every_kimg": 0.064, "keep_last": 5}, faults={"nonfinite_patience": 3})
     again = train(validate_config(raw, "resumed"), tmp_path / "r", resume="auto")
     state = load_checkpoint(again.checkpoint)
-    assert state["strategy"]["opt_G"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.25)
+    assert state["optimizers"]["G"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.25)
 
 
 def test_on_nonfinite_stop_ends_the_run_with_a_clear_error(digits16, tmp_path, poison):

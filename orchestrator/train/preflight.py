@@ -1,0 +1,85 @@
+"""Checks and resolutions made before any work starts: device, batch split, resume point, run directory,
+and the distributed rules a network family imposes. Each failure is a config error that says what to do."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from architectures.registry import Capabilities
+from core.config import ConfigError
+from orchestrator.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from orchestrator.config import JobConfig
+
+
+def resolve_device(name: str, precision: str, local_rank: int = 0) -> torch.device:
+    """The device of ``train.device`` (``auto``: CUDA when visible), checked against ``train.precision``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if precision == "fp16" and name != "cuda":
+        raise ConfigError("train.precision: 'fp16' (with loss scaling) is a CUDA path; on CPU use 'fp32' "
+                          "(fast here) or 'bf16'")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
+
+
+def batch_split(batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
+    """``(micro_batch, micro_batches_per_step)`` of one worker for a global ``batch`` (``train.batch_size``
+    or the growth level's); ``micro_batch`` (``train.micro_batch``) caps the images per forward pass."""
+    micro = min(micro_batch, batch // world_size) if micro_batch else batch // world_size
+    if micro < 1 or batch % (world_size * micro):
+        raise ConfigError(f"global batch {batch} (train.batch_size or growth.batch_size) must be divisible by "
+                          f"workers ({world_size}) × train.micro_batch ({micro_batch or 'batch / workers'}); "
+                          f"e.g. use a batch of {max(1, batch // world_size) * world_size}")
+    return micro, batch // (world_size * micro)
+
+
+def check_batches(cfg: JobConfig, world_size: int) -> None:
+    """Every global batch the run will use (``train.batch_size`` and each of ``growth.batch_size``) splits
+    evenly into ``world_size`` workers × micro-batches."""
+    for batch in {cfg.train.batch_size, *cfg.growth.batch_size.values()}:
+        batch_split(batch, cfg.train.micro_batch, world_size)
+
+
+def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
+    """Growth settings the family cannot honour, and strategies that cannot follow a growing network."""
+    if cfg.growth != type(cfg.growth)() and not caps.growth:
+        raise ConfigError(f"growth: progressive growing needs a growing architecture (progan); "
+                          f"model.arch is {cfg.model.arch}: remove the growth section")
+    if caps.growth and cfg.distributed.strategy == "deepspeed":
+        raise ConfigError("distributed.strategy: deepspeed cannot follow progressive growing (its batch sizes are "
+                          "fixed at start and its sharded Adam state cannot be reset per level); use ddp")
+    if caps.growth and cfg.distributed.strategy == "ddp" and not cfg.distributed.find_unused_parameters:
+        raise ConfigError("distributed.find_unused_parameters: must be true for progan under ddp (the blocks of "
+                          "levels not yet grown get no gradient)")
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to start from: None (fresh), 'auto' (newest complete one, if any) or a path, which
+    must exist. Nothing is created: a failed resume leaves no directory behind."""
+    if resume is None:
+        if list_checkpoints(run_dir):
+            raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
+                                  f"or choose another --run-dir")
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint; pass a ckpt-NNNNNNNNN directory of a run, "
+                              f"or --resume auto")
+    return path
+
+
+def ensure_writable(run_dir: Path) -> None:
+    """Create the run directory and prove it takes a file."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}): choose another --run-dir or "
+                          f"fix the path or its permissions") from None
