@@ -152,7 +152,7 @@ class RunDescription:
     def state_dict(self) -> dict:
         run, cfg = self.run, self.run.cfg
         return {"spec": run.spec.to_dict(), "arch": cfg.model.arch, "model": cfg.model.model_dump(mode="json"),
-                "recipe": run.recipe.name, "generator": run.recipe.generator, "config": run.config_yaml,
+                "recipe": cfg.train.recipe, "generator": run.recipe.generator, "config": run.config_yaml,
                 "level": [run.growth.resolution, run.growth.alpha] if run.growth else None}
 
     def load_state_dict(self, meta: dict) -> None:
