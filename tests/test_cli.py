@@ -84,6 +84,36 @@ def test_data_shards_command(tmp_path):
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["splits"]["holdout"]["count"] == 359
 
 
+def _folder_with_bad_files(root: Path) -> Path:
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (10, 10), (40 * i, 200 if cls == "cats" else 0, 90)).save(root / cls / f"{i}.png")
+    (root / "cats" / "fake.jpg").write_bytes(b"this is text, not a JPEG")
+    (root / "notes.txt").write_text("where the photos came from")
+    return root
+
+
+def test_data_shards_skips_bad_files_and_lists_them_at_the_end(tmp_path):
+    src = _folder_with_bad_files(tmp_path / "imgs")
+    out = cli("data", "shards", str(src), str(tmp_path / "d"), "--resolution", "8", "--holdout", "0").stdout
+    assert out.splitlines()[1:] == ["skipped 2 file(s) that are not readable images (also listed in manifest.json):",
+                                    "  cats/fake.jpg: not a readable image (cannot identify image file)",
+                                    "  notes.txt: not an image file (extension .txt)"]
+    assert out.startswith("wrote 6 training images in 1 shard(s)")
+
+
+def test_data_shards_strict_fails_naming_every_bad_file_and_writes_nothing(tmp_path):
+    src = _folder_with_bad_files(tmp_path / "imgs")
+    p = cli("data", "shards", str(src), str(tmp_path / "d"), "--resolution", "8", "--strict", check=False)
+    assert p.returncode == 2 and p.stdout == "" and not (tmp_path / "d").exists()
+    assert p.stderr.splitlines() == [
+        f"ganforge data: error: {src}: 2 file(s) are not readable images, so nothing was written (--strict):",
+        "  cats/fake.jpg: not a readable image (cannot identify image file)",
+        "  notes.txt: not an image file (extension .txt)",
+        "remove or fix them, or leave out --strict to skip them"]
+
+
 def test_config_errors_exit_2_with_the_message(digits16, tmp_path):
     cfg = tmp_path / "bad.yaml"
     raw = tiny_config(digits16)
@@ -98,5 +128,5 @@ def test_config_errors_exit_2_with_the_message(digits16, tmp_path):
 def test_help_explains_every_option(command):
     text = cli(*command, "--help").stdout
     for option in {"train": ["--set", "--run-dir", "--resume"], "generate": ["--num", "--out", "--seed", "--truncation", "--class"],
-                   "data": ["--resolution", "--holdout", "--shard-size"], "info": ["--json", "--set"]}[command[0]]:
+                   "data": ["--resolution", "--holdout", "--shard-size", "--strict"], "info": ["--json", "--set"]}[command[0]]:
         assert option in text

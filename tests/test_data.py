@@ -93,8 +93,66 @@ def test_bad_sources_are_named(tmp_path):
         write_shards("builtin:digits", tmp_path / "o", resolution=12)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"x.png is not a readable image"):
+    with pytest.raises(DataError) as e:
         write_shards(str(tmp_path / "broken"), tmp_path / "o", resolution=8)
+    assert str(e.value).endswith("broken; skipped 1 file(s):\n  x.png: not a readable image (cannot identify image file)")
+    assert not (tmp_path / "o").exists()
+
+
+def _source_with_bad_files(root: Path) -> list[dict]:
+    """Six good images in cats/ and dogs/, and bad files of each kind; returns the expected skipped list."""
+    for cls, color in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            _png((color[0], 40 * i, color[2])).save(root / cls / f"{i}.png")
+    noise = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG")
+    (root / "cats" / "fake.jpg").write_bytes(b"this is text, not a JPEG")
+    (root / "dogs" / "cut.png").write_bytes(buf.getvalue()[:500])
+    (root / "notes.txt").write_text("where the photos came from")
+    (root / "dogs" / "LICENSE").write_text("CC-BY")
+    return [{"file": "cats/fake.jpg", "reason": "not a readable image (cannot identify image file)"},
+            {"file": "dogs/LICENSE", "reason": "not an image file (no extension)"},
+            {"file": "dogs/cut.png", "reason": "not a readable image (image file is truncated)"},
+            {"file": "notes.txt", "reason": "not an image file (extension .txt)"}]
+
+
+def _zip_of(root: Path, path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for p in sorted(root.rglob("*")):
+            zf.write(p, p.relative_to(root))  # folders too: their entries are not files and are not listed
+    return path
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_bad_files_are_skipped_and_listed_and_the_good_ones_written(tmp_path, kind):
+    expected = _source_with_bad_files(tmp_path / "imgs")
+    source = tmp_path / "imgs" if kind == "folder" else _zip_of(tmp_path / "imgs", tmp_path / "imgs.zip")
+    m = write_shards(str(source), tmp_path / "out", resolution=8, holdout=0.2, shard_size=4)
+    assert m["skipped"] == expected
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"] == expected
+    assert (m["num_classes"], m["class_names"]) == (2, ["cats", "dogs"])
+    samples = read_all(str(tmp_path / "out" / "train-*.tar")) + read_all(str(tmp_path / "out" / "holdout-*.tar"))
+    assert sorted(s["src.txt"].decode() for s in samples) == [f"{c}/{i}.png" for c in ("cats", "dogs") for i in range(3)]
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_strict_names_every_bad_file_and_writes_nothing(tmp_path, kind):
+    expected = _source_with_bad_files(tmp_path / "imgs")
+    source = tmp_path / "imgs" if kind == "folder" else _zip_of(tmp_path / "imgs", tmp_path / "imgs.zip")
+    old = write_shards("builtin:digits", tmp_path / "out", resolution=8, shard_size=1000)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(DataError) as e:
+        write_shards(str(source), tmp_path / "out", resolution=8, strict=True)
+    assert str(e.value) == (f"{source}: 4 file(s) are not readable images, so nothing was written (--strict):"
+                            + "".join(f"\n  {f['file']}: {f['reason']}" for f in expected)
+                            + "\nremove or fix them, or leave out --strict to skip them")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # the old shards are intact
+    assert old["splits"]["train"]["count"] > 0
+    with pytest.raises(DataError):
+        write_shards(str(source), tmp_path / "new", resolution=8, strict=True)
+    assert not (tmp_path / "new").exists()
 
 
 def test_missing_shards_fail_at_start(tmp_path):
