@@ -155,6 +155,19 @@ def test_strict_names_every_bad_file_and_writes_nothing(tmp_path, kind):
     assert not (tmp_path / "new").exists()
 
 
+def test_npz_labels_outside_the_classes_are_refused(tmp_path):
+    x = np.zeros((6, 8, 8), np.uint8)
+    np.savez(tmp_path / "neg.npz", images=x, labels=np.array([0, 1, 2, -1, 1, -3]))
+    with pytest.raises(DataError) as e:
+        write_shards(str(tmp_path / "neg.npz"), tmp_path / "o", resolution=8)
+    assert str(e.value) == (f"{tmp_path / 'neg.npz'}: labels[3] is -1, outside [0, 3) (classes 0 to the largest "
+                            f"label) (and 1 more); labels must be class indices")
+    np.savez(tmp_path / "named.npz", images=x, y=np.array([0, 1, 0, 1, 2, 1]), class_names=np.array(["a", "b"]))
+    with pytest.raises(DataError, match=r"named.npz: y\[4\] is 2, outside \[0, 2\) \(2 class_names\); labels must"):
+        write_shards(str(tmp_path / "named.npz"), tmp_path / "o", resolution=8)
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_shards_fail_at_start(tmp_path):
     with pytest.raises(DataError, match=r"no shard matches .*ganforge data shards"):
         expand_shards(str(tmp_path / "train-*.tar"))

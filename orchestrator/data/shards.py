@@ -155,6 +155,14 @@ def _from_npz(path: Path) -> SourceImages:
         labels = [int(v) for v in z[lab_key]] if lab_key else None
         names = [str(n) for n in z["class_names"]] if "class_names" in z else (
             [str(i) for i in range(max(labels) + 1)] if labels else [])
+        named = "class_names" in z
+    out_of_range = [(i, v) for i, v in enumerate(labels or ()) if not 0 <= v < len(names)]
+    if out_of_range:
+        i, v = out_of_range[0]
+        more = f" (and {len(out_of_range) - 1} more)" if len(out_of_range) > 1 else ""
+        classes = f"{len(names)} class_names" if named else "classes 0 to the largest label"
+        raise DataError(f"{path}: {lab_key}[{i}] is {v}, outside [0, {len(names)}) ({classes}){more}; "
+                        f"labels must be class indices")
     if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)  # N×C×H×W → N×H×W×C
     if arr.dtype != np.uint8:
