@@ -34,6 +34,10 @@ from orchestrator.precision import PrecisionName
 
 ModelConfig = Annotated[Union[tuple(a.config for a in REGISTRY.values())], Field(discriminator="arch")]
 
+DEEPSPEED_KEYS = ("zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "optimizer", "scheduler", "fp16", "bf16", "amp", "gradient_clipping", "steps_per_print",
+                  "wall_clock_breakdown", "zero_allow_untested_optimizer", "activation_checkpointing", "torch_autocast")
+
 
 class TrainConfig(StrictConfig):
     """Length, batch, seed, precision and device of a run."""
@@ -102,12 +106,22 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, …), got {type(raw).__name__}")
+    _refuse_deepspeed_config(raw, path)
     override_paths = []
     for text_override in overrides:
         key, value = parse_override(text_override)
         apply_override(raw, key, value)
         override_paths.append(key)
     return validate_config(raw, source=str(path), yaml_text=text, override_paths=override_paths)
+
+
+def _refuse_deepspeed_config(raw: dict, path: Path) -> None:
+    """A DeepSpeed config given where a job config belongs: say so, and where it goes."""
+    found = [k for k in DEEPSPEED_KEYS if k in raw]
+    if found and not any(k in JobConfig.model_fields for k in raw):
+        raise ConfigError(f"{path} is a DeepSpeed config (top-level {', '.join(found)}), not a ganforge job config; "
+                          f"use it from a job config as distributed.deepspeed_config: {path} "
+                          f"(with distributed.strategy: deepspeed)")
 
 
 def config_from_yaml_text(text: str, source: str) -> JobConfig:

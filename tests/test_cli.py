@@ -77,6 +77,15 @@ def test_info_json(digits16, tmp_path):
     assert "g_channels: 4" in human and "trainable parameters" in human
 
 
+def test_info_on_a_deepspeed_config_says_what_it_is():
+    path = Path(__file__).parents[1] / "configs" / "deepspeed" / "zero1.yaml"
+    p = cli("info", str(path), check=False)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == (f"ganforge info: error: {path} is a DeepSpeed config (top-level zero_optimization, "
+                        f"gradient_clipping, wall_clock_breakdown), not a ganforge job config; use it from a job config "
+                        f"as distributed.deepspeed_config: {path} (with distributed.strategy: deepspeed)\n")
+
+
 def test_data_shards_command(tmp_path):
     out = cli("data", "shards", "builtin:digits", str(tmp_path / "d"), "--resolution", "8", "--holdout", "0.2",
               "--shard-size", "500").stdout

@@ -83,6 +83,27 @@ def test_resolved_config_round_trips(tmp_path):
     assert yaml.safe_load(cfg.to_yaml())["ema"]["rampup"] == 0.05
 
 
+@pytest.mark.parametrize("name", ["zero1", "zero2"])
+def test_a_deepspeed_config_is_named_as_one(name):
+    path = Path(__file__).parents[1] / "configs" / "deepspeed" / f"{name}.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path} is a DeepSpeed config (top-level zero_optimization, gradient_clipping, "
+                            f"wall_clock_breakdown), not a ganforge job config; use it from a job config as "
+                            f"distributed.deepspeed_config: {path} (with distributed.strategy: deepspeed)")
+
+
+def test_a_deepspeed_json_config_is_named_as_one_and_a_job_config_is_not(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "bf16": {"enabled": true}}')
+    with pytest.raises(ConfigError, match=r"ds.json is a DeepSpeed config \(top-level train_micro_batch_size_per_gpu, "
+                                          r"gradient_accumulation_steps, bf16\), not a ganforge job config; use it from "
+                                          r"a job config as distributed.deepspeed_config: .*ds.json"):
+        load_config(ds)
+    with pytest.raises(ConfigError, match=r"job.yaml:8: unknown key 'fp16' \(valid keys here: checkpoint, data"):
+        load_config(write(tmp_path, GOOD + "fp16: {enabled: true}\n"))
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path(__file__).parents[1].glob("configs/**/*.yaml")
                                         if "deepspeed" not in p.parts))
 def test_every_shipped_preset_validates(path):
