@@ -34,9 +34,10 @@ from orchestrator.precision import PrecisionName
 
 ModelConfig = Annotated[Union[tuple(a.config for a in REGISTRY.values())], Field(discriminator="arch")]
 
-DEEPSPEED_KEYS = ("zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                  "optimizer", "scheduler", "fp16", "bf16", "amp", "gradient_clipping", "steps_per_print",
-                  "wall_clock_breakdown", "zero_allow_untested_optimizer", "activation_checkpointing", "torch_autocast")
+DEEPSPEED_KEYS = ("zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu",
+                  "gradient_accumulation_steps", "optimizer", "scheduler", "fp16", "bf16", "amp", "gradient_clipping",
+                  "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
+                  "activation_checkpointing", "torch_autocast")
 
 
 class TrainConfig(StrictConfig):

@@ -82,8 +82,8 @@ def test_info_on_a_deepspeed_config_says_what_it_is():
     p = cli("info", str(path), check=False)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr == (f"ganforge info: error: {path} is a DeepSpeed config (top-level zero_optimization, "
-                        f"gradient_clipping, wall_clock_breakdown), not a ganforge job config; use it from a job config "
-                        f"as distributed.deepspeed_config: {path} (with distributed.strategy: deepspeed)\n")
+                        f"gradient_clipping, wall_clock_breakdown), not a ganforge job config; use it from a job "
+                        f"config as distributed.deepspeed_config: {path} (with distributed.strategy: deepspeed)\n")
 
 
 def test_data_shards_command(tmp_path):
@@ -137,5 +137,6 @@ def test_config_errors_exit_2_with_the_message(digits16, tmp_path):
 def test_help_explains_every_option(command):
     text = cli(*command, "--help").stdout
     for option in {"train": ["--set", "--run-dir", "--resume"], "generate": ["--num", "--out", "--seed", "--truncation", "--class"],
-                   "data": ["--resolution", "--holdout", "--shard-size", "--strict"], "info": ["--json", "--set"]}[command[0]]:
+                   "data": ["--resolution", "--holdout", "--shard-size", "--strict"],
+                   "info": ["--json", "--set"]}[command[0]]:
         assert option in text

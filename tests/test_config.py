@@ -97,8 +97,8 @@ def test_a_deepspeed_json_config_is_named_as_one_and_a_job_config_is_not(tmp_pat
     ds = tmp_path / "ds.json"
     ds.write_text('{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "bf16": {"enabled": true}}')
     with pytest.raises(ConfigError, match=r"ds.json is a DeepSpeed config \(top-level train_micro_batch_size_per_gpu, "
-                                          r"gradient_accumulation_steps, bf16\), not a ganforge job config; use it from "
-                                          r"a job config as distributed.deepspeed_config: .*ds.json"):
+                                          r"gradient_accumulation_steps, bf16\), not a ganforge job config; use it "
+                                          r"from a job config as distributed.deepspeed_config: .*ds.json"):
         load_config(ds)
     with pytest.raises(ConfigError, match=r"job.yaml:8: unknown key 'fp16' \(valid keys here: checkpoint, data"):
         load_config(write(tmp_path, GOOD + "fp16: {enabled: true}\n"))

@@ -95,7 +95,9 @@ def test_bad_sources_are_named(tmp_path):
     (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
     with pytest.raises(DataError) as e:
         write_shards(str(tmp_path / "broken"), tmp_path / "o", resolution=8)
-    assert str(e.value).endswith("broken; skipped 1 file(s):\n  x.png: not a readable image (cannot identify image file)")
+    assert str(e.value) == (f"no readable images (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) in "
+                            f"{tmp_path / 'broken'}; skipped 1 file(s):\n"
+                            f"  x.png: not a readable image (cannot identify image file)")
     assert not (tmp_path / "o").exists()
 
 
@@ -134,7 +136,8 @@ def test_bad_files_are_skipped_and_listed_and_the_good_ones_written(tmp_path, ki
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"] == expected
     assert (m["num_classes"], m["class_names"]) == (2, ["cats", "dogs"])
     samples = read_all(str(tmp_path / "out" / "train-*.tar")) + read_all(str(tmp_path / "out" / "holdout-*.tar"))
-    assert sorted(s["src.txt"].decode() for s in samples) == [f"{c}/{i}.png" for c in ("cats", "dogs") for i in range(3)]
+    written = sorted(s["src.txt"].decode() for s in samples)
+    assert written == [f"{c}/{i}.png" for c in ("cats", "dogs") for i in range(3)]
 
 
 @pytest.mark.parametrize("kind", ["folder", "zip"])
