@@ -159,7 +159,29 @@ def _describe(err: dict, source: str, yaml_text: str, override_paths) -> str:
         near = difflib.get_close_matches(str(tag), list(REGISTRY), n=1) if tag else []
         hint = f"; did you mean {near[0]!r}?" if near else ""
         return f"{where}: {dotted}.arch: {tag!r} is not a known architecture{hint} (known: {', '.join(sorted(REGISTRY))})"
+    if err["type"] in _EXPECTED:
+        return f"{where}: {dotted}: {_wrong_type(err['type'], err.get('input'))}"
     return f"{where}: {dotted}: {err['msg']} (got {err.get('input')!r})"
+
+
+_EXPECTED = {"int_type": ("an integer", int), "float_type": ("a number", (int, float)),
+             "bool_type": ("true or false", bool)}
+
+
+def _wrong_type(kind: str, value: Any) -> str:
+    """``expected a number, not the string '100' (write it without quotes: 100)``."""
+    expected, types = _EXPECTED[kind]
+    if isinstance(value, str):
+        try:
+            unquoted = yaml.safe_load(value)
+        except yaml.YAMLError:
+            unquoted = None
+        fits = isinstance(unquoted, types) and isinstance(unquoted, bool) == (types is bool)
+        hint = f" (write it without quotes: {value})" if fits else ""
+        return f"expected {expected}, not the string {value!r}{hint}"
+    if isinstance(value, (bool, int, float)):
+        return f"expected {expected}, not the {'boolean' if isinstance(value, bool) else 'number'} {value!r}"
+    return f"expected {expected}, not {'an empty value' if value is None else 'a ' + type(value).__name__}"
 
 
 def _without_union_tag(loc: list[str]) -> list[str]:

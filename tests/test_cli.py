@@ -86,6 +86,21 @@ def test_info_on_a_deepspeed_config_says_what_it_is():
                         f"config as distributed.deepspeed_config: {path} (with distributed.strategy: deepspeed)\n")
 
 
+def test_quoted_numbers_exit_2_naming_the_key_and_the_type(digits16, tmp_path):
+    cfg = tmp_path / "quoted.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(digits16, train={"total_kimg": "100"})))
+    p = cli("info", str(cfg), check=False)
+    line = next(i for i, text in enumerate(cfg.read_text().splitlines(), 1) if "total_kimg" in text)
+    assert p.returncode == 2
+    assert p.stderr == (f"ganforge info: error: invalid config {cfg}:\n  {cfg}:{line}: train.total_kimg: "
+                        f"expected a number, not the string '100' (write it without quotes: 100)\n")
+    p = cli("info", str(cfg), "--set", "train.total_kimg=100", "--set", "tracking.progress_bar='false'", check=False)
+    assert p.returncode == 2 and p.stderr.splitlines()[1:] == [
+        "  --set tracking.progress_bar: tracking.progress_bar: expected true or false, not the string 'false' "
+        "(write it without quotes: false)"]
+    assert "total_kimg: 100.0" in cli("info", str(cfg), "--set", "train.total_kimg=100").stdout
+
+
 def test_data_shards_command(tmp_path):
     out = cli("data", "shards", "builtin:digits", str(tmp_path / "d"), "--resolution", "8", "--holdout", "0.2",
               "--shard-size", "500").stdout
