@@ -81,11 +81,15 @@ def _shards(a: argparse.Namespace) -> int:
     from orchestrator.data.shards import write_shards
 
     m = write_shards(a.source, a.out, a.resolution, holdout=a.holdout, shard_size=a.shard_size,
-                     channels=a.channels, seed=a.seed)
+                     channels=a.channels, seed=a.seed, strict=a.strict)
     s = m["splits"]
     print(f"wrote {s['train']['count']} training images in {len(s['train']['shards'])} shard(s) and "
           f"{s['holdout']['count']} held-out images in {len(s['holdout']['shards'])} shard(s) to {a.out} "
           f"({m['resolution']}×{m['resolution']}, {m['channels']} channel(s), {m['num_classes']} classes)")
+    if m["skipped"]:
+        print(f"skipped {len(m['skipped'])} file(s) that are not readable images (also listed in manifest.json):")
+        for f in m["skipped"]:
+            print(f"  {f['file']}: {f['reason']}")
     return 0
 
 
@@ -232,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     s.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: grey only if every image is")
     s.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split (default 0)")
+    s.add_argument("--strict", action="store_true", help="fail, writing nothing, if any file of SOURCE is not a "
+                   "readable image (default: skip such files and list them at the end)")
     s.set_defaults(fn=_shards)
 
     u = sub.add_parser("submit", help="run a training job on a Ray cluster (like ray job submit)",

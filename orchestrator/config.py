@@ -36,6 +36,11 @@ from orchestrator.recipes.recipe import RECIPES
 
 ModelConfig = Annotated[Union[tuple(a.config for a in REGISTRY.values())], Field(discriminator="arch")]
 
+DEEPSPEED_KEYS = ("zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu",
+                  "gradient_accumulation_steps", "optimizer", "scheduler", "fp16", "bf16", "amp", "gradient_clipping",
+                  "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
+                  "activation_checkpointing", "torch_autocast")
+
 
 class TrainConfig(StrictConfig):
     """Length, batch, seed, precision and device of a run."""
@@ -113,12 +118,22 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, …), got {type(raw).__name__}")
+    _refuse_deepspeed_config(raw, path)
     override_paths = []
     for text_override in overrides:
         key, value = parse_override(text_override)
         apply_override(raw, key, value)
         override_paths.append(key)
     return validate_config(raw, source=str(path), yaml_text=text, override_paths=override_paths)
+
+
+def _refuse_deepspeed_config(raw: dict, path: Path) -> None:
+    """A DeepSpeed config given where a job config belongs: say so, and where it goes."""
+    found = [k for k in DEEPSPEED_KEYS if k in raw]
+    if found and not any(k in JobConfig.model_fields for k in raw):
+        raise ConfigError(f"{path} is a DeepSpeed config (top-level {', '.join(found)}), not a ganforge job config; "
+                          f"use it from a job config as distributed.deepspeed_config: {path} "
+                          f"(with distributed.strategy: deepspeed)")
 
 
 def config_from_yaml_text(text: str, source: str) -> JobConfig:
@@ -155,7 +170,29 @@ def _describe(err: dict, source: str, yaml_text: str, override_paths) -> str:
         near = difflib.get_close_matches(str(tag), list(REGISTRY), n=1) if tag else []
         hint = f"; did you mean {near[0]!r}?" if near else ""
         return f"{where}: {dotted}.arch: {tag!r} is not a known architecture{hint} (known: {', '.join(sorted(REGISTRY))})"
+    if err["type"] in _EXPECTED:
+        return f"{where}: {dotted}: {_wrong_type(err['type'], err.get('input'))}"
     return f"{where}: {dotted}: {err['msg']} (got {err.get('input')!r})"
+
+
+_EXPECTED = {"int_type": ("an integer", int), "float_type": ("a number", (int, float)),
+             "bool_type": ("true or false", bool)}
+
+
+def _wrong_type(kind: str, value: Any) -> str:
+    """``expected a number, not the string '100' (write it without quotes: 100)``."""
+    expected, types = _EXPECTED[kind]
+    if isinstance(value, str):
+        try:
+            unquoted = yaml.safe_load(value)
+        except yaml.YAMLError:
+            unquoted = None
+        fits = isinstance(unquoted, types) and isinstance(unquoted, bool) == (types is bool)
+        hint = f" (write it without quotes: {value})" if fits else ""
+        return f"expected {expected}, not the string {value!r}{hint}"
+    if isinstance(value, (bool, int, float)):
+        return f"expected {expected}, not the {'boolean' if isinstance(value, bool) else 'number'} {value!r}"
+    return f"expected {expected}, not {'an empty value' if value is None else 'a ' + type(value).__name__}"
 
 
 def _without_union_tag(loc: list[str]) -> list[str]:

@@ -77,11 +77,65 @@ def test_info_json(digits16, tmp_path):
     assert "g_channels: 4" in human and "trainable parameters" in human
 
 
+def test_info_on_a_deepspeed_config_says_what_it_is():
+    path = Path(__file__).parents[1] / "configs" / "deepspeed" / "zero1.yaml"
+    p = cli("info", str(path), check=False)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == (f"ganforge info: error: {path} is a DeepSpeed config (top-level zero_optimization, "
+                        f"gradient_clipping, wall_clock_breakdown), not a ganforge job config; use it from a job "
+                        f"config as distributed.deepspeed_config: {path} (with distributed.strategy: deepspeed)\n")
+
+
+def test_quoted_numbers_exit_2_naming_the_key_and_the_type(digits16, tmp_path):
+    cfg = tmp_path / "quoted.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(digits16, train={"total_kimg": "100"})))
+    p = cli("info", str(cfg), check=False)
+    line = next(i for i, text in enumerate(cfg.read_text().splitlines(), 1) if "total_kimg" in text)
+    assert p.returncode == 2
+    assert p.stderr == (f"ganforge info: error: invalid config {cfg}:\n  {cfg}:{line}: train.total_kimg: "
+                        f"expected a number, not the string '100' (write it without quotes: 100)\n")
+    p = cli("info", str(cfg), "--set", "train.total_kimg=100", "--set", "tracking.progress_bar='false'", check=False)
+    assert p.returncode == 2 and p.stderr.splitlines()[1:] == [
+        "  --set tracking.progress_bar: tracking.progress_bar: expected true or false, not the string 'false' "
+        "(write it without quotes: false)"]
+    assert "total_kimg: 100.0" in cli("info", str(cfg), "--set", "train.total_kimg=100").stdout
+
+
 def test_data_shards_command(tmp_path):
     out = cli("data", "shards", "builtin:digits", str(tmp_path / "d"), "--resolution", "8", "--holdout", "0.2",
               "--shard-size", "500").stdout
     assert "1438 training images in 3 shard(s) and 359 held-out images in 1 shard(s)" in out
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["splits"]["holdout"]["count"] == 359
+
+
+def _folder_with_bad_files(root: Path) -> Path:
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (10, 10), (40 * i, 200 if cls == "cats" else 0, 90)).save(root / cls / f"{i}.png")
+    (root / "cats" / "fake.jpg").write_bytes(b"this is text, not a JPEG")
+    (root / "notes.txt").write_text("where the photos came from")
+    return root
+
+
+def test_data_shards_skips_bad_files_and_lists_them_at_the_end(tmp_path):
+    src = _folder_with_bad_files(tmp_path / "imgs")
+    out = cli("data", "shards", str(src), str(tmp_path / "d"), "--resolution", "8", "--holdout", "0").stdout
+    assert out.splitlines()[1:] == ["skipped 2 file(s) that are not readable images (also listed in manifest.json):",
+                                    "  cats/fake.jpg: not a readable image (cannot identify image file)",
+                                    "  notes.txt: not an image file (extension .txt)"]
+    assert out.startswith("wrote 6 training images in 1 shard(s)")
+
+
+def test_data_shards_strict_fails_naming_every_bad_file_and_writes_nothing(tmp_path):
+    src = _folder_with_bad_files(tmp_path / "imgs")
+    p = cli("data", "shards", str(src), str(tmp_path / "d"), "--resolution", "8", "--strict", check=False)
+    assert p.returncode == 2 and p.stdout == "" and not (tmp_path / "d").exists()
+    assert p.stderr.splitlines() == [
+        f"ganforge data: error: {src}: 2 file(s) are not readable images, so nothing was written (--strict):",
+        "  cats/fake.jpg: not a readable image (cannot identify image file)",
+        "  notes.txt: not an image file (extension .txt)",
+        "remove or fix them, or leave out --strict to skip them"]
 
 
 def test_config_errors_exit_2_with_the_message(digits16, tmp_path):
@@ -98,5 +152,6 @@ def test_config_errors_exit_2_with_the_message(digits16, tmp_path):
 def test_help_explains_every_option(command):
     text = cli(*command, "--help").stdout
     for option in {"train": ["--set", "--run-dir", "--resume"], "generate": ["--num", "--out", "--seed", "--truncation", "--class"],
-                   "data": ["--resolution", "--holdout", "--shard-size"], "info": ["--json", "--set"]}[command[0]]:
+                   "data": ["--resolution", "--holdout", "--shard-size", "--strict"],
+                   "info": ["--json", "--set"]}[command[0]]:
         assert option in text

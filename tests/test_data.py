@@ -93,8 +93,82 @@ def test_bad_sources_are_named(tmp_path):
         write_shards("builtin:digits", tmp_path / "o", resolution=12)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"x.png is not a readable image"):
+    with pytest.raises(DataError) as e:
         write_shards(str(tmp_path / "broken"), tmp_path / "o", resolution=8)
+    assert str(e.value) == (f"no readable images (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) in "
+                            f"{tmp_path / 'broken'}; skipped 1 file(s):\n"
+                            f"  x.png: not a readable image (cannot identify image file)")
+    assert not (tmp_path / "o").exists()
+
+
+def _source_with_bad_files(root: Path) -> list[dict]:
+    """Six good images in cats/ and dogs/, and bad files of each kind; returns the expected skipped list."""
+    for cls, color in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            _png((color[0], 40 * i, color[2])).save(root / cls / f"{i}.png")
+    noise = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG")
+    (root / "cats" / "fake.jpg").write_bytes(b"this is text, not a JPEG")
+    (root / "dogs" / "cut.png").write_bytes(buf.getvalue()[:500])
+    (root / "notes.txt").write_text("where the photos came from")
+    (root / "dogs" / "LICENSE").write_text("CC-BY")
+    return [{"file": "cats/fake.jpg", "reason": "not a readable image (cannot identify image file)"},
+            {"file": "dogs/LICENSE", "reason": "not an image file (no extension)"},
+            {"file": "dogs/cut.png", "reason": "not a readable image (image file is truncated)"},
+            {"file": "notes.txt", "reason": "not an image file (extension .txt)"}]
+
+
+def _zip_of(root: Path, path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for p in sorted(root.rglob("*")):
+            zf.write(p, p.relative_to(root))  # folders too: their entries are not files and are not listed
+    return path
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_bad_files_are_skipped_and_listed_and_the_good_ones_written(tmp_path, kind):
+    expected = _source_with_bad_files(tmp_path / "imgs")
+    source = tmp_path / "imgs" if kind == "folder" else _zip_of(tmp_path / "imgs", tmp_path / "imgs.zip")
+    m = write_shards(str(source), tmp_path / "out", resolution=8, holdout=0.2, shard_size=4)
+    assert m["skipped"] == expected
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"] == expected
+    assert (m["num_classes"], m["class_names"]) == (2, ["cats", "dogs"])
+    samples = read_all(str(tmp_path / "out" / "train-*.tar")) + read_all(str(tmp_path / "out" / "holdout-*.tar"))
+    written = sorted(s["src.txt"].decode() for s in samples)
+    assert written == [f"{c}/{i}.png" for c in ("cats", "dogs") for i in range(3)]
+
+
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_strict_names_every_bad_file_and_writes_nothing(tmp_path, kind):
+    expected = _source_with_bad_files(tmp_path / "imgs")
+    source = tmp_path / "imgs" if kind == "folder" else _zip_of(tmp_path / "imgs", tmp_path / "imgs.zip")
+    old = write_shards("builtin:digits", tmp_path / "out", resolution=8, shard_size=1000)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(DataError) as e:
+        write_shards(str(source), tmp_path / "out", resolution=8, strict=True)
+    assert str(e.value) == (f"{source}: 4 file(s) are not readable images, so nothing was written (--strict):"
+                            + "".join(f"\n  {f['file']}: {f['reason']}" for f in expected)
+                            + "\nremove or fix them, or leave out --strict to skip them")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # the old shards are intact
+    assert old["splits"]["train"]["count"] > 0
+    with pytest.raises(DataError):
+        write_shards(str(source), tmp_path / "new", resolution=8, strict=True)
+    assert not (tmp_path / "new").exists()
+
+
+def test_npz_labels_outside_the_classes_are_refused(tmp_path):
+    x = np.zeros((6, 8, 8), np.uint8)
+    np.savez(tmp_path / "neg.npz", images=x, labels=np.array([0, 1, 2, -1, 1, -3]))
+    with pytest.raises(DataError) as e:
+        write_shards(str(tmp_path / "neg.npz"), tmp_path / "o", resolution=8)
+    assert str(e.value) == (f"{tmp_path / 'neg.npz'}: labels[3] is -1, outside [0, 3) (classes 0 to the largest "
+                            f"label) (and 1 more); labels must be class indices")
+    np.savez(tmp_path / "named.npz", images=x, y=np.array([0, 1, 0, 1, 2, 1]), class_names=np.array(["a", "b"]))
+    with pytest.raises(DataError, match=r"named.npz: y\[4\] is 2, outside \[0, 2\) \(2 class_names\); labels must"):
+        write_shards(str(tmp_path / "named.npz"), tmp_path / "o", resolution=8)
+    assert not (tmp_path / "o").exists()
 
 
 def test_missing_shards_fail_at_start(tmp_path):
@@ -185,21 +259,23 @@ def _write_bad_shard(path: Path) -> None:
 
 
 def test_corrupt_members_are_skipped_and_counted(tmp_path):
-    _write_bad_shard(tmp_path / "train-000000.tar")
-    stream = ShardStream([str(tmp_path / "train-000000.tar")], ImageSpec(16, 1, 10), 10, seed=0, shuffle_buffer=1)
-    b = next(iter(stream))
-    assert b.img.shape[0] == 10 and set(b.keys) == {f"good{i}" for i in range(10)}
-    reasons = {key: reason for _, key, reason in b.bad}
-    assert set(reasons) <= {"garbage", "wrongsize", "badlabel", "nolabel"}
+    shard = tmp_path / "train-000000.tar"
+    _write_bad_shard(shard)
+    it = iter(ShardStream([str(shard)], ImageSpec(16, 1, 10), 10, seed=0, shuffle_buffer=1))
+    batches = [next(it) for _ in range(3)]  # one batch per epoch: the 10 good samples
+    for b in batches:
+        assert b.img.shape[0] == 10 and set(b.keys) == {f"good{i}" for i in range(10)}
+    # the bad samples are read after an epoch's last batch: they ride on the next epoch's first batch
+    assert batches[0].bad == []
+    for b in batches[1:]:
+        assert sorted(b.bad) == sorted([(str(shard), "garbage", "not an image: UnidentifiedImageError"),
+                                        (str(shard), "wrongsize", "RGB 8×8, expected L 16×16"),
+                                        (str(shard), "badlabel", "label 42 out of range [0, 10)"),
+                                        (str(shard), "nolabel", "missing or unreadable label")])
     health = DataHealth(max_bad_fraction=1.0, min_samples=1)
-    batches = [b] + [next(it) for it in [iter(stream)] for _ in range(2)]
-    for batch in batches:
-        health.update(batch)
-    assert health.bad >= 4 and health.read == health.bad + 10 * len(batches)
-    all_bad = {k for batch in batches for _, k, _ in batch.bad}
-    assert all_bad == {"garbage", "wrongsize", "badlabel", "nolabel"}
-    assert "not an image" in reasons.get("garbage", "not an image")
-    assert any("out of range" in r for *_, r in (x for batch in batches for x in batch.bad))
+    for b in batches:
+        health.update(b)
+    assert health.bad == 8 and health.bad_by_shard == {str(shard): 8} and health.read == 8 + 10 * len(batches)
 
 
 def test_too_many_bad_samples_stop_with_the_worst_shard(tmp_path):
@@ -219,10 +295,14 @@ def test_truncated_tar_is_survived(tmp_path, digits16):
     (tmp_path / "train-000001.tar").write_bytes((digits16 / "train-000001.tar").read_bytes())
     urls = expand_shards(str(tmp_path / "train-*.tar"))
     stream = ShardStream(urls, ImageSpec(16, 1, 10), 16, seed=0, shuffle_buffer=1)
-    n, bad = 0, []
+    keys, bad = set(), []
     for b in stream:
-        n += len(b.keys)
         bad += b.bad
         if b.cursor[0] > 0:
             break
-    assert n >= 128 and any("train-000000.tar" in shard or "unreadable" in reason for shard, _, reason in bad)
+        keys.update(b.keys)
+    assert {s["__key__"] for s in read_all(str(digits16 / "train-000001.tar"))} <= keys  # the next shard is read
+    assert len(keys) > 128  # and so are the samples before the cut
+    cut = str(tmp_path / "train-000000.tar")
+    assert bad, "a cut-off shard must be reported"
+    assert all(shard == cut and reason.startswith(("unreadable:", "truncated:")) for shard, _, reason in bad), bad

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import random
+import re
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,12 +68,14 @@ class DataConfig(StrictConfig):
 
 @dataclass
 class SourceImages:
-    """Images read from a source, before resizing: PIL images, class indices (or None) and names."""
+    """Images read from a source, before resizing: PIL images, class indices (or None) and names, and the
+    files that were skipped as ``(file, reason)``."""
 
     images: list[Image.Image]
     labels: list[int] | None
     class_names: list[str]
     keys: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def read_source(source: str) -> SourceImages:
@@ -90,36 +93,55 @@ def read_source(source: str) -> SourceImages:
     if not path.exists():
         raise DataError(f"data source {source} does not exist; give an image folder, a .zip, an .npz or builtin:digits")
     if path.is_dir():
-        files = {str(p.relative_to(path)): p.read_bytes for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
+        files = {str(p.relative_to(path)): p.read_bytes for p in sorted(path.rglob("*")) if not p.is_dir()}
         return _from_named_files(source, files)
     if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as zf:
-            names = sorted(n for n in zf.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES)
-            files = {n: (lambda n=n: zf.read(n)) for n in names}
-            return _from_named_files(source, files)
+        try:
+            with zipfile.ZipFile(path) as zf:
+                files = {n: (lambda n=n: zf.read(n)) for n in sorted(zf.namelist()) if not n.endswith("/")}
+                return _from_named_files(source, files)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{source} is not a readable .zip ({e})") from None
     if path.suffix == ".npz":
         return _from_npz(path)
     raise DataError(f"cannot read {source}: expected a folder, a .zip, an .npz or builtin:digits")
 
 
 def _from_named_files(source: str, files: dict[str, Any]) -> SourceImages:
-    """Images keyed by relative path; the first path component is the class when every image has one."""
-    if not files:
-        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {source}")
-    labelled = all(len(Path(n).parts) >= 2 for n in files)
-    class_names = sorted({Path(n).parts[0] for n in files}) if labelled else []
-    images, labels, keys = [], [], []
+    """Images keyed by relative path; the first path component is the class when every image has one.
+
+    Every file is tried; a file that is not an image or cannot be read is skipped with its reason."""
+    images, keys, skipped = [], [], []
     for name, read in files.items():
+        suffix = Path(name).suffix.lower()
+        if suffix not in IMAGE_SUFFIXES:
+            skipped.append((name, f"not an image file ({f'extension {suffix}' if suffix else 'no extension'})"))
+            continue
         try:
             img = Image.open(io.BytesIO(read()))
             img.load()
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-            raise DataError(f"{source}: {name} is not a readable image ({e}); remove or fix it") from None
+            skipped.append((name, f"not a readable image ({error_text(e)})"))
+            continue
         images.append(img)
         keys.append(name)
-        if labelled:
-            labels.append(class_names.index(Path(name).parts[0]))
-    return SourceImages(images, labels if labelled else None, class_names, keys)
+    if not images:
+        raise DataError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}"
+                        + (f"; skipped {len(skipped)} file(s):{skipped_lines(skipped)}" if skipped else ""))
+    labelled = all(len(Path(n).parts) >= 2 for n in keys)
+    class_names = sorted({Path(n).parts[0] for n in keys}) if labelled else []
+    labels = [class_names.index(Path(n).parts[0]) for n in keys] if labelled else None
+    return SourceImages(images, labels, class_names, keys, skipped)
+
+
+def error_text(e: Exception) -> str:
+    """An exception's message without Python object reprs such as ``<_io.BytesIO object at 0x7f…>``."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__
+
+
+def skipped_lines(skipped: list[tuple[str, str]]) -> str:
+    """One indented ``file: reason`` line per skipped file, each after a newline."""
+    return "".join(f"\n  {name}: {reason}" for name, reason in skipped)
 
 
 def _from_npz(path: Path) -> SourceImages:
@@ -133,6 +155,14 @@ def _from_npz(path: Path) -> SourceImages:
         labels = [int(v) for v in z[lab_key]] if lab_key else None
         names = [str(n) for n in z["class_names"]] if "class_names" in z else (
             [str(i) for i in range(max(labels) + 1)] if labels else [])
+        named = "class_names" in z
+    out_of_range = [(i, v) for i, v in enumerate(labels or ()) if not 0 <= v < len(names)]
+    if out_of_range:
+        i, v = out_of_range[0]
+        more = f" (and {len(out_of_range) - 1} more)" if len(out_of_range) > 1 else ""
+        classes = f"{len(names)} class_names" if named else "classes 0 to the largest label"
+        raise DataError(f"{path}: {lab_key}[{i}] is {v}, outside [0, {len(names)}) ({classes}){more}; "
+                        f"labels must be class indices")
     if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)  # N×C×H×W → N×H×W×C
     if arr.dtype != np.uint8:
@@ -169,17 +199,23 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_shards(source: str, out: str | Path, resolution: int, holdout: float = 0.1, shard_size: int = 1000,
-                 channels: int | None = None, seed: int = 0) -> dict:
+                 channels: int | None = None, seed: int = 0, strict: bool = False) -> dict:
     """Write ``train-*.tar``/``holdout-*.tar`` shards and ``manifest.json`` to ``out``; return the manifest.
 
     Images are split at random (``seed``) into held-out and training sets; an image whose pixels
     equal a held-out image's (after resizing) is dropped from training, so the two never share one.
+    Files of the source that are not readable images are skipped and listed in the manifest's
+    ``skipped``; with ``strict``, any such file is an error and nothing is written.
     """
     if resolution < 4 or resolution & (resolution - 1):
         raise DataError(f"--resolution {resolution}: must be a power of two ≥ 4")
     if not 0 <= holdout < 1:
         raise DataError(f"--holdout {holdout}: must be in [0, 1)")
     src = read_source(source)
+    if strict and src.skipped:
+        raise DataError(f"{source}: {len(src.skipped)} file(s) are not readable images, so nothing was written "
+                        f"(--strict):{skipped_lines(src.skipped)}\n"
+                        f"remove or fix them, or leave out --strict to skip them")
     if channels is None:
         channels = 1 if all(im.mode in ("L", "1", "I", "I;16", "F") for im in src.images) else 3
     order = list(range(len(src.images)))
@@ -205,6 +241,7 @@ def write_shards(source: str, out: str | Path, resolution: int, holdout: float =
         "num_classes": len(src.class_names) if src.labels is not None else 0,
         "class_names": src.class_names if src.labels is not None else [],
         "seed": seed, "duplicates_dropped_from_train": len(order) - n_hold - len(train_idx), "splits": {},
+        "skipped": [{"file": name, "reason": reason} for name, reason in src.skipped],
     }
     for split, idx in splits.items():
         pattern = str(out / f"{split}-%06d.tar")
