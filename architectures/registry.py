@@ -29,12 +29,15 @@ class ArchConfig(StrictConfig):
 
 @dataclass(frozen=True)
 class Architecture:
-    """A GAN family: its config type and how to build G and D from a config and an image spec."""
+    """A GAN family: its config type, how to build G and D from a config and an image spec, and optionally
+    ``param_notes``, which ``ganforge info`` uses to say what the parameter counts include."""
 
     name: str
     config: type[ArchConfig]
     build_generator: Callable[[ArchConfig, ImageSpec], nn.Module]
     build_discriminator: Callable[[ArchConfig, ImageSpec], nn.Module]
+    # optional, for `ganforge info`: (G, D) -> (extra JSON keys, a sentence on what the counts include)
+    param_notes: Callable[[nn.Module, nn.Module], tuple[dict[str, int], str]] | None = None
 
 
 REGISTRY: dict[str, Architecture] = {}

@@ -16,6 +16,7 @@ from PIL import Image
 
 import architectures
 from architectures import progan as pg
+from architectures.registry import count_params
 from core.spec import ImageSpec
 from conftest import assert_same_nets, tiny_config
 from orchestrator.checkpoint import load_checkpoint
@@ -226,10 +227,13 @@ def test_celebahq_preset_is_the_official_network_and_schedule():
     cfg = load_config(CONFIGS / "celebahq-1024.yaml")
     spec = ImageSpec(cfg.data.resolution, cfg.data.channels, cfg.data.num_classes)
     arch = architectures.get("progan")
-    G, D = arch.build_generator(cfg.model, spec), arch.build_discriminator(cfg.model, spec)
-    # only the final ToRGB / FromRGB counted, as the official network at its full resolution
-    assert pg.count_params_at_full_resolution(G) == 23_071_507
-    assert pg.count_params_at_full_resolution(D) == 23_077_137
+    with torch.device("meta"):
+        G, D = arch.build_generator(cfg.model, spec), arch.build_discriminator(cfg.model, spec)
+    # official: every level's ToRGB / FromRGB, as G_paper / D_paper hold and print them (per-layer sources in
+    # tests/test_progan_networks.py: D is StyleGAN v1's D_basic printout, total 23,087,249)
+    assert (count_params(G), count_params(D)) == (23_079_115, 23_087_249)
+    # ganforge's own arithmetic, not an official figure: the final level's ToRGB / FromRGB only
+    assert (pg.count_params_final_level(G), pg.count_params_final_level(D)) == (23_071_507, 23_077_137)
     g = cfg.growth
     assert (g.training_kimg, g.transition_kimg, cfg.loss.gp_weight, cfg.loss.drift) == (600, 600, 10, 0.001)
     assert cfg.distributed.find_unused_parameters and cfg.distributed.strategy == "ddp"
