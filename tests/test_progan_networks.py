@@ -122,7 +122,7 @@ def per_official_layer(net: pg.Generator | pg.Discriminator) -> dict[str, int]:
 def test_official_parameter_counts_1024():
     """The 1024x1024 networks have the official layers and totals: G 23,079,115 and D 23,087,249 trainable
     parameters, every level's ToRGB / FromRGB included (sources: the tables above). The paper's table 2
-    rounds both to 23.1M."""
+    gives 23.1M (rounded)."""
     cfg = pg.ProGANConfig()
     spec = ImageSpec(1024, 3, 0)
     with torch.device("meta"):  # shapes only
