@@ -354,13 +354,27 @@ class Discriminator(_Progressive):
 # Parameter counting, config, registration.
 
 
-def count_params_at_full_resolution(net: Generator | Discriminator) -> int:
-    """Trainable parameters of the network at its target resolution: all blocks, but only the final
-    ToRGB (G) / FromRGB (D); the lower-resolution ToRGB/FromRGB layers, only used while growing,
-    are left out. This is the network the paper's and the official code's counts describe."""
+def count_params_final_level(net: Generator | Discriminator) -> int:
+    """Trainable parameters without the ToRGB (G) / FromRGB (D) layers of the lower resolutions: every
+    block, but only the ToRGB / FromRGB of ``img_resolution``.
+
+    This is **ganforge's own figure**, not an official one: the official ``G_paper`` / ``D_paper``
+    (``networks.py``) hold a ToRGB / FromRGB for every level, and their printout (``print_layers``) counts
+    them all, as :func:`~architectures.registry.count_params` does. At 1024x1024: G 23,079,115 and D 23,087,249
+    with every level (official), 23,071,507 and 23,077,137 with the final level only (this function).
+    """
     rgb = net.to_rgb if isinstance(net, Generator) else net.from_rgb
     unused = sum(count_params(m) for res, m in rgb.items() if int(res) != net.img_resolution)
     return count_params(net) - unused
+
+
+def param_notes(G: Generator, D: Discriminator) -> tuple[dict[str, int], str]:
+    """What ``ganforge info`` adds to the counts: the final-level-only figures (:func:`count_params_final_level`),
+    as extra JSON keys and a sentence saying which count is which."""
+    g, d = count_params_final_level(G), count_params_final_level(D)
+    text = (f"counts include every level's ToRGB/FromRGB, as the official networks print them; final level only "
+            f"(ganforge's figure, not an official one): G {g:,}, D {d:,}")
+    return {"g_params_final_level": g, "d_params_final_level": d}, text
 
 
 class ProGANConfig(ArchConfig):
@@ -409,4 +423,4 @@ def build_discriminator(cfg: ProGANConfig, spec: ImageSpec) -> Discriminator:
 
 
 register(Architecture("progan", ProGANConfig, build_generator, build_discriminator,
-                           Capabilities(growth=True, class_logits=True)))
+                           Capabilities(growth=True, class_logits=True), param_notes=param_notes))

@@ -57,14 +57,16 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A GAN family: its config type, how to build G and D from a config and an image spec, and what its
-    networks can do."""
+    """A GAN family: its config type, how to build G and D from a config and an image spec, what its networks
+    can do, and optionally ``param_notes``, which ``ganforge info`` uses to say what the parameter counts include."""
 
     name: str
     config: type[ArchConfig]
     build_generator: Callable[[ArchConfig, ImageSpec], nn.Module]
     build_discriminator: Callable[[ArchConfig, ImageSpec], nn.Module]
     capabilities: Capabilities = Capabilities()
+    # optional, for `ganforge info`: (G, D) -> (extra JSON keys, a sentence on what the counts include)
+    param_notes: Callable[[nn.Module, nn.Module], tuple[dict[str, int], str]] | None = None
 
 
 REGISTRY: dict[str, Architecture] = {}

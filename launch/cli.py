@@ -113,12 +113,16 @@ def _info(a: argparse.Namespace) -> int:
     info = {"config": cfg.model_dump(mode="json"), "arch": cfg.model.arch, "g_params": count_params(G),
             "d_params": count_params(D), "output_shape": out_shape, "d_output_shape": d_shape,
             "image": {"resolution": spec.resolution, "channels": spec.channels, "num_classes": spec.num_classes}}
+    extra, note = arch.param_notes(G, D) if arch.param_notes else ({}, "")
+    info.update(extra)
     if a.json:
         print(json.dumps(info, indent=2))
     else:
         print(cfg.to_yaml())
         print(f"# {cfg.model.arch}: G {info['g_params']:,} trainable parameters, D {info['d_params']:,}; "
               f"G output {out_shape}")
+        if note:
+            print(f"# {note}")
     return 0
 
 

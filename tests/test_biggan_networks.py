@@ -36,8 +36,12 @@ def tiny(**overrides) -> tuple[BigGANGenerator, BigGANDiscriminator]:
 
 
 def test_param_counts_match_authors_imagenet128():
-    # launch_BigGAN_bs256x8.sh: G_ch 96, D_ch 96, dim_z 120, shared_dim 128, hier, G/D_attn 64,
-    # G_shared, 1000 classes. The count does not depend on the init, so skip the slow orthogonal one.
+    # ajbrock/BigGAN-PyTorch scripts/launch_BigGAN_bs256x8.sh: G_ch 96, D_ch 96, dim_z 120, shared_dim 128,
+    # hier, G/D_attn 64, G_shared, 1000 classes. Sources of 70,433,988 / 87,982,370: google/compare_gan
+    # compare_gan/architectures/resnet_biggan_test.py (testNumberOfParameters, lines 139 and 154: "matches the
+    # original BigGAN architecture", 128x128, 1000 classes), and the authors' BigGAN.py Generator /
+    # Discriminator (commit 9845943) built with the script's arguments, trainable parameters summed (the
+    # shared 1000 x 128 embedding included). The count does not depend on the init: skip the slow orthogonal one.
     arch = REGISTRY["biggan"]
     cfg = arch.config(init="N02")
     spec = ImageSpec(resolution=128, channels=3, num_classes=1000)

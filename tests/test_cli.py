@@ -101,6 +101,19 @@ def test_quoted_numbers_exit_2_naming_the_key_and_the_type(digits16, tmp_path):
     assert "total_kimg: 100.0" in cli("info", str(cfg), "--set", "train.total_kimg=100").stdout
 
 
+def test_info_progan_shows_the_official_count_and_names_the_final_level_only_one():
+    """ProGAN: the official count (every level's ToRGB/FromRGB, as the official networks print it; sources in
+    tests/test_progan_networks.py) and ganforge's final-level-only figure, named as such."""
+    config = str(Path(__file__).parents[1] / "configs" / "progan" / "celebahq-1024.yaml")
+    info = json.loads(cli("info", config, "--json").stdout)
+    assert (info["g_params"], info["d_params"]) == (23_079_115, 23_087_249)
+    assert (info["g_params_final_level"], info["d_params_final_level"]) == (23_071_507, 23_077_137)
+    human = cli("info", config).stdout
+    assert "# progan: G 23,079,115 trainable parameters, D 23,087,249;" in human
+    assert "as the official networks print them" in human
+    assert "final level only (ganforge's figure, not an official one): G 23,071,507, D 23,077,137" in human
+
+
 def test_data_shards_command(tmp_path):
     out = cli("data", "shards", "builtin:digits", str(tmp_path / "d"), "--resolution", "8", "--holdout", "0.2",
               "--shard-size", "500").stdout

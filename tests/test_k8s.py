@@ -2,15 +2,20 @@
 ``kubectl kustomize``; every RayJob and RayCluster validates against KubeRay's v1 CRD schemas (strictly,
 see :func:`strict`) and every core object and pod template against Kubernetes' own schemas; the pods
 follow the rules platform teams set; the RayJob entrypoint is the README's ``ray job submit`` command;
-the cluster has room for the job it runs; the Dockerfile installs what pyproject.toml declares."""
+the cluster has room for the job it runs; the Dockerfile installs what pyproject.toml declares. One test also
+runs the head's preStop hook, taken from the rendered RayJob, against a live (dev-mode) training run."""
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -316,10 +321,10 @@ def test_pods_follow_the_platform_rules(directory):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_an_evicted_head_stops_the_run_with_a_checkpoint_in_time(variant):
-    """The RayJob head's preStop hook writes the run's STOP file (the one the training loop watches, in the
-    entrypoint's run directory) and waits for it to be served; the grace periods leave room for the
-    loop's own (faults.grace_s) and ``ray job stop`` waits as long (RAY_JOB_STOP_WAIT_TIME_S)."""
+def test_head_prestop_hook_and_grace_periods_are_consistent(variant):
+    """Text and numbers only (the hook itself runs in the next test): the RayJob head's preStop hook writes the
+    STOP file of the entrypoint's run directory and waits for it to go; the grace periods leave room for the
+    loop's own (faults.grace_s), and ``ray job stop`` waits as long (RAY_JOB_STOP_WAIT_TIME_S)."""
     from orchestrator.faults import STOP_FILE
 
     rayjob = only(render(f"{variant}rayjob"), "RayJob")
@@ -334,6 +339,89 @@ def test_an_evicted_head_stops_the_run_with_a_checkpoint_in_time(variant):
     for obj in (rayjob, only(render(f"{variant}raycluster"), "RayCluster")):
         stop_wait = env(cluster_spec(obj)["headGroupSpec"]["template"]["spec"]["containers"][0])["RAY_JOB_STOP_WAIT_TIME_S"]
         assert grace < int(stop_wait["value"]) <= head["terminationGracePeriodSeconds"]
+    assert head["containers"][0]["lifecycle"] == only(render("rayjob"), "RayJob")["spec"]["rayClusterSpec"][
+        "headGroupSpec"]["template"]["spec"]["containers"][0]["lifecycle"]  # the next test runs the base one
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the process groups of ``pid`` and of all its descendants (found through /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    for p in tree:
+        try:
+            os.killpg(os.getpgid(p), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.faults
+def test_an_evicted_head_stops_the_run_with_a_checkpoint_in_time(digits16, tmp_path):
+    """The rendered RayJob's preStop command, run as the kubelet would (``/bin/sh -c ...``) with the entrypoint's
+    run directory mapped to a temporary one, against a live training run of the entrypoint's config (a
+    ``ganforge train`` subprocess in dev mode on digits shards, evaluation off; not a Ray cluster and not a real
+    eviction): the hook returns only once the run has written a new checkpoint and served the STOP file, within
+    the hook's own timeout and the pod's grace period, and the run then exits 0 by itself."""
+    from orchestrator.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+    from orchestrator.faults import STOP_FILE
+
+    rayjob = only(render("rayjob"), "RayJob")
+    tokens = shlex.split(rayjob["spec"]["entrypoint"])
+    k8s_run_dir = tokens[tokens.index("--run-dir") + 1]
+    head = cluster_spec(rayjob)["headGroupSpec"]["template"]["spec"]
+    command = head["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    run = tmp_path / "run"
+    hook = [part.replace(k8s_run_dir, str(run)) for part in command]
+    assert hook != command  # the hook names the entrypoint's run directory
+    wait = int(re.search(r"timeout (\d+)", hook[-1]).group(1))
+
+    sets = [tokens[i + 1] for i, t in enumerate(tokens) if t == "--set"]
+    sets = [o for o in sets if not o.startswith("data.shards=")]
+    sets += [f"data.shards={digits16 / 'train-*.tar'}", "data.shuffle_buffer=64", "eval.enabled=false",
+             "tracking.wandb.mode=disabled", "tracking.progress_bar=false", "tracking.log_every=1"]
+    ganforge = Path(sys.executable).parent / "ganforge"
+    cmd = [str(ganforge), "train", str(ROOT / tokens[3]), "--run-dir", str(run)]
+    cmd += [x for o in sets for x in ("--set", o)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():  # training steps
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        before = set(list_checkpoints(run))
+        t0 = time.monotonic()
+        hooked = subprocess.Popen(hook, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)  # its own process group: ended whole if it hangs
+        try:
+            hook_out, _ = hooked.communicate(timeout=min(wait, 60))
+        except subprocess.TimeoutExpired:
+            _kill_tree(hooked.pid)  # `timeout` runs the wait loop in a process group of its own
+            hooked.wait()
+            raise AssertionError("the preStop hook was still waiting after 60 s: the STOP file was not served")
+        took = time.monotonic() - t0
+        assert hooked.returncode == 0, hook_out
+        assert not (run / STOP_FILE).exists()  # served, not timed out
+        new = set(list_checkpoints(run)) - before
+        assert new and latest_checkpoint(run) in new, proc.communicate()[0][-3000:]  # written before the hook returned
+        grace = job_config(rayjob).faults.grace_s
+        assert took < min(wait, grace, head["terminationGracePeriodSeconds"])
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    last = latest_checkpoint(run)
+    assert f"{run / STOP_FILE} found: stopping after this step with a checkpoint" in out
+    assert "stopped on request" in out and int(last.name.split("-")[1]) > 0
+    load_checkpoint(last)  # complete and verified
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS)

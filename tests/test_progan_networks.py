@@ -54,29 +54,103 @@ def test_feature_maps_per_resolution():
     assert pg.num_features(0) == 512 and pg.num_features(3, fmap_base=4096, fmap_max=128) == 128
 
 
-def test_official_parameter_counts_1024():
-    """Trainable parameters of the official 1024x1024 networks (``G_paper``/``D_paper`` defaults).
+# Trainable parameters per layer of the official 1024x1024 networks (networks.py defaults, 3 channels, no
+# labels), under the official layer names. Both official networks hold a ToRGB / FromRGB for every level
+# (G_paper's torgb and D_paper's fromrgb are called for res = 2..resolution_log2) and their printout,
+# tfutil.Network.print_layers (called in train.py), sums every trainable variable.
+#
+# D: the official printout of StyleGAN v1's D_basic, which is D_paper layer for layer (NVlabs/stylegan
+# training/networks_stylegan.py D_basic; the printout is reproduced in kynk94/torch-firewood
+# firewood/models/gan/StyleGAN.py, lines 805-857, total 23,087,249).
+OFFICIAL_D_1024 = {
+    "FromRGB_lod0": 64, "1024x1024/Conv0": 2_320, "1024x1024/Conv1_down": 4_640,
+    "FromRGB_lod1": 128, "512x512/Conv0": 9_248, "512x512/Conv1_down": 18_496,
+    "FromRGB_lod2": 256, "256x256/Conv0": 36_928, "256x256/Conv1_down": 73_856,
+    "FromRGB_lod3": 512, "128x128/Conv0": 147_584, "128x128/Conv1_down": 295_168,
+    "FromRGB_lod4": 1_024, "64x64/Conv0": 590_080, "64x64/Conv1_down": 1_180_160,
+    "FromRGB_lod5": 2_048, "32x32/Conv0": 2_359_808, "32x32/Conv1_down": 2_359_808,
+    "FromRGB_lod6": 2_048, "16x16/Conv0": 2_359_808, "16x16/Conv1_down": 2_359_808,
+    "FromRGB_lod7": 2_048, "8x8/Conv0": 2_359_808, "8x8/Conv1_down": 2_359_808,
+    "FromRGB_lod8": 2_048, "4x4/Conv": 2_364_416, "4x4/Dense0": 4_194_816, "4x4/Dense1": 513,
+}
+# G: G_paper's variable shapes (tkarras/progressive_growing_of_gans networks.py, lines 179-203: the 4x4
+# dense [512, 512*16] with one bias per feature map, 3x3 convs [3, 3, in, out] + bias, 1x1 ToRGB
+# [1, 1, nf, 3] + bias), counted by hand. The ToRGB counts are also in the StyleGAN v1 G printout of the
+# file above (lines 740-778): its synthesis network has the same ToRGB_lod8..lod0.
+OFFICIAL_G_1024 = {
+    "4x4/Dense": 512 * 8192 + 512, "4x4/Conv": 2_359_808,
+    "8x8/Conv0_up": 2_359_808, "8x8/Conv1": 2_359_808,
+    "16x16/Conv0_up": 2_359_808, "16x16/Conv1": 2_359_808,
+    "32x32/Conv0_up": 2_359_808, "32x32/Conv1": 2_359_808,
+    "64x64/Conv0_up": 9 * 512 * 256 + 256, "64x64/Conv1": 9 * 256 * 256 + 256,
+    "128x128/Conv0_up": 9 * 256 * 128 + 128, "128x128/Conv1": 9 * 128 * 128 + 128,
+    "256x256/Conv0_up": 9 * 128 * 64 + 64, "256x256/Conv1": 9 * 64 * 64 + 64,
+    "512x512/Conv0_up": 9 * 64 * 32 + 32, "512x512/Conv1": 9 * 32 * 32 + 32,
+    "1024x1024/Conv0_up": 9 * 32 * 16 + 16, "1024x1024/Conv1": 9 * 16 * 16 + 16,
+    "ToRGB_lod8": 1_539, "ToRGB_lod7": 1_539, "ToRGB_lod6": 1_539, "ToRGB_lod5": 1_539,
+    "ToRGB_lod4": 771, "ToRGB_lod3": 387, "ToRGB_lod2": 195, "ToRGB_lod1": 99, "ToRGB_lod0": 51,
+}
 
-    Counted with :func:`progan.count_params_at_full_resolution`: every block (G: 4x4 dense + conv and
-    two convs per resolution; D: two convs per resolution and the 4x4 epilogue with the minibatch-stddev
-    channel), plus only the *final* ToRGB (G, 16 -> 3 channels at 1024) / FromRGB (D, 3 -> 16); the
-    ToRGB/FromRGB layers of 4..512, which exist only for growing and fading, are excluded.
-    """
+
+def per_official_layer(net: pg.Generator | pg.Discriminator) -> dict[str, int]:
+    """ganforge's trainable parameters grouped under the official layer names."""
+    top = int(math.log2(net.img_resolution))
+    lod = {res: top - int(math.log2(res)) for res in net.resolutions}
+    out = {}
+    if isinstance(net, pg.Generator):
+        b4 = net.blocks["4"]
+        out["4x4/Dense"] = count_params(b4.dense) + b4.bias.numel()
+        out["4x4/Conv"] = count_params(b4.conv)
+        for res in net.resolutions[1:]:
+            out[f"{res}x{res}/Conv0_up"] = count_params(net.blocks[str(res)].conv0)
+            out[f"{res}x{res}/Conv1"] = count_params(net.blocks[str(res)].conv1)
+        for res in net.resolutions:
+            out[f"ToRGB_lod{lod[res]}"] = count_params(net.to_rgb[str(res)])
+    else:
+        for res in net.resolutions:
+            out[f"FromRGB_lod{lod[res]}"] = count_params(net.from_rgb[str(res)])
+        for res in net.resolutions[1:]:
+            out[f"{res}x{res}/Conv0"] = count_params(net.blocks[str(res)].conv0)
+            out[f"{res}x{res}/Conv1_down"] = count_params(net.blocks[str(res)].conv1)
+        ep = net.epilogue
+        for name, module in [("Conv", ep.conv), ("Dense0", ep.dense0), ("Dense1", ep.dense1)]:
+            out[f"4x4/{name}"] = count_params(module)
+    assert sum(out.values()) == count_params(net)  # every parameter is under some official name
+    return out
+
+
+def test_official_parameter_counts_1024():
+    """The 1024x1024 networks have the official layers and totals: G 23,079,115 and D 23,087,249 trainable
+    parameters, every level's ToRGB / FromRGB included (sources: the tables above). The paper's table 2
+    gives 23.1M (rounded)."""
     cfg = pg.ProGANConfig()
     spec = ImageSpec(1024, 3, 0)
     with torch.device("meta"):  # shapes only
         G, D = pg.build_generator(cfg, spec), pg.build_discriminator(cfg, spec)
-    assert pg.count_params_at_full_resolution(G) == 23_071_507
-    assert pg.count_params_at_full_resolution(D) == 23_077_137
-    # the excluded layers: 1x1 convs with bias at 4..512
-    lower = [pg.num_features(r - 1) for r in range(2, 10)]
-    assert count_params(G) - 23_071_507 == sum(c * 3 + 3 for c in lower)
-    assert count_params(D) - 23_077_137 == sum(3 * c + c for c in lower)
-    # AC-GAN: the label is concatenated to z (dense in += K) and D has K extra outputs
+    assert per_official_layer(G) == OFFICIAL_G_1024
+    assert per_official_layer(D) == OFFICIAL_D_1024
+    assert count_params(G) == sum(OFFICIAL_G_1024.values()) == 23_079_115  # official (all levels)
+    assert count_params(D) == sum(OFFICIAL_D_1024.values()) == 23_087_249  # official printout's total
+    # AC-GAN (official networks.py): the label joins the latent before the 4x4 dense (line 175: its input
+    # grows by K) and D's Dense1 has 1 + K outputs (line 284)
     with torch.device("meta"):
         Gc, Dc = pg.build_generator(cfg, ImageSpec(1024, 3, 10)), pg.build_discriminator(cfg, ImageSpec(1024, 3, 10))
-    assert pg.count_params_at_full_resolution(Gc) == 23_071_507 + 10 * 512 * 16
-    assert pg.count_params_at_full_resolution(Dc) == 23_077_137 + 10 * 512 + 10
+    assert count_params(Gc) == 23_079_115 + 10 * 512 * 16
+    assert count_params(Dc) == 23_087_249 + 10 * 512 + 10
+
+
+def test_final_level_only_counts_are_ganforges_own():
+    """``count_params_final_level`` leaves out the ToRGB / FromRGB of 4..512: ganforge's own arithmetic
+    (G 23,071,507 / D 23,077,137), not an official figure; the official networks keep those layers."""
+    cfg = pg.ProGANConfig()
+    with torch.device("meta"):
+        G, D = pg.build_generator(cfg, ImageSpec(1024, 3, 0)), pg.build_discriminator(cfg, ImageSpec(1024, 3, 0))
+    assert pg.count_params_final_level(G) == 23_079_115 - sum(OFFICIAL_G_1024[f"ToRGB_lod{i}"] for i in range(1, 9))
+    assert pg.count_params_final_level(D) == 23_087_249 - sum(OFFICIAL_D_1024[f"FromRGB_lod{i}"] for i in range(1, 9))
+    assert (pg.count_params_final_level(G), pg.count_params_final_level(D)) == (23_071_507, 23_077_137)
+    extra, note = pg.param_notes(G, D)
+    assert extra == {"g_params_final_level": 23_071_507, "d_params_final_level": 23_077_137}
+    assert "23,071,507" in note and "not an official one" in note
 
 
 # ----------------------------------------------------------------------------------------------

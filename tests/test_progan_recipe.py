@@ -16,6 +16,7 @@ from PIL import Image
 
 import architectures
 from architectures import progan as pg
+from architectures.registry import count_params
 from core.spec import ImageSpec
 from conftest import assert_same_nets, local_context, run_d_phase, run_g_phase, tiny_config
 from orchestrator.checkpoint import load_checkpoint
@@ -34,9 +35,76 @@ TINY_MODEL = {"arch": "progan", "z_dim": 8, "fmap_base": 64, "fmap_max": 16, "mb
 # The schedule.
 
 
-def test_growth_state_follows_the_official_training_schedule_whatever_the_batches():
-    """Level by level, with changing batch sizes, the state lands where the official TrainingSchedule
-    (a function of the images shown) puts it, and says when a fade-in starts or ends."""
+# The official schedule of the celebahq preset, written out by hand from tkarras/progressive_growing_of_gans
+# (commit 2504c3f): train.py TrainingSchedule (lines 85-127) with config.py's preset-v2-8gpus (line 103:
+# num_gpus 8, minibatch_base 32, minibatch_dict {4: 512, 8: 256, 16: 128, 32: 64, 64: 32}, G_lrate_dict =
+# D_lrate_dict {128: 0.0015, 256: 0.002, 512: 0.003, 1024: 0.003}, total_kimg 12000), -fp32 (line 106:
+# max_minibatch_per_gpu {256: 16, 512: 8, 1024: 4}, i.e. at most 128 / 64 / 32 on 8 GPUs: no effect here) and
+# the defaults lod_initial_resolution 4, lod_training_kimg = lod_transition_kimg = 600, G/D_lrate_base 0.001.
+# The rules: phase_idx = floor(kimg / 1200), phase_kimg = kimg - 1200 * phase_idx,
+# lod = max(10 - 2 - phase_idx - max(phase_kimg - 600, 0) / 600, 0), resolution = 2 ** (10 - floor(lod)),
+# minibatch = minibatch_dict.get(resolution, 32) (a multiple of 8 already), lrate = G_lrate_dict.get(resolution, 0.001).
+# Columns: kimg, lod, resolution, minibatch, G_lrate (= D_lrate).
+OFFICIAL_CELEBAHQ_SCHEDULE = [
+    (0, 8.0, 4, 512, 0.001),
+    (450, 8.0, 4, 512, 0.001),
+    (750, 7.75, 8, 256, 0.001),      # phase 0, 150 kimg into the 8x8 fade-in
+    (1200, 7.0, 8, 256, 0.001),      # phase 1 starts: 8x8 fully in
+    (1500, 7.0, 8, 256, 0.001),
+    (2100, 6.5, 16, 128, 0.001),
+    (3450, 5.25, 32, 64, 0.001),     # phase 2, 1050 kimg in: 32x32 three quarters in
+    (4650, 4.25, 64, 32, 0.001),
+    (5100, 4.0, 64, 32, 0.001),
+    (5700, 3.5, 128, 32, 0.0015),    # minibatch_base from 128 on; the first lrate override
+    (6900, 2.5, 256, 32, 0.002),
+    (8250, 1.25, 512, 32, 0.003),
+    (9150, 0.75, 1024, 32, 0.003),
+    (11000, 0.0, 1024, 32, 0.003),   # lod clamped at 0
+    (12000, 0.0, 1024, 32, 0.003),   # total_kimg
+]
+
+
+def _lod(resolution: int, alpha: float, max_resolution: int = 1024) -> float:
+    """The official scalar level of detail of a (resolution, alpha) state: 0 at full resolution, +1 per halving,
+    fractional while the level fades in."""
+    return math.log2(max_resolution) - math.log2(resolution) + (1.0 - alpha)
+
+
+def test_growth_follows_the_official_celebahq_schedule_with_the_presets_mixed_batches():
+    """Driven as the loop drives it (each step shows the current level's batch: 512, 256, ... 32 images), the
+    preset's growth state gives the official level, batch size and learning rate at each kimg of the table."""
+    cfg = load_config(CONFIGS / "celebahq-1024.yaml")
+    growth = Growth(cfg.growth, cfg.model.start_resolution, cfg.data.resolution)
+    nimg, batches = 0, set()
+    for kimg, lod, resolution, minibatch, lrate in OFFICIAL_CELEBAHQ_SCHEDULE:
+        while nimg < kimg * 1000:
+            images = min(growth.batch_size(cfg.train.batch_size), kimg * 1000 - nimg)  # partial to land on kimg
+            batches.add(images)
+            growth.advance(images)
+            nimg += images
+        state = (growth.resolution, _lod(growth.resolution, growth.alpha), growth.batch_size(cfg.train.batch_size))
+        assert state == (resolution, pytest.approx(lod, abs=1e-12), minibatch), kimg
+        assert growth.lr(cfg.optim.g.lr) == growth.lr(cfg.optim.d.lr) == lrate, kimg
+    assert {512, 256, 128, 64, 32} <= batches and growth.complete
+    # Exactly where a fade-in starts (600 kimg here) the official lod is still the integer 8.0, which it reads
+    # as 4x4 (resolution 2 ** (10 - floor(lod))); ganforge already says 8x8 at alpha 0. The same lod, so the
+    # same function of the networks; ganforge takes the 8x8 batch from that image on.
+    start = Growth(cfg.growth, 4, 1024)
+    start.advance(600_000)
+    assert (start.resolution, start.alpha, _lod(start.resolution, start.alpha)) == (8, 0.0, 8.0)
+
+
+def test_training_schedule_gives_the_official_celebahq_levels():
+    """``progan.training_schedule`` (ganforge's transcription of TrainingSchedule) against the same table."""
+    for kimg, lod, resolution, _, _ in OFFICIAL_CELEBAHQ_SCHEDULE:
+        res, alpha = pg.training_schedule(kimg, 1024, start_resolution=4, training_kimg=600, transition_kimg=600)
+        assert (res, _lod(res, alpha)) == (resolution, pytest.approx(lod, abs=1e-12)), kimg
+
+
+def test_growth_and_training_schedule_agree_whatever_the_batches():
+    """A consistency check of ganforge's two transcriptions of the schedule (``Growth`` and
+    ``training_schedule``), not a check against the official code (the tests above do that): with random
+    batch sizes, the growth state lands where ``training_schedule`` puts it, and says when a fade-in starts or ends."""
     growth = Growth(GrowthConfig(training_kimg=600, transition_kimg=600), start_resolution=4, max_resolution=1024)
     rng, nimg, events = random.Random(0), 0, []
     while nimg < 14_000_000:
@@ -221,10 +289,13 @@ def test_celebahq_preset_is_the_official_network_and_schedule():
     cfg = load_config(CONFIGS / "celebahq-1024.yaml")
     spec = ImageSpec(cfg.data.resolution, cfg.data.channels, cfg.data.num_classes)
     arch = architectures.get("progan")
-    G, D = arch.build_generator(cfg.model, spec), arch.build_discriminator(cfg.model, spec)
-    # only the final ToRGB / FromRGB counted, as the official network at its full resolution
-    assert pg.count_params_at_full_resolution(G) == 23_071_507
-    assert pg.count_params_at_full_resolution(D) == 23_077_137
+    with torch.device("meta"):
+        G, D = arch.build_generator(cfg.model, spec), arch.build_discriminator(cfg.model, spec)
+    # official: every level's ToRGB / FromRGB, as G_paper / D_paper hold and print them (per-layer sources in
+    # tests/test_progan_networks.py: D is StyleGAN v1's D_basic printout, total 23,087,249)
+    assert (count_params(G), count_params(D)) == (23_079_115, 23_087_249)
+    # ganforge's own arithmetic, not an official figure: the final level's ToRGB / FromRGB only
+    assert (pg.count_params_final_level(G), pg.count_params_final_level(D)) == (23_071_507, 23_077_137)
     g = cfg.growth
     assert (g.training_kimg, g.transition_kimg, cfg.loss.gp_weight, cfg.loss.drift) == (600, 600, 10, 0.001)
     assert cfg.distributed.find_unused_parameters and cfg.distributed.strategy == "ddp"

@@ -43,15 +43,21 @@ def test_registered_and_config_validates():
     assert sg.preset("cifar").d_architecture == "orig" and sg.preset("paper256").channel_base == 16384
 
 
-@pytest.mark.parametrize(
-    "preset, spec, g_params, d_params, num_ws",
-    [
-        ("stylegan2", ImageSpec(1024, 3, 0), 30_370_060, 29_012_513, 18),
-        ("paper256", ImageSpec(256, 3, 0), 24_767_458, 24_001_089, 14),
-        ("cifar", ImageSpec(32, 3, 10), 20_215_315, 23_089_664, 8),
-        ("cifar", ImageSpec(32, 3, 0), 19_947_539, 20_720_641, 8),
-    ],
-)
+# Source of every count below: the official networks, NVlabs/stylegan2-ada-pytorch (commit d72cc7d0)
+# training/networks.py Generator / Discriminator built with the kwargs train.py derives from cfg_specs
+# (lines 154-160: fmaps -> channel_base = fmaps * 32768, map -> mapping layers, mbstd -> group size; lines
+# 176-198: channel_max 512, num_fp16_res 4, conv_clamp 256, D architecture 'orig' for cifar, else 'resnet'),
+# c_dim from the labels; counted by summing their trainable parameters (the totals misc.print_module_summary
+# prints at the start of training).
+OFFICIAL_COUNTS = [
+    pytest.param("stylegan2", ImageSpec(1024, 3, 0), 30_370_060, 29_012_513, 18, id="official-cfg-stylegan2-1024"),
+    pytest.param("paper256", ImageSpec(256, 3, 0), 24_767_458, 24_001_089, 14, id="official-cfg-paper256"),
+    pytest.param("cifar", ImageSpec(32, 3, 10), 20_215_315, 23_089_664, 8, id="official-cfg-cifar-cond"),
+    pytest.param("cifar", ImageSpec(32, 3, 0), 19_947_539, 20_720_641, 8, id="official-cfg-cifar-uncond"),
+]
+
+
+@pytest.mark.parametrize("preset, spec, g_params, d_params, num_ws", OFFICIAL_COUNTS)
 def test_official_parameter_counts(preset, spec, g_params, d_params, num_ws):
     cfg = sg.preset(preset)
     with torch.device("meta"):  # shapes only: no memory, no random init

@@ -73,11 +73,13 @@ def test_recipe_needs_a_mapping_network(digits16, tmp_path):
         train(cfg, tmp_path)
 
 
+# The official networks' counts: NVlabs/stylegan2-ada-pytorch training/networks.py built as train.py's
+# cfg_specs 'stylegan2', 'paper256' and 'cifar' say (sources in tests/test_stylegan2_networks.py).
 @pytest.mark.parametrize("name, classes, g, d", [
-    ("config-f-1024", None, 30_370_060, 29_012_513),
-    ("paper256", None, 24_767_458, 24_001_089),
-    ("cifar", None, 20_215_315, 23_089_664),
-    ("cifar", 0, 19_947_539, 20_720_641),
+    pytest.param("config-f-1024", None, 30_370_060, 29_012_513, id="official-cfg-stylegan2-1024"),
+    pytest.param("paper256", None, 24_767_458, 24_001_089, id="official-cfg-paper256"),
+    pytest.param("cifar", None, 20_215_315, 23_089_664, id="official-cfg-cifar-cond"),
+    pytest.param("cifar", 0, 19_947_539, 20_720_641, id="official-cfg-cifar-uncond"),
 ])
 def test_shipped_presets_have_the_official_parameter_counts(name, classes, g, d):
     cfg = load_config(CONFIGS / f"{name}.yaml", [] if classes is None else [f"data.num_classes={classes}"])
