@@ -6,4 +6,4 @@ from architectures import progan  # noqa: F401
 from architectures.registry import REGISTRY, Architecture, ArchConfig, Capabilities, count_params, get
 from core.spec import ImageSpec
 
-__all__ = ["REGISTRY", "Architecture", "ArchConfig", "ImageSpec", "count_params", "get"]
+__all__ = ["REGISTRY", "Architecture", "ArchConfig", "Capabilities", "ImageSpec", "count_params", "get"]

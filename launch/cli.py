@@ -177,12 +177,8 @@ def _submit(a: argparse.Namespace) -> int:
     return submit(a.config, a.address, a.set, a.run_dir, working_dir=a.working_dir, follow=not a.no_wait)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ganforge", description="Train GANs from WebDataset shards, on one machine or a Ray cluster.")
-    sub = p.add_subparsers(dest="command", required=True)
-    overrides = dict(action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a config value (YAML syntax), e.g. --set train.batch_size=32; repeatable")
-
+def _add_train(sub, overrides: dict) -> None:
+    """The ``train`` subcommand."""
     t = sub.add_parser("train", help="train a GAN from a YAML config", description="Train (or resume) a GAN from a YAML config.")
     t.add_argument("config", help="YAML config, e.g. configs/dev/dcgan-digits.yaml")
     t.add_argument("--set", **overrides)
@@ -191,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the run directory (fresh if none); PATH: from that checkpoint directory")
     t.set_defaults(fn=_train)
 
+
+def _add_generate(sub) -> None:
+    """The ``generate`` subcommand."""
     g = sub.add_parser("generate", help="sample images from a checkpoint's G_ema",
                        description="Write one PNG per seed and a grid, or a latent interpolation between two seeds "
                                    "(frames, a strip and an animated GIF), from a checkpoint's G_ema. Every image "
@@ -216,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g.set_defaults(fn=_generate, parser=g)
 
+
+def _add_report(sub) -> None:
+    """The ``report`` subcommand."""
     r = sub.add_parser("report", help="plots and an HTML page of a run (no W&B needed)",
                        description="Write loss, discriminator, regularizer, throughput and evaluator plots of a run's "
                                    "metrics.jsonl and one self-contained page, report/index.html (images embedded: "
@@ -227,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed at most N sample grids, evenly spaced over training, first and last included (default 24)")
     r.set_defaults(fn=_report)
 
+
+def _add_data(sub) -> None:
+    """The ``data`` subcommand."""
     d = sub.add_parser("data", help="prepare data", description="Prepare data for training.")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("shards", help="write WebDataset shards from images",
@@ -244,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "readable image (default: skip such files and list them at the end)")
     s.set_defaults(fn=_shards)
 
+
+def _add_submit(sub, overrides: dict) -> None:
+    """The ``submit`` subcommand."""
     u = sub.add_parser("submit", help="run a training job on a Ray cluster (like ray job submit)",
                        description="Submit `python -m launch.ray_job CONFIG ...` to a Ray cluster through its job API, "
                                    "stream the job's logs, and exit 0 only if the job SUCCEEDED.")
@@ -255,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
     u.set_defaults(fn=_submit)
 
+
+def _add_info(sub, overrides: dict) -> None:
+    """The ``info`` subcommand."""
     i = sub.add_parser("info", help="show a config's resolved values and network sizes",
                        description="Print the resolved config, G and D trainable parameter counts and output shape.")
     i.add_argument("config", help="YAML config")
@@ -262,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="one JSON object (keys include g_params, d_params) for scripts")
     i.set_defaults(fn=_info)
 
+
+def _add_eval(sub) -> None:
+    """The ``eval`` subcommand."""
     e = sub.add_parser("eval", help="FID, KID, IS, precision/recall of a checkpoint's G_ema on held-out shards",
                        description="Evaluate a checkpoint's G_ema against held-out shards with torch-fidelity, the "
                                    "same code the evaluator runs during training. Image i is generated from seed "
@@ -292,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object (metrics, cache_hit, cache_key, …)")
     e.set_defaults(fn=_eval)
 
+
+def _add_extractor(sub) -> None:
+    """The ``extractor`` subcommand."""
     x = sub.add_parser("extractor", help="feature extractors for evaluation",
                        description="Feature extractors for evaluation.")
     xsub = x.add_subparsers(dest="extractor_command", required=True)
@@ -312,6 +329,22 @@ def build_parser() -> argparse.ArgumentParser:
     xt.add_argument("--device", default="cpu", help="torch device (default cpu)")
     xt.add_argument("--json", action="store_true", help="print one JSON object (path, accuracies, counts)")
     xt.set_defaults(fn=_extractor_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ganforge`` argument parser, one subcommand per ``_add_*`` function."""
+    p = argparse.ArgumentParser(prog="ganforge", description="Train GANs from WebDataset shards, on one machine or a Ray cluster.")
+    sub = p.add_subparsers(dest="command", required=True)
+    overrides = dict(action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a config value (YAML syntax), e.g. --set train.batch_size=32; repeatable")
+    _add_train(sub, overrides)
+    _add_generate(sub)
+    _add_report(sub)
+    _add_data(sub)
+    _add_submit(sub, overrides)
+    _add_info(sub, overrides)
+    _add_eval(sub)
+    _add_extractor(sub)
     return p
 
 

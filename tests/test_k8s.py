@@ -405,7 +405,7 @@ def test_an_evicted_head_stops_the_run_with_a_checkpoint_in_time(digits16, tmp_p
         except subprocess.TimeoutExpired:
             _kill_tree(hooked.pid)  # `timeout` runs the wait loop in a process group of its own
             hooked.wait()
-            raise AssertionError("the preStop hook was still waiting after 60 s: the STOP file was not served")
+            raise AssertionError("the preStop hook was still waiting after 60 s: the STOP file was not served") from None
         took = time.monotonic() - t0
         assert hooked.returncode == 0, hook_out
         assert not (run / STOP_FILE).exists()  # served, not timed out
