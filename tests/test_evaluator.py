@@ -327,7 +327,8 @@ def test_metrics_equal_an_independent_computation_from_the_same_features(cnn, di
     ours = evaluate(G, SPEC, cfg, urls)
     assert ours.num_holdout == n and ours.kid_subset_size == n
 
-    extractor = DatasetCNNFeatureExtractor("dataset-cnn", ["feat", "logits"], feature_extractor_weights_path=str(cnn.path))
+    extractor = DatasetCNNFeatureExtractor("dataset-cnn", ["feat", "logits"],
+                                           feature_extractor_weights_path=str(cnn.path))
     gen_feat, gen_logits = features(extractor, generated_images(G, n, cfg.seed, batch, SPEC.num_classes), batch)
     real_feat, _ = features(extractor, shard_images(urls, n), batch)
     precision, recall = precision_recall(gen_feat, real_feat, cfg.prc_neighborhood)
