@@ -75,7 +75,8 @@ def _report(a: argparse.Namespace) -> int:
         print(f"ganforge report: error: {e}", file=sys.stderr)
         return 2
     grids = f"{len(r.grids)} of {r.grids_total}" if len(r.grids) < r.grids_total else str(len(r.grids))
-    print(f"wrote {len(r.plots)} plots ({r.rows} logged steps), {grids} sample grids and {r.index}")
+    real = ", the real-image grid" if r.real_grid else ""
+    print(f"wrote {len(r.plots)} plots ({r.rows} logged steps), {grids} sample grids{real} and {r.index}")
     return 0
 
 
@@ -212,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="plots and an HTML page of a run (no W&B needed)",
                        description="Write loss, discriminator, regularizer, throughput and evaluator plots of a run's "
-                                   "metrics.jsonl and one self-contained page, report/index.html (images embedded: "
-                                   "mail or copy it alone), with the sample grids over time, the evaluator's "
-                                   "metrics by step and the resolved config.")
+                                   "metrics.jsonl (FID and KID on a log axis) and one self-contained page, "
+                                   "report/index.html (images embedded: mail or copy it alone), with the real-image "
+                                   "grid beside the sample grids over time, the evaluator's metrics by step and the "
+                                   "resolved config.")
     r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/NAME)")
     r.add_argument("--out", help="output directory (default RUN_DIR/report)")
     r.add_argument("--max-grids", type=int, default=24, metavar="N",
