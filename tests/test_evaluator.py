@@ -232,7 +232,7 @@ def test_missing_inception_weights_fail_fast_with_what_to_do(tmp_path, monkeypat
     msg = str(e.value)
     assert INCEPTION_ENV in msg and "eval.weights_path" in msg and INCEPTION_FILE == "weights-inception-2015-12-05-6726825d.pth"
     assert INCEPTION_FILE in msg and "https://github.com/toshas/torch-fidelity/releases/download/" in msg
-    assert "never downloads" in msg and "copy it" in msg
+    assert "never downloads" in msg and "copy it" in msg and "`ganforge weights get inception`" in msg
 
     monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "nowhere" / INCEPTION_FILE))
     with pytest.raises(EvalError, match=rf"\${INCEPTION_ENV} points at .*nowhere/{INCEPTION_FILE}, which does not exist"):
@@ -435,6 +435,20 @@ def test_inception_weights_are_found_where_torch_fidelity_would_cache_them(incep
     (hub / INCEPTION_FILE).symlink_to(inception_weights)
     found = check_feature_extractor(EvalConfig(cache_dir=str(tmp_path / "c")))
     assert found.path == hub / INCEPTION_FILE and found.sha256 == sha256_file(inception_weights)
+
+
+def test_inception_weights_from_ganforge_weights_get_are_the_default(inception_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("GANFORGE_CACHE", str(tmp_path / "ganforge"))
+    cached = tmp_path / "ganforge" / "weights" / INCEPTION_FILE  # where `ganforge weights get inception` puts it
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(inception_weights)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / INCEPTION_FILE).write_bytes(b"an older copy")  # the ganforge cache comes first
+    assert check_feature_extractor(EvalConfig(cache_dir=str(tmp_path / "c"))).path == cached
+    monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "elsewhere.pth"))  # an explicit setting wins
+    with pytest.raises(EvalError, match=r"GANFORGE_INCEPTION_WEIGHTS points at .*elsewhere\.pth"):
+        check_feature_extractor(EvalConfig(cache_dir=str(tmp_path / "c")))
 
 
 @pytest.mark.slow
