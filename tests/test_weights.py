@@ -127,6 +127,15 @@ def test_a_server_without_ranges_restarts_from_the_first_byte(server, cache, cap
     assert "1,048,576 bytes fetched;" in capsys.readouterr().out
 
 
+def test_a_whole_partial_file_is_checked_and_kept(server, cache, capsys):
+    part = cache.with_name(cache.name + ".part")  # e.g. the command was stopped while it hashed the file
+    part.parent.mkdir(parents=True)
+    part.write_bytes(BODY)
+    assert main(get(server.url)) == 0  # the server answers 416: there is nothing after the last byte
+    assert server.requests == [("/w.pth", "bytes=1048576-")] and cache.read_bytes() == BODY and not part.exists()
+    assert "0 bytes fetched, resumed at byte 1,048,576" in capsys.readouterr().out
+
+
 def test_a_corrupted_download_is_refused_and_not_kept(server, cache, capsys):
     wrong = hashlib.sha256(b"the file we expected").hexdigest()
     assert main(get(server.url, wrong)) == 2
