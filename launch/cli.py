@@ -1,4 +1,4 @@
-"""The ``ganforge`` command: train, generate, report, eval, extractor train, data shards, info.
+"""The ``ganforge`` command: train, generate, report, eval, extractor train, weights get, data shards, info.
 
 Thin: parse, then call the orchestrator."""
 from __future__ import annotations
@@ -73,7 +73,8 @@ def _report(a: argparse.Namespace) -> int:
         print(f"ganforge report: error: {e}", file=sys.stderr)
         return 2
     grids = f"{len(r.grids)} of {r.grids_total}" if len(r.grids) < r.grids_total else str(len(r.grids))
-    print(f"wrote {len(r.plots)} plots ({r.rows} logged steps), {grids} sample grids and {r.index}")
+    real = ", the real-image grid" if r.real_grid else ""
+    print(f"wrote {len(r.plots)} plots ({r.rows} logged steps), {grids} sample grids{real} and {r.index}")
     return 0
 
 
@@ -171,6 +172,19 @@ def _extractor_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_get(a: argparse.Namespace) -> int:
+    from orchestrator.eval.weights import get
+
+    d = get(a.name, url=a.url, sha256=a.sha256, progress=not a.no_progress)
+    if d.already_there:
+        print(f"{d.path} is already there (sha256 {d.sha256} verified)")
+    else:
+        resumed = f", resumed at byte {d.resumed_from:,}" if d.resumed_from else ""
+        print(f"wrote {d.path} ({d.fetched:,} bytes fetched{resumed}; sha256 {d.sha256} verified)")
+    print("ganforge eval and training use it when eval.weights_path and $GANFORGE_INCEPTION_WEIGHTS are not set")
+    return 0
+
+
 def _submit(a: argparse.Namespace) -> int:
     from launch.submit import submit
 
@@ -220,9 +234,10 @@ def _add_report(sub) -> None:
     """The ``report`` subcommand."""
     r = sub.add_parser("report", help="plots and an HTML page of a run (no W&B needed)",
                        description="Write loss, discriminator, regularizer, throughput and evaluator plots of a run's "
-                                   "metrics.jsonl and one self-contained page, report/index.html (images embedded: "
-                                   "mail or copy it alone), with the sample grids over time, the evaluator's "
-                                   "metrics by step and the resolved config.")
+                                   "metrics.jsonl (FID and KID on a log axis) and one self-contained page, "
+                                   "report/index.html (images embedded: mail or copy it alone), with the real-image "
+                                   "grid beside the sample grids over time, the evaluator's metrics by step and the "
+                                   "resolved config.")
     r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/NAME)")
     r.add_argument("--out", help="output directory (default RUN_DIR/report)")
     r.add_argument("--max-grids", type=int, default=24, metavar="N",
@@ -281,7 +296,8 @@ def _add_eval(sub) -> None:
                                    "same code the evaluator runs during training. Image i is generated from seed "
                                    "SEED+i. Held-out features are cached (key: the shards' sha256, the feature "
                                    "extractor and its weights' sha256) and reused on later runs. Nothing is "
-                                   "downloaded: Inception weights come from --weights or $GANFORGE_INCEPTION_WEIGHTS. "
+                                   "downloaded: Inception weights come from --weights, $GANFORGE_INCEPTION_WEIGHTS "
+                                   "or the cache that `ganforge weights get inception` fills. "
                                    "Options left out take the run's eval settings, else the defaults.")
     e.add_argument("checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/ckpt-NNNNNNNNN)")
     e.add_argument("--data", metavar="PATTERN", help="held-out shards, e.g. 'DIR/holdout-*.tar' (quote it; default: "
@@ -295,7 +311,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--feature-extractor", metavar="NAME", help="inception-v3-compat (default; needs its weights file) "
                    "or dataset-cnn (a classifier from `ganforge extractor train`, for small data sets)")
     e.add_argument("--weights", metavar="PATH", help="the feature extractor's weights file (default for Inception: "
-                   "$GANFORGE_INCEPTION_WEIGHTS)")
+                   "$GANFORGE_INCEPTION_WEIGHTS, else the file `ganforge weights get inception` wrote)")
     e.add_argument("--cache-dir", metavar="DIR", help="held-out statistics cache (default ~/.cache/ganforge/eval)")
     e.add_argument("--holdout-num", type=int, metavar="N", help="use only the first N held-out images (default: all)")
     e.add_argument("--kid-subset-size", type=int, metavar="N", help="KID subset size (default 1000, lowered to the "
@@ -331,6 +347,27 @@ def _add_extractor(sub) -> None:
     xt.set_defaults(fn=_extractor_train)
 
 
+def _add_weights(sub) -> None:
+    """The ``weights`` subcommand."""
+    w = sub.add_parser("weights", help="download feature extractor weights (the one command that downloads)",
+                       description="Download feature extractor weights into ganforge's cache. Training and evaluation "
+                                   "never download; run this once on a machine with internet access.")
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    wg = wsub.add_parser("get", help="download weights into ganforge's cache (~/.cache/ganforge/weights)",
+                         description="Download torch-fidelity's Inception weights (weights-inception-2015-12-05-"
+                                     "6726825d.pth) from their official URL into $GANFORGE_CACHE/weights (default "
+                                     "~/.cache/ganforge/weights), where eval.weights_path looks when it is not set. "
+                                     "Shows progress, resumes a download that was cut short (run it again), and keeps "
+                                     "the file only if its sha256 is the expected one. Without a connection it "
+                                     "prints the URL and where the file goes, and exits with status 2.")
+    wg.add_argument("name", choices=("inception",), help="which weights: inception (torch-fidelity's InceptionV3 for "
+                    "FID, KID, IS and precision/recall)")
+    wg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    wg.add_argument("--url", help=argparse.SUPPRESS)  # tests: a file on a local server
+    wg.add_argument("--sha256", help=argparse.SUPPRESS)
+    wg.set_defaults(fn=_weights_get)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ganforge`` argument parser, one subcommand per ``_add_*`` function."""
     p = argparse.ArgumentParser(prog="ganforge", description="Train GANs from WebDataset shards, on one machine or a Ray cluster.")
@@ -345,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub, overrides)
     _add_eval(sub)
     _add_extractor(sub)
+    _add_weights(sub)
     return p
 
 
@@ -354,11 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     from core.config import ConfigError
     from orchestrator.data.shards import DataError
     from orchestrator.eval.evaluator import EvalError
+    from orchestrator.eval.weights import WeightsError
     from orchestrator.faults import NonfiniteError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, CheckpointError, EvalError, NonfiniteError) as e:
+    except (ConfigError, DataError, CheckpointError, EvalError, NonfiniteError, WeightsError) as e:
         print(f"ganforge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -12,11 +12,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(autouse=True)
-def _offline_tracking(monkeypatch):
-    """W&B never goes online in tests: no API key, offline mode, quiet."""
+def _offline_tracking(monkeypatch, tmp_path_factory):
+    """W&B never goes online in tests: no API key, offline mode, quiet. ganforge's weights cache is an empty
+    folder of the test session, not the user's."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("GANFORGE_CACHE", str(tmp_path_factory.getbasetemp() / "ganforge-cache"))
 
 
 @pytest.fixture(scope="session")

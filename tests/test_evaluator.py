@@ -1,6 +1,8 @@
-"""Evaluation through torch-fidelity: same numbers as torch-fidelity itself, held-out cache, offline weights, CLI."""
+"""Evaluation through torch-fidelity: its numbers checked against the metrics' formulas computed here from the
+same features, held-out cache, offline weights, CLI."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -8,10 +10,14 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
+import scipy.spatial
+import scipy.special
 import torch
 import torch_fidelity
 from PIL import Image
@@ -96,22 +102,96 @@ def tiny_generator(spec: ImageSpec = SPEC, seed: int = 0):
         return arch.build_generator(arch.config(**tiny_config(Path("."))["model"]), spec).eval()
 
 
-def write_pngs(images, folder: Path) -> Path:
-    """uint8 3×H×W images as RGB PNGs named in order (torch-fidelity reads a folder sorted by name)."""
-    folder.mkdir(parents=True)
-    for i, x in enumerate(images):
-        Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB").save(folder / f"{i:05d}.png")
-    return folder
-
-
-def shard_pngs(urls: list[str], folder: Path, limit: int | None = None) -> Path:
-    """The held-out PNGs exactly as stored in the shards (no decoding by our code)."""
-    folder.mkdir(parents=True)
-    for i, s in enumerate(tariterators.tarfile_samples({"url": u} for u in urls)):
-        if limit is not None and i >= limit:
+def shard_images(urls: list[str], limit: int) -> torch.Tensor:
+    """The first ``limit`` held-out images as uint8 N×3×H×W, decoded by PIL from the PNG bytes in the shards."""
+    images = []
+    for s in tariterators.tarfile_samples({"url": u} for u in urls):
+        if len(images) == limit:
             break
-        (folder / f"{i:05d}.png").write_bytes(s["png"])
-    return folder
+        rgb = np.array(Image.open(io.BytesIO(s["png"])).convert("RGB"))
+        images.append(torch.from_numpy(rgb).permute(2, 0, 1))
+    return torch.stack(images)
+
+
+def generated_images(G, num: int, seed: int, batch_size: int, num_classes: int) -> torch.Tensor:
+    """Image i from seed SEED+i (latent, then class), as uint8 N×3×H×W: what eval.seed promises."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, num, batch_size):
+            zs, cs = [], []
+            for i in range(start, min(num, start + batch_size)):
+                g = torch.Generator().manual_seed(seed + i)
+                zs.append(torch.randn(1, G.z_dim, generator=g))
+                cs.append(torch.randint(num_classes, (1,), generator=g))
+            x = G(torch.cat(zs), torch.cat(cs))
+            out.append(((x.clamp(-1, 1) + 1) * 127.5 + 0.5).floor().to(torch.uint8).expand(-1, 3, -1, -1))
+    return torch.cat(out)
+
+
+def features(extractor, images: torch.Tensor, batch_size: int) -> list[np.ndarray]:
+    """Each of ``extractor``'s outputs for ``images``, in float64, batch by batch as torch-fidelity feeds it."""
+    with torch.no_grad():
+        parts = [extractor(b) for b in images.split(batch_size)]
+    return [torch.cat(outs).double().numpy() for outs in zip(*parts)]
+
+
+# Reference metrics, written from the papers' definitions with numpy/scipy (not torch-fidelity's code)
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """FID: |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017), sample covariances.
+
+    These covariances are singular (dead ReLU units; fewer images than dimensions); scipy warns, and the
+    square root it finds is still accurate here (the comparisons below would say otherwise)."""
+    mu1, mu2 = f1.mean(axis=0), f2.mean(axis=0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+
+
+def kernel_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """KID over all samples: the unbiased MMD^2 with the kernel (x.y/d + 1)^3 (Binkowski et al. 2018); equal sizes."""
+    m, d = f1.shape
+    assert f2.shape == (m, d)
+
+    def k(a, b):
+        return (a @ b.T / d + 1) ** 3
+
+    kxx, kyy, kxy = k(f1, f1), k(f2, f2), k(f1, f2)
+    return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.sum() / m**2)
+
+
+def inception_score(logits: np.ndarray) -> float:
+    """IS with one split: exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016)."""
+    p = scipy.special.softmax(logits, axis=1)
+    return float(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(axis=0))), axis=1))))
+
+
+def precision_recall(generated: np.ndarray, real: np.ndarray, k: int) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): the fraction of one set inside the union of the
+    other set's balls, each ball reaching its centre's k-th nearest neighbour in its own set."""
+    cdist = scipy.spatial.distance.cdist
+    radius_gen = np.sort(cdist(generated, generated), axis=1)[:, k]  # column 0 is the point itself
+    radius_real = np.sort(cdist(real, real), axis=1)[:, k]
+    d = cdist(generated, real)
+    return float((d <= radius_real[None, :]).any(axis=1).mean()), float((d.T <= radius_gen[None, :]).any(axis=1).mean())
+
+
+class ReplayGenerator(torch.nn.Module):
+    """A stand-in for a trained G on the digits: the latent picks one of ``bank`` (real digits); a second latent
+    coordinate transposes about a third of them, so precision, recall and IS are all away from their bounds."""
+
+    z_dim = 16
+
+    def __init__(self, bank: torch.Tensor):
+        super().__init__()
+        self.register_buffer("bank", bank.float() / 127.5 - 1)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.bank[(z[:, 0].abs() * 1e4).long() % len(self.bank)]
+        return torch.where((z[:, 1] > 0.5)[:, None, None, None], x.transpose(-1, -2), x)
 
 
 def relative_difference(a: float, b: float) -> float:
@@ -152,7 +232,7 @@ def test_missing_inception_weights_fail_fast_with_what_to_do(tmp_path, monkeypat
     msg = str(e.value)
     assert INCEPTION_ENV in msg and "eval.weights_path" in msg and INCEPTION_FILE == "weights-inception-2015-12-05-6726825d.pth"
     assert INCEPTION_FILE in msg and "https://github.com/toshas/torch-fidelity/releases/download/" in msg
-    assert "never downloads" in msg and "copy it" in msg
+    assert "never downloads" in msg and "copy it" in msg and "`ganforge weights get inception`" in msg
 
     monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "nowhere" / INCEPTION_FILE))
     with pytest.raises(EvalError, match=rf"\${INCEPTION_ENV} points at .*nowhere/{INCEPTION_FILE}, which does not exist"):
@@ -228,30 +308,39 @@ def test_extractor_takes_grey_and_rgb_uint8(cnn):
 
 
 # ---------------------------------------------------------------------------------------------
-# Our numbers are torch-fidelity's numbers
+# Our numbers are the metrics' definitions, computed here from the same features
 
 
-def test_metrics_equal_torch_fidelity_on_the_same_images(cnn, digits16, tmp_path):
-    G = tiny_generator()
+def test_metrics_equal_an_independent_computation_from_the_same_features(cnn, digits16, tmp_path):
+    """FID, KID, IS and precision/recall as reported equal the papers' formulas (numpy/scipy) applied to
+    features extracted here from images made here: to 1e-5 relative (torch-fidelity extracts float32 features
+    and computes KID's kernel in float32; the reference is float64), precision and recall exactly.
+
+    KID's subsets are as large as both image sets (64), so each subset is the whole of both sets and the
+    estimate is exact (its std over subsets is 0); IS has one split, so its shuffling does not matter."""
+    n, batch = 64, 32
     urls = expand_shards(str(digits16 / "holdout-*.tar"))
-    cfg = EvalConfig(metrics="fid,kid,isc,prc", num_samples=64, batch_size=32, feature_extractor="dataset-cnn",
-                     weights_path=str(cnn.path), cache_dir=str(tmp_path / "cache"), kid_subsets=20)
+    G = ReplayGenerator(shard_images(expand_shards(str(digits16 / "train-*.tar")), 96)[:, :1])
+    cfg = EvalConfig(metrics="fid,kid,isc,prc", num_samples=n, holdout_num=n, batch_size=batch,
+                     feature_extractor="dataset-cnn", weights_path=str(cnn.path), cache_dir=str(tmp_path / "cache"),
+                     kid_subsets=3, isc_splits=1, prc_neighborhood=3)
     ours = evaluate(G, SPEC, cfg, urls)
-    assert set(ours.metrics) == {"fid", "kid", "kid_std", "isc", "isc_std", "precision", "recall"}
-    assert all(isinstance(v, float) and math.isfinite(v) for v in ours.metrics.values())
-    assert ours.num_holdout == 180 and ours.kid_subset_size == 64
+    assert ours.num_holdout == n and ours.kid_subset_size == n
 
-    generated = write_pngs(GeneratedImages(G, SPEC, 64, cfg.seed, 32), tmp_path / "generated")
-    held = shard_pngs(urls, tmp_path / "held")
-    theirs = torch_fidelity.calculate_metrics(
-        input1=str(generated), input2=str(held), cuda=False, batch_size=32, fid=True, kid=True, isc=True, prc=True,
-        feature_extractor="dataset-cnn", feature_extractor_weights_path=str(cnn.path), kid_subset_size=64,
-        kid_subsets=20, cache=False, verbose=False, save_cpu_ram=True)
-    pairs = {"fid": "frechet_inception_distance", "kid": "kernel_inception_distance_mean",
-             "kid_std": "kernel_inception_distance_std", "isc": "inception_score_mean",
-             "isc_std": "inception_score_std", "precision": "precision", "recall": "recall"}
-    for ours_key, their_key in pairs.items():
-        assert relative_difference(ours.metrics[ours_key], theirs[their_key]) < 1e-6, (ours_key, ours.metrics, theirs)
+    extractor = DatasetCNNFeatureExtractor("dataset-cnn", ["feat", "logits"],
+                                           feature_extractor_weights_path=str(cnn.path))
+    gen_feat, gen_logits = features(extractor, generated_images(G, n, cfg.seed, batch, SPEC.num_classes), batch)
+    real_feat, _ = features(extractor, shard_images(urls, n), batch)
+    precision, recall = precision_recall(gen_feat, real_feat, cfg.prc_neighborhood)
+    reference = {"fid": frechet_distance(gen_feat, real_feat), "kid": kernel_distance(gen_feat, real_feat),
+                 "isc": inception_score(gen_logits)}
+    for key, value in reference.items():
+        assert relative_difference(ours.metrics[key], value) < 1e-5, (key, ours.metrics[key], value)
+    assert (ours.metrics["precision"], ours.metrics["recall"]) == (precision, recall)
+    assert ours.metrics["kid_std"] <= 1e-6 * ours.metrics["kid"] and ours.metrics["isc_std"] == 0
+    # not a degenerate case: every metric is away from its bounds
+    assert reference["fid"] > 1 and reference["kid"] > 0 and 1.5 < reference["isc"] < 10
+    assert 0 < precision < 1 and 0 < recall < 1, (precision, recall)
 
 
 def test_same_seeds_give_the_same_images():
@@ -348,22 +437,40 @@ def test_inception_weights_are_found_where_torch_fidelity_would_cache_them(incep
     assert found.path == hub / INCEPTION_FILE and found.sha256 == sha256_file(inception_weights)
 
 
+def test_inception_weights_from_ganforge_weights_get_are_the_default(inception_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("GANFORGE_CACHE", str(tmp_path / "ganforge"))
+    cached = tmp_path / "ganforge" / "weights" / INCEPTION_FILE  # where `ganforge weights get inception` puts it
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(inception_weights)
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / INCEPTION_FILE).write_bytes(b"an older copy")  # the ganforge cache comes first
+    assert check_feature_extractor(EvalConfig(cache_dir=str(tmp_path / "c"))).path == cached
+    monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "elsewhere.pth"))  # an explicit setting wins
+    with pytest.raises(EvalError, match=r"GANFORGE_INCEPTION_WEIGHTS points at .*elsewhere\.pth"):
+        check_feature_extractor(EvalConfig(cache_dir=str(tmp_path / "c")))
+
+
 @pytest.mark.slow
-def test_inception_fid_kid_equal_torch_fidelity(offline_inception, digits16, tmp_path):
+def test_inception_fid_kid_equal_an_independent_computation(offline_inception, digits16, tmp_path):
+    """As the dataset-cnn test above, through torch-fidelity's Inception (random weights: the numbers are not
+    standard FIDs) on 8 images a side (2048-dim covariances of rank 7: the closed form still agrees)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
     n = 8
     G = tiny_generator()
     urls = expand_shards(str(digits16 / "holdout-*.tar"))
     cfg = EvalConfig(metrics="fid,kid", num_samples=n, holdout_num=n, batch_size=n, cache_dir=str(tmp_path / "cache"),
-                     kid_subsets=10)
+                     kid_subsets=2)
     ours = evaluate(G, SPEC, cfg, urls)
-    generated = write_pngs(GeneratedImages(G, SPEC, n, 0, n), tmp_path / "generated")
-    held = shard_pngs(urls, tmp_path / "held", limit=n)
-    theirs = torch_fidelity.calculate_metrics(
-        input1=str(generated), input2=str(held), cuda=False, batch_size=n, fid=True, kid=True, kid_subset_size=n,
-        kid_subsets=10, feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(offline_inception),
-        cache=False, verbose=False, save_cpu_ram=True)
-    assert relative_difference(ours.metrics["fid"], theirs["frechet_inception_distance"]) < 1e-6
-    assert relative_difference(ours.metrics["kid"], theirs["kernel_inception_distance_mean"]) < 1e-6
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                            feature_extractor_weights_path=str(offline_inception))
+    (gen_feat,) = features(extractor, generated_images(G, n, cfg.seed, n, SPEC.num_classes), n)
+    (real_feat,) = features(extractor, shard_images(urls, n), n)
+    fid, kid = frechet_distance(gen_feat, real_feat), kernel_distance(gen_feat, real_feat)
+    assert gen_feat.shape == (n, 2048) and fid > 1 and kid > 0
+    assert relative_difference(ours.metrics["fid"], fid) < 1e-5
+    assert relative_difference(ours.metrics["kid"], kid) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from PIL import Image
 from conftest import tiny_config
 from launch.cli import main
 from orchestrator.tools.generate import format_seeds, generate, interpolate, parse_seeds, slerp
-from orchestrator.tools.report import ReportError, data_uri, load_metrics, pick_evenly, write_report
+from orchestrator.tools.report import (GROUPS, ReportError, data_uri, group_figure, group_keys, load_metrics,
+                                       pick_evenly, write_report)
 
 GANFORGE = [str(Path(sys.executable).parent / "ganforge")]
 
@@ -186,7 +187,7 @@ def test_stylegan2_interpolates_in_w_with_truncation(digits16, tmp_path):
 @pytest.fixture(scope="module")
 def report(run) -> Path:
     out = cli("report", str(run)).stdout
-    assert "wrote 4 plots (8 logged steps), 2 sample grids" in out
+    assert "wrote 4 plots (8 logged steps), 2 sample grids, the real-image grid and" in out
     return run / "report"
 
 
@@ -201,9 +202,15 @@ def test_report_embeds_every_plot_and_grid(report, run):
     grids = sorted((run / "samples").glob("grid-*.png"))
     assert [g.name for g in grids] == ["grid-000001.024kimg.png", "grid-000002.048kimg.png"]  # kimg of the step
     sources = _img_sources(page)
-    assert len(sources) == len(plots) + len(grids) and all(s.startswith("data:image/png;base64,") for s in sources)
-    for p in [report / n for n in plots] + grids:
+    assert len(sources) == len(plots) + 1 + len(grids) and all(s.startswith("data:image/png;base64,") for s in sources)
+    for p in [report / n for n in plots] + [run / "samples" / "real.png"] + grids:
         assert data_uri(p.read_bytes()) in sources, p.name
+    # the real-image grid (written by training) opens the row of sample grids, in its own frame
+    samples = page[page.index('<div class="grids">'):]
+    real = _img_sources(samples)
+    assert real[0] == data_uri((run / "samples" / "real.png").read_bytes()) and len(real) == 1 + len(grids)
+    assert samples.startswith('<div class="grids"><figure class="real"><img ')
+    assert '<figcaption>real images</figcaption>' in samples and "No <code>samples/real.png</code>" not in page
     assert "1.02 kimg</figcaption>" in page and "2.05 kimg</figcaption>" in page
     assert "batch_size: 256" in page and "8 steps, up to step 8" in page
     assert not re.search(r'(src|href)="(https?:|file:|//)', page) and "<link" not in page  # nothing outside the file
@@ -249,13 +256,35 @@ def test_report_of_one_row_and_of_grids_only(tmp_path):
         Image.new("L", (8, 8), kimg).save(grids_only / "samples" / f"grid-{kimg:06d}kimg.png")
     r = write_report(grids_only, max_grids=4)
     assert r.plots == [] and [g.kimg for g in r.grids] == [0, 10, 19, 29] and r.grids_total == 30
-    assert "4 of 30, evenly spaced" in r.index.read_text()
+    assert "4 of 30, evenly spaced" in r.index.read_text() and r.real_grid is None
+    assert "No <code>samples/real.png</code>: no real images to set beside the samples" in r.index.read_text()
+    assert 'class="real"' not in r.index.read_text()
     assert pick_evenly(list(range(5)), 1) == [4] and pick_evenly(list(range(3)), 8) == [0, 1, 2]
 
     Image.new("RGB", (1500, 1200), "white").save(grids_only / "samples" / "grid-000030kimg.png")
     page = write_report(grids_only, max_grids=1).index.read_text()
     embedded = Image.open(io.BytesIO(base64.b64decode(_img_sources(page)[0].split(",", 1)[1])))
     assert embedded.size == (1024, 819)  # a 1024² run's grids are shrunk for the page
+
+
+def test_fid_and_kid_are_drawn_on_a_log_axis(tmp_path):
+    rows = [{"step": s, "kimg": s / 10, "loss/D": 1.0 / s, "eval/fid": 300.0 / s**2, "eval/kid": 0.3 / s**3,
+             "eval/isc": 1.0 + s, "eval/precision": 0.1 * s} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = load_metrics(tmp_path / "metrics.jsonl")
+
+    def scales(metrics):
+        figures = [group_figure(metrics, g, keys) for g, keys in group_keys(metrics.keys).items()]
+        return {ax.get_title(): ax.get_yscale() for fig in figures for ax in fig.axes if ax.get_visible()}
+
+    assert scales(m) == {"eval/fid": "log", "eval/kid": "log", "eval/isc": "linear", "eval/precision": "linear",
+                         "loss/D": "linear"}
+    # KID's unbiased estimate goes to 0 or below near the end: symlog keeps those points in view
+    m.rows[-1]["eval/kid"], m.rows[-2]["eval/kid"] = -2e-5, 0.0
+    fig = group_figure(m, next(g for g in GROUPS if g.stem == "eval"), ["eval/kid"])
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "symlog" and ax.yaxis.get_transform().linthresh == pytest.approx(2e-5)
+    assert write_report(tmp_path).plots[0].name == "eval.png"
 
 
 def test_report_help(capsys):

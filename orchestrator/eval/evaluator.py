@@ -12,7 +12,7 @@ two uint8 image sets and makes the run reproducible and cheap to repeat:
   weights gives a new key;
 * the feature extractor's weights come from a local file only (:func:`check_feature_extractor`
   finds it and fails at once, saying what to place where, when it is missing): nothing is
-  downloaded at run time.
+  downloaded at run time (``ganforge weights get inception``, run on purpose, is what downloads).
 
 Images are handed to torch-fidelity as ``3×H×W`` uint8: grey images are repeated to three channels
 (what torch-fidelity does itself when it reads grey PNGs), and a fourth (alpha) channel is dropped.
@@ -40,16 +40,13 @@ from core.config import StrictConfig
 from core.spec import ImageSpec
 from orchestrator.checkpoint import load_generator
 from orchestrator.data.shards import DataConfig, DataError, decode_sample, expand_shards, load_manifest, sha256_file
+from orchestrator.eval.weights import INCEPTION_FILE, INCEPTION_URL, cached_inception
 
 # torch-fidelity (and torchvision, which it imports) is imported where it is used: importing this
 # module, e.g. for EvalConfig, stays cheap.
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_ENV = "GANFORGE_INCEPTION_WEIGHTS"
-# torch-fidelity 0.4's URL_INCEPTION_V3 (a test checks they agree)
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
-INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[-1]
 DATASET_CNN = "dataset-cnn"  # orchestrator.eval.extractors.NAME
 CACHE_KEY_VERSION = 1
 
@@ -83,8 +80,10 @@ class EvalConfig(StrictConfig):
                                    description=f"torch-fidelity feature extractor: {INCEPTION} (Inception, needs its "
                                                f"weights file) or {DATASET_CNN} (a classifier trained on the train "
                                                f"split by `ganforge extractor train`) or another registered name")
-    weights_path: str | None = Field(None, description=f"the feature extractor's weights file; None: ${INCEPTION_ENV} "
-                                                       f"for {INCEPTION} (required for the others)")
+    weights_path: str | None = Field(None, description=f"the feature extractor's weights file; None, for {INCEPTION}: "
+                                                       f"${INCEPTION_ENV}, else the file `ganforge weights get "
+                                                       f"inception` wrote, else the torch hub cache (required for "
+                                                       f"the others)")
     kid_subset_size: int = Field(1000, ge=2, description="KID subset size (lowered to the smaller image count when "
                                                          "there are fewer images)")
     kid_subsets: int = Field(100, ge=1, description="number of KID subsets")
@@ -143,9 +142,10 @@ def _sha256_memo(path: Path) -> str:
 
 def _inception_howto() -> str:
     return (f"ganforge never downloads at run time. Get torch-fidelity's Inception weights file {INCEPTION_FILE} once "
-            f"on a machine with internet access (curl -L -O {INCEPTION_URL}), copy it to this machine, and point "
-            f"${INCEPTION_ENV} (or eval.weights_path, or --weights) at it, or put it in "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'}")
+            f"with `ganforge weights get inception` (it verifies the sha256 and puts the file in {cached_inception()}, "
+            f"where it is found without further settings); without internet access here, run that (or curl -L -O "
+            f"{INCEPTION_URL}) on a machine that has it, copy it to this machine, and put it in that place or point "
+            f"${INCEPTION_ENV} (or eval.weights_path, or --weights) at it")
 
 
 def _weights_location(cfg: EvalConfig) -> tuple[Path | None, str]:
@@ -156,6 +156,9 @@ def _weights_location(cfg: EvalConfig) -> tuple[Path | None, str]:
         return None, "eval.weights_path"
     if os.environ.get(INCEPTION_ENV):
         return Path(os.environ[INCEPTION_ENV]).expanduser(), f"${INCEPTION_ENV}"
+    cached = cached_inception()
+    if cached.is_file():
+        return cached, "ganforge weights cache"
     hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE  # where torch-fidelity itself would have put it
     return (hub, "torch hub cache") if hub.is_file() else (None, f"eval.weights_path / ${INCEPTION_ENV}")
 
@@ -177,7 +180,8 @@ def check_feature_extractor(cfg: EvalConfig) -> ExtractorWeights:
     path, source = _weights_location(cfg)
     if name == INCEPTION:
         _require_file(path, source, f"no Inception weights: neither eval.weights_path nor ${INCEPTION_ENV} is set "
-                      f"and {INCEPTION_FILE} is not in the torch hub cache. {_inception_howto()}",
+                      f"and {INCEPTION_FILE} is neither in ganforge's weights cache nor in the torch hub cache. "
+                      f"{_inception_howto()}",
                       f"the {INCEPTION} feature extractor needs {INCEPTION_FILE} there. {_inception_howto()}")
         try:
             state = _load_tensors(path)

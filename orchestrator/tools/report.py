@@ -2,8 +2,9 @@
 
 ``write_report(run_dir)`` writes ``<run_dir>/report/``: one PNG figure per group of metrics (losses,
 discriminator outputs, regularizers, throughput/data wait/memory, evaluator metrics, schedules) and
-``index.html`` with those plots, the fixed-seed sample grids over time, the evaluator's metrics by step, the
-latest value of every metric and the resolved config. Images are embedded as base64 ``data:`` URIs, so the
+``index.html`` with those plots, the real-image grid beside the fixed-seed sample grids over time, the
+evaluator's metrics by step, the latest value of every metric and the resolved config. FID and KID are drawn
+on a log axis. Images are embedded as base64 ``data:`` URIs, so the
 page can be mailed or copied on its own.
 
 Reading the log is forgiving: NaN/Inf written as strings (``"nan"``, ``"inf"``) become floats and are
@@ -26,6 +27,7 @@ from typing import Callable
 
 METRICS_FILE = "metrics.jsonl"  # orchestrator.tracking.METRICS_FILE; not imported from there: that imports torch
 REPORT_DIR = "report"
+REAL_GRID = "real.png"  # samples/real.png: a grid of training images, written once at the start of training
 GRID_NAME = re.compile(r"grid-(\d+(?:\.\d+)?)kimg\.png$")
 _NOT_METRICS = ("step", "kimg", "time")
 
@@ -142,6 +144,10 @@ ORDER = ("loss/D", "loss/G", "D/real", "D/fake", "D/accuracy", "perf/img_per_s",
 UNITS = {"perf/img_per_s": "images / s", "perf/data_wait": "fraction of wall time waiting for data",
          "perf/peak_mem_mb": "MiB"}
 
+# Drawn on a log axis: they fall by orders of magnitude over a run. KID's unbiased estimate can be 0 or
+# negative once the sets are close; then the axis is symlog, linear within the smallest |value| of 0.
+LOG_SCALE = ("eval/fid", "eval/kid")
+
 
 def group_keys(keys: list[str]) -> dict[Group, list[str]]:
     """Each metric in the first group that matches it; groups without metrics left out."""
@@ -181,8 +187,22 @@ def _plot_series(ax, x: list[float], y: list[float], label: str, color) -> None:
                 label=f"{label}: {len(bad)} NaN/Inf", clip_on=False)
 
 
-def plot_group(metrics: Metrics, group: Group, keys: list[str], path: Path, x: str = "kimg") -> Path:
-    """One figure of ``keys`` against ``x`` (kimg), written as a PNG."""
+def log_scale(ax, y: list[float]) -> None:
+    """Put ``ax`` on a log y axis, or symlog when some finite values are 0 or negative (a log axis drops them)."""
+    finite = [v for v in y if math.isfinite(v)]
+    if not finite:
+        return
+    if min(finite) > 0:
+        ax.set_yscale("log")
+        return
+    nonzero = [abs(v) for v in finite if v != 0]
+    ax.set_yscale("symlog", linthresh=min(nonzero, default=1.0))
+    ax.set_ylabel("symlog: linear near 0 (values ≤ 0)", fontsize=8)
+
+
+def group_figure(metrics: Metrics, group: Group, keys: list[str], x: str = "kimg"):
+    """The matplotlib ``Figure`` of ``keys`` against ``x`` (kimg): one axes per key, or one shared; the keys of
+    :data:`LOG_SCALE` on a log axis (see :func:`log_scale`)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     per_axes = [keys] if group.shared else [[k] for k in keys]
@@ -203,11 +223,18 @@ def plot_group(metrics: Metrics, group: Group, keys: list[str], path: Path, x: s
             ax.set_title(ks[0], fontsize=10)
             if ks[0] in UNITS:
                 ax.set_ylabel(UNITS[ks[0]], fontsize=8)
+            if ks[0] in LOG_SCALE:
+                log_scale(ax, metrics.series(ks[0], x)[1])
         if len(ax.get_legend_handles_labels()[1]) > 1:
             ax.legend(fontsize=8, loc="best")
     for ax in axes[len(per_axes):]:
         ax.set_visible(False)
-    fig.savefig(path)
+    return fig
+
+
+def plot_group(metrics: Metrics, group: Group, keys: list[str], path: Path, x: str = "kimg") -> Path:
+    """:func:`group_figure`, written as a PNG."""
+    group_figure(metrics, group, keys, x).savefig(path)
     return path
 
 
@@ -277,6 +304,7 @@ class Report:
     grids: list[Grid]
     grids_total: int
     rows: int
+    real_grid: Path | None = None
 
 
 STYLE = """
@@ -289,6 +317,7 @@ h1{margin:0 0 4px;font-size:26px}h2{margin:32px 0 12px;font-size:19px;border-bot
 .grids{display:flex;flex-wrap:wrap;gap:12px}
 .grids figure{margin:0;background:#fff;border:1px solid #dfe3e8;border-radius:8px;padding:8px;text-align:center}
 .grids img{image-rendering:pixelated;display:block;max-width:100%;height:auto}
+.grids figure.real{border:2px solid #3b7d3b}
 figcaption{font-size:13px;color:#5b6670;margin-top:4px}
 table{border-collapse:collapse;font-size:13px;background:#fff}
 th,td{border:1px solid #dfe3e8;padding:3px 8px;text-align:right}th{background:#eef1f4}
@@ -328,6 +357,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
     metrics_path = run_dir / METRICS_FILE
     metrics = load_metrics(metrics_path) if metrics_path.exists() else Metrics([])
     all_grids = find_grids(run_dir)
+    real = run_dir / "samples" / REAL_GRID
+    real = real if real.is_file() else None
     config_path = run_dir / "config.yaml"
     if not metrics.rows and not all_grids and not config_path.exists():
         raise ReportError(f"{run_dir} has no {METRICS_FILE}, sample grids or config.yaml: is it a run directory?")
@@ -344,8 +375,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
             path.unlink()
     grids = pick_evenly(all_grids, max_grids)
 
-    parts = [_header(run_dir, metrics, all_grids), _warnings(metrics, metrics_path, all_grids, grids)]
-    nav = [("plots", "Plots")] * bool(plots) + [("samples", "Samples")] * bool(grids)
+    parts = [_header(run_dir, metrics, all_grids), _warnings(metrics, metrics_path, all_grids, real)]
+    nav = [("plots", "Plots")] * bool(plots) + [("samples", "Samples")] * bool(grids or real)
     evals = [k for k in metrics.keys if k.startswith("eval/")]
     nav += [("eval", "Evaluator metrics")] * bool(evals) + [("latest", "Latest values")] * bool(metrics.keys)
     nav += [("config", "Config")]
@@ -355,17 +386,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
         for g, p in plots:
             parts.append(f'<div class="card plot"><img src="{data_uri(p.read_bytes())}" '
                          f'alt="{html.escape(g.title)}" title="{html.escape(p.name)}"></div>')
-    if grids:
+    if grids or real:
         shown = f"{len(grids)} of {len(all_grids)}, evenly spaced" if len(grids) < len(all_grids) else str(len(grids))
-        parts.append(f'<h2 id="samples">Fixed-seed samples over training ({shown})</h2>'
-                     f'<p class="sub">G_ema on the same latents every time, from <code>samples/</code>.</p>'
-                     '<div class="grids">')
+        parts.append(f'<h2 id="samples">Real images and fixed-seed samples over training ({shown})</h2>'
+                     f'<p class="sub">First (green frame) real training images, <code>samples/{REAL_GRID}</code>; '
+                     f'then G_ema on the same latents every time, from <code>samples/</code>.</p><div class="grids">')
+        if real:
+            parts.append(_figure(real, grid_max_px, "real training images", "real images", "real"))
         for gr in grids:
-            png, w, h = _grid_png(gr.path, grid_max_px)
-            scale = max(1, round(320 / max(w, h, 1)))  # tiny grids (16 px digits) are blown up, pixelated
-            parts.append(f'<figure><img src="{data_uri(png)}" width="{w * scale}" height="{h * scale}" '
-                         f'alt="sample grid at {gr.kimg} kimg" title="{html.escape(gr.path.name)}">'
-                         f"<figcaption>{gr.kimg:,.3g} kimg</figcaption></figure>")
+            parts.append(_figure(gr.path, grid_max_px, f"sample grid at {gr.kimg} kimg", f"{gr.kimg:,.3g} kimg"))
         parts.append("</div>")
     if evals:
         parts.append('<h2 id="eval">Evaluator metrics by step</h2>' + _table(metrics, evals))
@@ -384,7 +413,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
     tmp = index.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(index)  # a reader (or a browser refreshing the page) never sees half of it
-    return Report(index, [p for _, p in plots], grids, len(all_grids), len(metrics.rows))
+    return Report(index, [p for _, p in plots], grids, len(all_grids), len(metrics.rows), real)
+
+
+def _figure(path: Path, max_px: int, alt: str, caption: str, css_class: str = "") -> str:
+    png, w, h = _grid_png(path, max_px)
+    scale = max(1, round(320 / max(w, h, 1)))  # tiny grids (16 px digits) are blown up, pixelated
+    cls = f' class="{css_class}"' if css_class else ""
+    return (f'<figure{cls}><img src="{data_uri(png)}" width="{w * scale}" height="{h * scale}" '
+            f'alt="{html.escape(alt)}" title="{html.escape(path.name)}"><figcaption>{html.escape(caption)}'
+            f"</figcaption></figure>")
 
 
 def _header(run_dir: Path, m: Metrics, grids: list[Grid]) -> str:
@@ -407,7 +445,7 @@ def _header(run_dir: Path, m: Metrics, grids: list[Grid]) -> str:
             f'<table class="facts card">{rows}</table>')
 
 
-def _warnings(m: Metrics, metrics_path: Path, all_grids: list[Grid], grids: list[Grid]) -> str:
+def _warnings(m: Metrics, metrics_path: Path, all_grids: list[Grid], real: Path | None) -> str:
     notes = []
     if not metrics_path.exists():
         notes.append(f"No <code>{METRICS_FILE}</code> in the run directory: no plots.")
@@ -424,6 +462,8 @@ def _warnings(m: Metrics, metrics_path: Path, all_grids: list[Grid], grids: list
                      f"earlier checkpoint): the last one is shown.")
     if not all_grids:
         notes.append("No sample grids in <code>samples/</code> yet.")
+    elif real is None:
+        notes.append(f"No <code>samples/{REAL_GRID}</code>: no real images to set beside the samples.")
     return "".join(f'<div class="warn">{n}</div>' for n in notes)
 
 
