@@ -185,3 +185,45 @@ def test_generate_and_eval_work_from_anywhere_without_the_training_shards(digits
                    str(tmp_path / "cache"), "--kid-subset-size", "10", cwd=elsewhere).stdout
     fid = next(line for line in out.splitlines() if line.startswith("fid "))
     assert float(fid.split()[1]) > 0, out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming, as a user meets it.
+
+
+def ganforge_rc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_resume_from_a_missing_checkpoint_says_so_and_leaves_no_run_directory(digits16, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(__import__("yaml").safe_dump(tiny_config(digits16)))
+    run_dir = tmp_path / "runs" / "new"
+    p = ganforge_rc("train", str(cfg), "--run-dir", str(run_dir), "--resume", "/no/such/ckpt", cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr == ("ganforge train: error: --resume /no/such/ckpt: no such checkpoint; pass a ckpt-NNNNNNNNN "
+                        "directory of a run, or --resume auto\n")
+    assert not run_dir.exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_summary_leaves_out_evaluations_of_an_abandoned_branch(digits16, tmp_path):
+    """A corrupt newest checkpoint is skipped and the run continues from an older one: evaluation rows written
+    after that older step belong to the abandoned branch, and neither the summary nor the best FID uses them."""
+    from orchestrator.eval.extractors import train_feature_extractor
+
+    cnn = train_feature_extractor(str(digits16 / "train-*.tar"), tmp_path / "cnn.pt", epochs=1)
+    evaluation = {"enabled": True, "every_kimg": 0.08, "feature_extractor": "dataset-cnn", "weights_path": str(cnn.path),
+                  "metrics": ["fid"], "num_samples": 16, "holdout_num": 16, "cache_dir": str(tmp_path / "cache")}
+    cfg = lambda kimg: validate_config(tiny_config(digits16, eval=evaluation, train={"total_kimg": kimg}), "test")  # noqa: E731
+    run_dir = tmp_path / "run"
+    first = train(cfg(0.16), run_dir)  # evaluations at steps 0, 5 and 10; checkpoints at 5 and 10
+    assert [r["step"] for r in first.evaluations] == [0, 5, 10]
+    abandoned = first.evaluations[-1]
+    (run_dir / "checkpoints" / "ckpt-000000010" / "state.pt").write_bytes(b"cut off")  # corrupt: skipped on resume
+    second = train(cfg(0.16), run_dir, resume="auto")  # continues from step 5
+    assert [r["step"] for r in second.evaluations] == [0, 5, 10]
+    assert second.evaluations[-1]["finished"] > abandoned["finished"]
+    rows = [__import__("json").loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 5, 10, 10]  # the file keeps history; the run's line is the last 10
