@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo demo-stylegan2 demo-progan test test-fast test-faults bench clean
+.PHONY: install demo demo-stylegan2 demo-progan test test-fast test-faults lint format bench clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,16 @@ test-fast: $(BIN)/ganforge
 
 test-faults: $(BIN)/ganforge
 	$(BIN)/python -m pytest -m faults tests/faults
+
+# ruff (lint with complexity limits, and formatting) and import-linter (the layer contracts of pyproject.toml)
+lint: $(BIN)/ganforge
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: $(BIN)/ganforge
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: $(BIN)/ganforge
 	$(BIN)/python -m benchmarks.run
