@@ -20,6 +20,7 @@ Training-recipe helpers: :meth:`BigGANGenerator.ortho_parameters` (what the orth
 regularisation of section 3.1 applies to), :func:`sample_truncated_z` (the truncation trick of
 section 3.1) and :func:`convert_sync_batchnorm` (BatchNorm statistics across all devices, section 3).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch.nn.utils.parametrizations import spectral_norm
 
+from architectures.registry import ArchConfig, Architecture, Capabilities, register
 from core.spec import ImageSpec
-from architectures.registry import Architecture, ArchConfig, Capabilities, register
 
 
 class BigGANConfig(ArchConfig):
@@ -87,8 +88,10 @@ def _check_spec(cfg: BigGANConfig, spec: ImageSpec) -> None:
     d_res = set(_d_block_resolutions(spec.resolution))
     unused = set(cfg.attention) - g_res - d_res
     if unused:
-        raise ValueError(f"attention at {sorted(unused)} px matches no G or D block at {spec.resolution} px; "
-                         f"G blocks output {sorted(g_res)}, D blocks {sorted(d_res)}")
+        raise ValueError(
+            f"attention at {sorted(unused)} px matches no G or D block at {spec.resolution} px; "
+            f"G blocks output {sorted(g_res)}, D blocks {sorted(d_res)}"
+        )
 
 
 def _d_block_resolutions(resolution: int) -> list[int]:
@@ -163,9 +166,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, ch, h, w = x.shape
-        theta = self.theta(x).flatten(2)                   # [N, C/8, HW]
-        phi = F.max_pool2d(self.phi(x), 2).flatten(2)      # [N, C/8, HW/4]
-        g = F.max_pool2d(self.g(x), 2).flatten(2)          # [N, C/2, HW/4]
+        theta = self.theta(x).flatten(2)  # [N, C/8, HW]
+        phi = F.max_pool2d(self.phi(x), 2).flatten(2)  # [N, C/8, HW/4]
+        g = F.max_pool2d(self.g(x), 2).flatten(2)  # [N, C/2, HW/4]
         beta = F.softmax(theta.transpose(1, 2) @ phi, -1)  # [N, HW, HW/4]: each position over pooled keys
         o = (g @ beta.transpose(1, 2)).view(n, ch // 2, h, w)
         return x + self.gamma * self.o(o)
@@ -240,8 +243,9 @@ class BigGANGenerator(nn.Module):
             layers.conv(widths[-1], spec.channels),
         )
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None,
-                class_embedding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, c: torch.Tensor | None = None, class_embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if z.shape[1] != self.z_dim:
             raise ValueError(f"z has {z.shape[1]} dims, G.z_dim is {self.z_dim}")
         y = class_embedding
@@ -341,8 +345,13 @@ class BigGANDiscriminator(nn.Module):
         return logit
 
 
-def sample_truncated_z(n: int, z_dim: int, threshold: float, generator: torch.Generator | None = None,
-                       device: torch.device | str | None = None) -> torch.Tensor:
+def sample_truncated_z(
+    n: int,
+    z_dim: int,
+    threshold: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Truncation trick (paper section 3.1): z ~ N(0, I) with every entry whose magnitude exceeds
     ``threshold`` redrawn until it falls inside (resampled, not clipped)."""
     if threshold <= 0:
@@ -365,5 +374,12 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
 
 
-register(Architecture("biggan", BigGANConfig, BigGANGenerator, BigGANDiscriminator,
-                           Capabilities(ortho_parameters=True, truncation="resample")))
+register(
+    Architecture(
+        "biggan",
+        BigGANConfig,
+        BigGANGenerator,
+        BigGANDiscriminator,
+        Capabilities(ortho_parameters=True, truncation="resample"),
+    )
+)

@@ -9,6 +9,7 @@ start from N(0, 0.02) and BatchNorm gains from N(1, 0.02) (section 4).
 Conditional models (an addition to the paper, as in most class-conditional DCGANs) concatenate a
 label embedding to z in G and use a projection term (Miyato & Koyama 2018) in D.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from architectures.registry import ArchConfig, Architecture, register
 from core.spec import ImageSpec
-from architectures.registry import Architecture, ArchConfig, register
 
 
 class DCGANConfig(ArchConfig):
@@ -60,7 +61,10 @@ class DCGANGenerator(nn.Module):
         self.embed = nn.Embedding(spec.num_classes, cfg.label_dim) if spec.num_classes else None
         n_in = cfg.z_dim + (cfg.label_dim if self.embed is not None else 0)
         layers: list[nn.Module] = [  # project z to 4×4 (a 4×4 transposed conv of a 1×1 input)
-            nn.ConvTranspose2d(n_in, widths[0], 4, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
+            nn.ConvTranspose2d(n_in, widths[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(True),
+        ]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
         layers += [nn.ConvTranspose2d(widths[-1], spec.channels, 4, 2, 1, bias=False), nn.Tanh()]

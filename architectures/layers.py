@@ -13,6 +13,7 @@ and ``torch_utils/ops``) but is written with ordinary ``torch`` ops only, so it 
 
 Filters are plain 2-D ``float32`` tensors (made by :func:`setup_filter`) that layers keep as buffers.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,8 +74,9 @@ def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> to
 # FIR filtering and resampling.
 
 
-def setup_filter(f: Sequence[float] | torch.Tensor, normalize: bool = True, flip_filter: bool = False,
-                 gain: float = 1.0) -> torch.Tensor:
+def setup_filter(
+    f: Sequence[float] | torch.Tensor, normalize: bool = True, flip_filter: bool = False, gain: float = 1.0
+) -> torch.Tensor:
     """A 2-D ``float32`` FIR filter from 1-D taps (separable: outer product) or a 2-D array.
 
     ``normalize`` makes the taps sum to 1 (unit DC gain); ``gain`` scales the result. The default
@@ -105,8 +107,15 @@ def _parse_padding(padding: Padding) -> tuple[int, int, int, int]:
     return px0, px1, py0, py1
 
 
-def upfirdn2d(x: torch.Tensor, f: torch.Tensor | None, up: int = 1, down: int = 1, padding: Padding = 0,
-              flip_filter: bool = False, gain: float = 1.0) -> torch.Tensor:
+def upfirdn2d(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    up: int = 1,
+    down: int = 1,
+    padding: Padding = 0,
+    flip_filter: bool = False,
+    gain: float = 1.0,
+) -> torch.Tensor:
     """Upsample, pad, FIR-filter and downsample each channel of ``x`` (``[N, C, H, W]``).
 
     The steps, as in ``scipy.signal.upfirdn`` and the official op: (1) insert ``up - 1`` zeros after
@@ -137,8 +146,7 @@ def upfirdn2d(x: torch.Tensor, f: torch.Tensor | None, up: int = 1, down: int = 
     return x
 
 
-def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, padding: Padding = 0,
-               gain: float = 1.0) -> torch.Tensor:
+def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, padding: Padding = 0, gain: float = 1.0) -> torch.Tensor:
     """Upsample by ``up`` with FIR filter ``f``; the output is exactly ``up`` times larger.
 
     The filter gain is multiplied by ``up**2`` because zero insertion keeps only one pixel in
@@ -150,8 +158,9 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, padding: Padding =
     return upfirdn2d(x, f, up=up, padding=p, gain=gain * up * up)
 
 
-def downsample2d(x: torch.Tensor, f: torch.Tensor, down: int = 2, padding: Padding = 0,
-                 gain: float = 1.0) -> torch.Tensor:
+def downsample2d(
+    x: torch.Tensor, f: torch.Tensor, down: int = 2, padding: Padding = 0, gain: float = 1.0
+) -> torch.Tensor:
     """Low-pass filter with ``f`` then keep every ``down``-th pixel; the output is ``down`` times smaller."""
     fh, fw = f.shape
     px0, px1, py0, py1 = _parse_padding(padding)
@@ -159,8 +168,16 @@ def downsample2d(x: torch.Tensor, f: torch.Tensor, down: int = 2, padding: Paddi
     return upfirdn2d(x, f, down=down, padding=p, gain=gain)
 
 
-def conv2d_resample(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor | None = None, up: int = 1,
-                    down: int = 1, padding: int = 0, groups: int = 1, flip_weight: bool = True) -> torch.Tensor:
+def conv2d_resample(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    f: torch.Tensor | None = None,
+    up: int = 1,
+    down: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    flip_weight: bool = True,
+) -> torch.Tensor:
     """2-D convolution of ``x`` with ``w`` (``[O, I/groups, kh, kw]``) combined with FIR up- or
     downsampling by ``f``, equivalent to "upsample, then conv, then downsample" with ``padding``
     given with respect to the upsampled image (``conv2d_resample`` of the official code).
@@ -233,8 +250,16 @@ class EqualizedLinear(nn.Module):
     differ only in the scale of the bias parameter (hence its effective learning rate).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str = "linear",
-                 lr_multiplier: float = 1.0, bias_init: float = 0.0, he_gain: float | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str = "linear",
+        lr_multiplier: float = 1.0,
+        bias_init: float = 0.0,
+        he_gain: float | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.activation = activation
@@ -270,10 +295,19 @@ class EqualizedConv2d(nn.Module):
     followed by 2x2 average pooling, the fused ``conv2d_downscale2d`` of ProGAN's discriminator.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
-                 activation: str = "linear", up: int = 1, down: int = 1,
-                 resample_filter: Sequence[float] = (1, 3, 3, 1), conv_clamp: float | None = None,
-                 he_gain: float | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        bias: bool = True,
+        activation: str = "linear",
+        up: int = 1,
+        down: int = 1,
+        resample_filter: Sequence[float] = (1, 3, 3, 1),
+        conv_clamp: float | None = None,
+        he_gain: float | None = None,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.activation = activation
@@ -291,14 +325,17 @@ class EqualizedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         w = (self.weight * self.weight_gain).to(x.dtype)
-        x = conv2d_resample(x, w, self.resample_filter, up=self.up, down=self.down, padding=self.padding,
-                            flip_weight=(self.up == 1))
+        x = conv2d_resample(
+            x, w, self.resample_filter, up=self.up, down=self.down, padding=self.padding, flip_weight=(self.up == 1)
+        )
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, self.bias, activation=self.activation, gain=self.act_gain * gain, clamp=clamp)
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, activation={self.activation}, "
-                f"up={self.up}, down={self.down}")
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, activation={self.activation}, "
+            f"up={self.up}, down={self.down}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ G: z → Dense → LeakyReLU → … → Dense → tanh, reshaped to an image. D
 … → Dense → one logit. Conditional models concatenate a learned label embedding to z (G) and to the
 flattened image (D), as in Mirza & Osindero 2014.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -12,8 +13,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from architectures.registry import ArchConfig, Architecture, register
 from core.spec import ImageSpec
-from architectures.registry import Architecture, ArchConfig, register
 
 
 class MLPConfig(ArchConfig):

@@ -40,6 +40,7 @@ outputs, the logits of an auxiliary classifier, returned by ``D(img, c, return_c
 adds the AC-GAN term** (official ``loss.py``, weight 1): ``cross_entropy(class_logits, c)`` on reals
 and fakes in the D loss and on fakes in the G loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from architectures.layers import EqualizedConv2d, EqualizedLinear, bias_act, minibatch_stddev, normalize_2nd_moment
+from architectures.registry import ArchConfig, Architecture, Capabilities, count_params, register
 from core.spec import ImageSpec
-from architectures.registry import Architecture, ArchConfig, Capabilities, count_params, register
 
 SQRT2 = math.sqrt(2)
 
@@ -115,8 +116,13 @@ def level_from_lod(lod: float, max_resolution: int) -> tuple[int, float]:
     return 2 ** (int(math.log2(max_resolution)) - lod_floor), 1.0 - (lod - lod_floor)
 
 
-def training_schedule(kimg: float, max_resolution: int, start_resolution: int = 4, training_kimg: float = 600,
-                      transition_kimg: float = 600) -> tuple[int, float]:
+def training_schedule(
+    kimg: float,
+    max_resolution: int,
+    start_resolution: int = 4,
+    training_kimg: float = 600,
+    transition_kimg: float = 600,
+) -> tuple[int, float]:
     """``(resolution, alpha)`` after ``kimg`` thousand real images (official ``TrainingSchedule``).
 
     Each phase first trains the current level for ``training_kimg``, then fades the next one in over
@@ -153,8 +159,9 @@ class _Progressive(nn.Module):
         """Run at ``resolution`` (a power of two from 4 to ``img_resolution``) with the block of that
         resolution faded in by ``alpha`` in [0, 1] (1: fully in). ``alpha`` is ignored at 4x4."""
         if not _is_pow2(resolution) or not 4 <= resolution <= self.img_resolution:
-            raise ValueError(f"set_lod: resolution must be a power of two in [4, {self.img_resolution}], "
-                             f"got {resolution}")
+            raise ValueError(
+                f"set_lod: resolution must be a power of two in [4, {self.img_resolution}], got {resolution}"
+            )
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"set_lod: alpha must be in [0, 1], got {alpha}")
         self.current_resolution, self.alpha = int(resolution), float(alpha)
@@ -225,8 +232,17 @@ class Generator(_Progressive):
     ``blocks[str(res)]`` and ``to_rgb[str(res)]`` for ``res`` = 4, 8, ..., ``img_resolution``.
     """
 
-    def __init__(self, z_dim: int = 512, img_resolution: int = 1024, img_channels: int = 3, num_classes: int = 0,
-                 fmap_base: int = 8192, fmap_decay: float = 1.0, fmap_max: int = 512, use_pixelnorm: bool = True):
+    def __init__(
+        self,
+        z_dim: int = 512,
+        img_resolution: int = 1024,
+        img_channels: int = 3,
+        num_classes: int = 0,
+        fmap_base: int = 8192,
+        fmap_decay: float = 1.0,
+        fmap_max: int = 512,
+        use_pixelnorm: bool = True,
+    ):
         super().__init__()
         if not _is_pow2(img_resolution) or img_resolution < 4:
             raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
@@ -277,8 +293,9 @@ class DBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.conv0 = EqualizedConv2d(in_channels, in_channels, 3, activation="lrelu", he_gain=SQRT2)
-        self.conv1 = EqualizedConv2d(in_channels, out_channels, 3, activation="lrelu", down=2,
-                                     resample_filter=(1, 1), he_gain=SQRT2)
+        self.conv1 = EqualizedConv2d(
+            in_channels, out_channels, 3, activation="lrelu", down=2, resample_filter=(1, 1), he_gain=SQRT2
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(self.conv0(x))
@@ -310,8 +327,16 @@ class Discriminator(_Progressive):
     labels instead of reading them); ``return_class_logits=True`` also returns them ``[N, num_classes]``.
     """
 
-    def __init__(self, img_resolution: int = 1024, img_channels: int = 3, num_classes: int = 0,
-                 fmap_base: int = 8192, fmap_decay: float = 1.0, fmap_max: int = 512, mbstd_group_size: int = 4):
+    def __init__(
+        self,
+        img_resolution: int = 1024,
+        img_channels: int = 3,
+        num_classes: int = 0,
+        fmap_base: int = 8192,
+        fmap_decay: float = 1.0,
+        fmap_max: int = 512,
+        mbstd_group_size: int = 4,
+    ):
         super().__init__()
         if not _is_pow2(img_resolution) or img_resolution < 4:
             raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
@@ -327,8 +352,9 @@ class Discriminator(_Progressive):
             self.from_rgb[str(res)] = EqualizedConv2d(img_channels, nf(res), 1, activation="lrelu", he_gain=SQRT2)
             if res > 4:
                 self.blocks[str(res)] = DBlock(nf(res), nf(res // 2))
-        self.epilogue = DEpilogue(nf(4), num_features(0, fmap_base, fmap_decay, fmap_max), num_classes,
-                                  mbstd_group_size)
+        self.epilogue = DEpilogue(
+            nf(4), num_features(0, fmap_base, fmap_decay, fmap_max), num_classes, mbstd_group_size
+        )
         self.set_lod(img_resolution, 1.0)
 
     def forward(self, img: torch.Tensor, c: torch.Tensor | None = None, return_class_logits: bool = False):
@@ -372,8 +398,10 @@ def param_notes(G: Generator, D: Discriminator) -> tuple[dict[str, int], str]:
     """What ``ganforge info`` adds to the counts: the final-level-only figures (:func:`count_params_final_level`),
     as extra JSON keys and a sentence saying which count is which."""
     g, d = count_params_final_level(G), count_params_final_level(D)
-    text = (f"counts include every level's ToRGB/FromRGB, as the official networks print them; final level only "
-            f"(ganforge's figure, not an official one): G {g:,}, D {d:,}")
+    text = (
+        f"counts include every level's ToRGB/FromRGB, as the official networks print them; final level only "
+        f"(ganforge's figure, not an official one): G {g:,}, D {d:,}"
+    )
     return {"g_params_final_level": g, "d_params_final_level": d}, text
 
 
@@ -384,7 +412,9 @@ class ProGANConfig(ArchConfig):
 
     arch: Literal["progan"] = "progan"
     z_dim: int = Field(512, ge=1, le=8192, description="latent size")
-    fmap_base: int = Field(8192, ge=1, description="fmaps at stage s: min(int(fmap_base / 2**(s * fmap_decay)), fmap_max)")
+    fmap_base: int = Field(
+        8192, ge=1, description="fmaps at stage s: min(int(fmap_base / 2**(s * fmap_decay)), fmap_max)"
+    )
     fmap_decay: float = Field(1.0, ge=0.0, le=4.0, description="log2 feature-map reduction per doubling")
     fmap_max: int = Field(512, ge=1, le=8192)
     mbstd_group_size: int = Field(4, ge=0, le=1024, description="minibatch stddev group size; 0 or 1: off")
@@ -406,21 +436,42 @@ def _check_spec(cfg: ProGANConfig, spec: ImageSpec) -> None:
 
 def build_generator(cfg: ProGANConfig, spec: ImageSpec) -> Generator:
     _check_spec(cfg, spec)
-    G = Generator(z_dim=cfg.z_dim, img_resolution=spec.resolution, img_channels=spec.channels,
-                  num_classes=spec.num_classes, fmap_base=cfg.fmap_base, fmap_decay=cfg.fmap_decay,
-                  fmap_max=cfg.fmap_max, use_pixelnorm=cfg.use_pixelnorm)
+    G = Generator(
+        z_dim=cfg.z_dim,
+        img_resolution=spec.resolution,
+        img_channels=spec.channels,
+        num_classes=spec.num_classes,
+        fmap_base=cfg.fmap_base,
+        fmap_decay=cfg.fmap_decay,
+        fmap_max=cfg.fmap_max,
+        use_pixelnorm=cfg.use_pixelnorm,
+    )
     G.start_resolution = cfg.start_resolution
     return G
 
 
 def build_discriminator(cfg: ProGANConfig, spec: ImageSpec) -> Discriminator:
     _check_spec(cfg, spec)
-    D = Discriminator(img_resolution=spec.resolution, img_channels=spec.channels, num_classes=spec.num_classes,
-                      fmap_base=cfg.fmap_base, fmap_decay=cfg.fmap_decay, fmap_max=cfg.fmap_max,
-                      mbstd_group_size=cfg.mbstd_group_size)
+    D = Discriminator(
+        img_resolution=spec.resolution,
+        img_channels=spec.channels,
+        num_classes=spec.num_classes,
+        fmap_base=cfg.fmap_base,
+        fmap_decay=cfg.fmap_decay,
+        fmap_max=cfg.fmap_max,
+        mbstd_group_size=cfg.mbstd_group_size,
+    )
     D.start_resolution = cfg.start_resolution
     return D
 
 
-register(Architecture("progan", ProGANConfig, build_generator, build_discriminator,
-                           Capabilities(growth=True, class_logits=True), param_notes=param_notes))
+register(
+    Architecture(
+        "progan",
+        ProGANConfig,
+        build_generator,
+        build_discriminator,
+        Capabilities(growth=True, class_logits=True),
+        param_notes=param_notes,
+    )
+)

@@ -12,6 +12,7 @@ Network contract (what the training loop relies on):
   roughly in ``[-1, 1]``. ``G.z_dim`` is an ``int`` attribute.
 * ``D(img, c)`` maps images and labels to one real/fake logit per image, shape ``[N]``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

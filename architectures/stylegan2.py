@@ -23,6 +23,7 @@ Labels ``c`` are integer class indices ``[N]`` (or ``None``); they are one-hot e
 so the layers (and parameter counts) are those of the official one-hot ``c_dim`` models. Float
 ``[N, num_classes]`` label vectors (one-hot or soft) are accepted as well.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,8 @@ from architectures.layers import (
     setup_filter,
     upsample2d,
 )
+from architectures.registry import ArchConfig, Architecture, Capabilities, register
 from core.spec import ImageSpec
-from architectures.registry import Architecture, ArchConfig, Capabilities, register
 
 FIR_FILTER = (1, 3, 3, 1)
 Arch = Literal["orig", "skip", "resnet"]
@@ -161,9 +162,19 @@ class MappingNetwork(nn.Module):
     appendix B) to all ``ws`` or to the first ``truncation_cutoff`` of them.
     """
 
-    def __init__(self, z_dim: int, c_dim: int, w_dim: int, num_ws: int | None, num_layers: int = 8,
-                 embed_features: int | None = None, layer_features: int | None = None, activation: str = "lrelu",
-                 lr_multiplier: float = 0.01, w_avg_beta: float | None = 0.995):
+    def __init__(
+        self,
+        z_dim: int,
+        c_dim: int,
+        w_dim: int,
+        num_ws: int | None,
+        num_layers: int = 8,
+        embed_features: int | None = None,
+        layer_features: int | None = None,
+        activation: str = "lrelu",
+        lr_multiplier: float = 0.01,
+        w_avg_beta: float | None = 0.995,
+    ):
         super().__init__()
         self.z_dim, self.c_dim, self.w_dim, self.num_ws = z_dim, c_dim, w_dim, num_ws
         self.w_avg_beta = w_avg_beta
@@ -174,12 +185,19 @@ class MappingNetwork(nn.Module):
         self.embed = EqualizedLinear(c_dim, embed_features) if c_dim > 0 else None
         self.layers = nn.ModuleList(
             EqualizedLinear(fin, fout, activation=activation, lr_multiplier=lr_multiplier)
-            for fin, fout in zip(features[:-1], features[1:]))
+            for fin, fout in zip(features[:-1], features[1:])
+        )
         if num_ws is not None and w_avg_beta is not None:
             self.register_buffer("w_avg", torch.zeros([w_dim]))
 
-    def forward(self, z: torch.Tensor | None, c: torch.Tensor | None = None, truncation_psi: float = 1,
-                truncation_cutoff: int | None = None, update_emas: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor | None,
+        c: torch.Tensor | None = None,
+        truncation_psi: float = 1,
+        truncation_cutoff: int | None = None,
+        update_emas: bool = False,
+    ) -> torch.Tensor:
         x = normalize_2nd_moment(z.to(torch.float32)) if self.z_dim > 0 else None
         if self.embed is not None:
             y = normalize_2nd_moment(self.embed(_as_onehot(c, self.c_dim)))
@@ -219,9 +237,19 @@ class SynthesisLayer(nn.Module):
     ``"const"`` uses the fixed buffer ``noise_const``, ``"none"`` adds nothing.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, kernel_size: int = 3,
-                 up: int = 1, use_noise: bool = True, activation: str = "lrelu",
-                 resample_filter: Sequence[float] = FIR_FILTER, conv_clamp: float | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        kernel_size: int = 3,
+        up: int = 1,
+        use_noise: bool = True,
+        activation: str = "lrelu",
+        resample_filter: Sequence[float] = FIR_FILTER,
+        conv_clamp: float | None = None,
+    ):
         super().__init__()
         self.in_channels, self.out_channels, self.resolution = in_channels, out_channels, resolution
         self.up, self.use_noise, self.activation, self.conv_clamp = up, use_noise, activation, conv_clamp
@@ -237,8 +265,14 @@ class SynthesisLayer(nn.Module):
             self.noise_strength = nn.Parameter(torch.zeros([1]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: NoiseMode = "random",
-                fused_modconv: bool = True, gain: float = 1) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        noise_mode: NoiseMode = "random",
+        fused_modconv: bool = True,
+        gain: float = 1,
+    ) -> torch.Tensor:
         styles = self.affine(w)
         noise = None
         if self.use_noise and noise_mode == "random":
@@ -249,23 +283,34 @@ class SynthesisLayer(nn.Module):
         elif noise_mode not in ("random", "const", "none"):
             raise ValueError(f"noise_mode must be 'random', 'const' or 'none', got {noise_mode!r}")
 
-        x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
-                             resample_filter=self.resample_filter, flip_weight=(self.up == 1),
-                             fused_modconv=fused_modconv)
+        x = modulated_conv2d(
+            x,
+            self.weight,
+            styles,
+            noise=noise,
+            up=self.up,
+            padding=self.padding,
+            resample_filter=self.resample_filter,
+            flip_weight=(self.up == 1),
+            fused_modconv=fused_modconv,
+        )
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, self.bias, activation=self.activation, gain=self.act_gain * gain, clamp=clamp)
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-                f"resolution={self.resolution}, up={self.up}")
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"resolution={self.resolution}, up={self.up}"
+        )
 
 
 class ToRGBLayer(nn.Module):
     """1x1 modulated conv to image channels, without demodulation (fig. 7b's "tRGB"); equalized lr is
     applied to the styles, as in the official code."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, kernel_size: int = 1,
-                 conv_clamp: float | None = None):
+    def __init__(
+        self, in_channels: int, out_channels: int, w_dim: int, kernel_size: int = 1, conv_clamp: float | None = None
+    ):
         super().__init__()
         self.conv_clamp = conv_clamp
         self.affine = EqualizedLinear(w_dim, in_channels, bias_init=1)
@@ -288,9 +333,20 @@ class SynthesisBlock(nn.Module):
     Consumes ``num_conv + num_torgb`` ws; the ToRGB's w is shared with the next block's first conv.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, img_channels: int,
-                 is_last: bool, architecture: Arch = "skip", resample_filter: Sequence[float] = FIR_FILTER,
-                 conv_clamp: float | None = None, reduced_precision: bool = False, use_noise: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        img_channels: int,
+        is_last: bool,
+        architecture: Arch = "skip",
+        resample_filter: Sequence[float] = FIR_FILTER,
+        conv_clamp: float | None = None,
+        reduced_precision: bool = False,
+        use_noise: bool = True,
+    ):
         super().__init__()
         if architecture not in ("orig", "skip", "resnet"):
             raise ValueError(f"unknown synthesis architecture {architecture!r}")
@@ -302,8 +358,9 @@ class SynthesisBlock(nn.Module):
         if in_channels == 0:
             self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
         else:
-            self.conv0 = SynthesisLayer(in_channels, out_channels, up=2, resample_filter=resample_filter,
-                                        **layer_kwargs)
+            self.conv0 = SynthesisLayer(
+                in_channels, out_channels, up=2, resample_filter=resample_filter, **layer_kwargs
+            )
         self.conv1 = SynthesisLayer(out_channels, out_channels, **layer_kwargs)
         self.num_conv = 1 if in_channels == 0 else 2
 
@@ -311,12 +368,19 @@ class SynthesisBlock(nn.Module):
         if self.num_torgb:
             self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp)
         if in_channels != 0 and architecture == "resnet":
-            self.skip = EqualizedConv2d(in_channels, out_channels, kernel_size=1, bias=False, up=2,
-                                        resample_filter=resample_filter)
+            self.skip = EqualizedConv2d(
+                in_channels, out_channels, kernel_size=1, bias=False, up=2, resample_filter=resample_filter
+            )
 
-    def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor,
-                reduced_dtype: torch.dtype | None = None, noise_mode: NoiseMode = "random",
-                fused_modconv: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor | None,
+        img: torch.Tensor | None,
+        ws: torch.Tensor,
+        reduced_dtype: torch.dtype | None = None,
+        noise_mode: NoiseMode = "random",
+        fused_modconv: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dtype = reduced_dtype if (self.reduced_precision and reduced_dtype is not None) else torch.float32
         if fused_modconv is None:  # official heuristic: grouped conv for inference, shared weights for training
             fused_modconv = (not self.training) and (dtype == torch.float32 or ws.shape[0] == 1)
@@ -355,10 +419,19 @@ class SynthesisNetwork(nn.Module):
     channels. ``reduced_dtype`` (default ``None``) is the dtype of the top ``num_fp16_res`` blocks.
     """
 
-    def __init__(self, w_dim: int, img_resolution: int, img_channels: int, channel_base: int = 32768,
-                 channel_max: int = 512, num_fp16_res: int = 0, architecture: Arch = "skip",
-                 conv_clamp: float | None = None, use_noise: bool = True,
-                 resample_filter: Sequence[float] = FIR_FILTER):
+    def __init__(
+        self,
+        w_dim: int,
+        img_resolution: int,
+        img_channels: int,
+        channel_base: int = 32768,
+        channel_max: int = 512,
+        num_fp16_res: int = 0,
+        architecture: Arch = "skip",
+        conv_clamp: float | None = None,
+        use_noise: bool = True,
+        resample_filter: Sequence[float] = FIR_FILTER,
+    ):
         super().__init__()
         if img_resolution < 4 or img_resolution & (img_resolution - 1):
             raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
@@ -372,16 +445,24 @@ class SynthesisNetwork(nn.Module):
         for res in self.block_resolutions:
             block = SynthesisBlock(
                 in_channels=_channels(res // 2, channel_base, channel_max) if res > 4 else 0,
-                out_channels=_channels(res, channel_base, channel_max), w_dim=w_dim, resolution=res,
-                img_channels=img_channels, is_last=(res == img_resolution), architecture=architecture,
-                resample_filter=resample_filter, conv_clamp=conv_clamp, reduced_precision=(res >= reduced_from),
-                use_noise=use_noise)
+                out_channels=_channels(res, channel_base, channel_max),
+                w_dim=w_dim,
+                resolution=res,
+                img_channels=img_channels,
+                is_last=(res == img_resolution),
+                architecture=architecture,
+                resample_filter=resample_filter,
+                conv_clamp=conv_clamp,
+                reduced_precision=(res >= reduced_from),
+                use_noise=use_noise,
+            )
             self.blocks.append(block)
             self.num_ws += block.num_conv
         self.num_ws += self.blocks[-1].num_torgb
 
-    def forward(self, ws: torch.Tensor, noise_mode: NoiseMode = "random",
-                fused_modconv: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, ws: torch.Tensor, noise_mode: NoiseMode = "random", fused_modconv: bool | None = None
+    ) -> torch.Tensor:
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
             raise ValueError(f"ws must have shape [N, {self.num_ws}, {self.w_dim}], got {tuple(ws.shape)}")
         ws = ws.to(torch.float32)
@@ -390,8 +471,9 @@ class SynthesisNetwork(nn.Module):
         for block in self.blocks:
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             w_idx += block.num_conv
-            x, img = block(x, img, block_ws, reduced_dtype=self.reduced_dtype, noise_mode=noise_mode,
-                           fused_modconv=fused_modconv)
+            x, img = block(
+                x, img, block_ws, reduced_dtype=self.reduced_dtype, noise_mode=noise_mode, fused_modconv=fused_modconv
+            )
         return img
 
 
@@ -403,20 +485,47 @@ class Generator(nn.Module):
     ``mapping.w_avg`` and ``reduced_dtype`` (stored on ``synthesis``; the mapping is always float32).
     """
 
-    def __init__(self, z_dim: int = 512, w_dim: int = 512, img_resolution: int = 1024, img_channels: int = 3,
-                 num_classes: int = 0, mapping_layers: int = 8, mapping_lr_multiplier: float = 0.01,
-                 w_avg_beta: float = 0.995, channel_base: int = 32768, channel_max: int = 512,
-                 num_fp16_res: int = 0, conv_clamp: float | None = None, architecture: Arch = "skip",
-                 use_noise: bool = True):
+    def __init__(
+        self,
+        z_dim: int = 512,
+        w_dim: int = 512,
+        img_resolution: int = 1024,
+        img_channels: int = 3,
+        num_classes: int = 0,
+        mapping_layers: int = 8,
+        mapping_lr_multiplier: float = 0.01,
+        w_avg_beta: float = 0.995,
+        channel_base: int = 32768,
+        channel_max: int = 512,
+        num_fp16_res: int = 0,
+        conv_clamp: float | None = None,
+        architecture: Arch = "skip",
+        use_noise: bool = True,
+    ):
         super().__init__()
         self.z_dim, self.w_dim, self.num_classes = z_dim, w_dim, num_classes
         self.img_resolution, self.img_channels = img_resolution, img_channels
-        self.synthesis = SynthesisNetwork(w_dim, img_resolution, img_channels, channel_base=channel_base,
-                                          channel_max=channel_max, num_fp16_res=num_fp16_res,
-                                          architecture=architecture, conv_clamp=conv_clamp, use_noise=use_noise)
+        self.synthesis = SynthesisNetwork(
+            w_dim,
+            img_resolution,
+            img_channels,
+            channel_base=channel_base,
+            channel_max=channel_max,
+            num_fp16_res=num_fp16_res,
+            architecture=architecture,
+            conv_clamp=conv_clamp,
+            use_noise=use_noise,
+        )
         self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork(z_dim, num_classes, w_dim, num_ws=self.num_ws, num_layers=mapping_layers,
-                                      lr_multiplier=mapping_lr_multiplier, w_avg_beta=w_avg_beta)
+        self.mapping = MappingNetwork(
+            z_dim,
+            num_classes,
+            w_dim,
+            num_ws=self.num_ws,
+            num_layers=mapping_layers,
+            lr_multiplier=mapping_lr_multiplier,
+            w_avg_beta=w_avg_beta,
+        )
 
     @property
     def reduced_dtype(self) -> torch.dtype | None:
@@ -427,15 +536,24 @@ class Generator(nn.Module):
     def reduced_dtype(self, dtype: torch.dtype | None) -> None:
         self.synthesis.reduced_dtype = dtype
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, truncation_psi: float = 1,
-                truncation_cutoff: int | None = None, noise_mode: NoiseMode = "random",
-                update_emas: bool = False, fused_modconv: bool | None = None) -> torch.Tensor:
-        ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff,
-                          update_emas=update_emas)
+    def forward(
+        self,
+        z: torch.Tensor,
+        c: torch.Tensor | None = None,
+        truncation_psi: float = 1,
+        truncation_cutoff: int | None = None,
+        noise_mode: NoiseMode = "random",
+        update_emas: bool = False,
+        fused_modconv: bool | None = None,
+    ) -> torch.Tensor:
+        ws = self.mapping(
+            z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, update_emas=update_emas
+        )
         return self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
 
-    def mapping_with_style_mixing(self, z: torch.Tensor, c: torch.Tensor | None = None, mixing_prob: float = 0.9,
-                                  update_emas: bool = False) -> torch.Tensor:
+    def mapping_with_style_mixing(
+        self, z: torch.Tensor, c: torch.Tensor | None = None, mixing_prob: float = 0.9, update_emas: bool = False
+    ) -> torch.Tensor:
         """``ws`` for training with style mixing regularisation (StyleGAN sec. 3.1), as the official loss:
         with probability ``mixing_prob`` one random cutoff in ``[1, num_ws)`` is drawn for the batch
         and the ws from that index on come from a second, fresh ``z`` (same labels)."""
@@ -459,10 +577,19 @@ class DiscriminatorBlock(nn.Module):
     (fig. 7b); ``"orig"`` is a plain feed-forward stack.
     """
 
-    def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
-                 architecture: Arch = "resnet", activation: str = "lrelu",
-                 resample_filter: Sequence[float] = FIR_FILTER, conv_clamp: float | None = None,
-                 reduced_precision: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        tmp_channels: int,
+        out_channels: int,
+        resolution: int,
+        img_channels: int,
+        architecture: Arch = "resnet",
+        activation: str = "lrelu",
+        resample_filter: Sequence[float] = FIR_FILTER,
+        conv_clamp: float | None = None,
+        reduced_precision: bool = False,
+    ):
         super().__init__()
         if architecture not in ("orig", "skip", "resnet"):
             raise ValueError(f"unknown discriminator architecture {architecture!r}")
@@ -473,14 +600,23 @@ class DiscriminatorBlock(nn.Module):
         if in_channels == 0 or architecture == "skip":
             self.fromrgb = EqualizedConv2d(img_channels, tmp_channels, 1, activation=activation, conv_clamp=conv_clamp)
         self.conv0 = EqualizedConv2d(tmp_channels, tmp_channels, 3, activation=activation, conv_clamp=conv_clamp)
-        self.conv1 = EqualizedConv2d(tmp_channels, out_channels, 3, activation=activation, down=2,
-                                     resample_filter=resample_filter, conv_clamp=conv_clamp)
+        self.conv1 = EqualizedConv2d(
+            tmp_channels,
+            out_channels,
+            3,
+            activation=activation,
+            down=2,
+            resample_filter=resample_filter,
+            conv_clamp=conv_clamp,
+        )
         if architecture == "resnet":
-            self.skip = EqualizedConv2d(tmp_channels, out_channels, 1, bias=False, down=2,
-                                        resample_filter=resample_filter)
+            self.skip = EqualizedConv2d(
+                tmp_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter
+            )
 
-    def forward(self, x: torch.Tensor | None, img: torch.Tensor | None,
-                reduced_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor | None, img: torch.Tensor | None, reduced_dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dtype = reduced_dtype if (self.reduced_precision and reduced_dtype is not None) else torch.float32
         if x is not None:
             x = x.to(dtype)
@@ -509,17 +645,27 @@ class DiscriminatorEpilogue(nn.Module):
     projected onto the label embedding ``cmap``: ``<out, cmap> / sqrt(cmap_dim)`` (the projection
     discriminator of Miyato & Koyama 2018, as in the official code)."""
 
-    def __init__(self, in_channels: int, cmap_dim: int, resolution: int, img_channels: int,
-                 architecture: Arch = "resnet", mbstd_group_size: int | None = 4, mbstd_num_channels: int = 1,
-                 activation: str = "lrelu", conv_clamp: float | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        cmap_dim: int,
+        resolution: int,
+        img_channels: int,
+        architecture: Arch = "resnet",
+        mbstd_group_size: int | None = 4,
+        mbstd_num_channels: int = 1,
+        activation: str = "lrelu",
+        conv_clamp: float | None = None,
+    ):
         super().__init__()
         self.in_channels, self.cmap_dim, self.resolution = in_channels, cmap_dim, resolution
         self.architecture = architecture
         if architecture == "skip":
             self.fromrgb = EqualizedConv2d(img_channels, in_channels, 1, activation=activation)
         self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels) if mbstd_num_channels > 0 else None
-        self.conv = EqualizedConv2d(in_channels + mbstd_num_channels, in_channels, 3, activation=activation,
-                                    conv_clamp=conv_clamp)
+        self.conv = EqualizedConv2d(
+            in_channels + mbstd_num_channels, in_channels, 3, activation=activation, conv_clamp=conv_clamp
+        )
         self.fc = EqualizedLinear(in_channels * resolution**2, in_channels, activation=activation)
         self.out = EqualizedLinear(in_channels, 1 if cmap_dim == 0 else cmap_dim)
 
@@ -546,10 +692,21 @@ class Discriminator(nn.Module):
     (``cmap_dim`` defaults to the 4x4 channel count). ``reduced_dtype`` as in :class:`Generator`.
     """
 
-    def __init__(self, img_resolution: int = 1024, img_channels: int = 3, num_classes: int = 0,
-                 architecture: Arch = "resnet", channel_base: int = 32768, channel_max: int = 512,
-                 num_fp16_res: int = 0, conv_clamp: float | None = None, cmap_dim: int | None = None,
-                 mbstd_group_size: int | None = 4, mbstd_num_channels: int = 1, mapping_layers: int = 8):
+    def __init__(
+        self,
+        img_resolution: int = 1024,
+        img_channels: int = 3,
+        num_classes: int = 0,
+        architecture: Arch = "resnet",
+        channel_base: int = 32768,
+        channel_max: int = 512,
+        num_fp16_res: int = 0,
+        conv_clamp: float | None = None,
+        cmap_dim: int | None = None,
+        mbstd_group_size: int | None = 4,
+        mbstd_num_channels: int = 1,
+        mapping_layers: int = 8,
+    ):
         super().__init__()
         if img_resolution < 4 or img_resolution & (img_resolution - 1):
             raise ValueError(f"img_resolution must be a power of two >= 4, got {img_resolution}")
@@ -563,18 +720,30 @@ class Discriminator(nn.Module):
             DiscriminatorBlock(
                 in_channels=_channels(res, channel_base, channel_max) if res < img_resolution else 0,
                 tmp_channels=_channels(res, channel_base, channel_max),
-                out_channels=_channels(res // 2, channel_base, channel_max), resolution=res,
-                img_channels=img_channels, architecture=architecture, conv_clamp=conv_clamp,
-                reduced_precision=(res >= reduced_from))
-            for res in self.block_resolutions)
+                out_channels=_channels(res // 2, channel_base, channel_max),
+                resolution=res,
+                img_channels=img_channels,
+                architecture=architecture,
+                conv_clamp=conv_clamp,
+                reduced_precision=(res >= reduced_from),
+            )
+            for res in self.block_resolutions
+        )
         self.mapping = None
         if num_classes > 0:
-            self.mapping = MappingNetwork(0, num_classes, cmap_dim, num_ws=None, num_layers=mapping_layers,
-                                          w_avg_beta=None)
-        self.b4 = DiscriminatorEpilogue(_channels(4, channel_base, channel_max), cmap_dim=cmap_dim, resolution=4,
-                                        img_channels=img_channels, architecture=architecture,
-                                        mbstd_group_size=mbstd_group_size, mbstd_num_channels=mbstd_num_channels,
-                                        conv_clamp=conv_clamp)
+            self.mapping = MappingNetwork(
+                0, num_classes, cmap_dim, num_ws=None, num_layers=mapping_layers, w_avg_beta=None
+            )
+        self.b4 = DiscriminatorEpilogue(
+            _channels(4, channel_base, channel_max),
+            cmap_dim=cmap_dim,
+            resolution=4,
+            img_channels=img_channels,
+            architecture=architecture,
+            mbstd_group_size=mbstd_group_size,
+            mbstd_num_channels=mbstd_num_channels,
+            conv_clamp=conv_clamp,
+        )
 
     def forward(self, img: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         x = None
@@ -599,7 +768,9 @@ class StyleGAN2Config(ArchConfig):
     mapping_layers: int = Field(8, ge=1, description="depth of G's mapping network (the preset's `map`)")
     mapping_lr_multiplier: float = Field(0.01, gt=0)
     w_avg_beta: float = Field(0.995, ge=0, le=1, description="decay of the tracked w average")
-    channel_base: int = Field(32768, ge=1, description="fmaps * 32768; channels = min(channel_base // res, channel_max)")
+    channel_base: int = Field(
+        32768, ge=1, description="fmaps * 32768; channels = min(channel_base // res, channel_max)"
+    )
     channel_max: int = Field(512, ge=1)
     num_fp16_res: int = Field(4, ge=0, description="how many top resolutions run in `reduced_dtype`")
     conv_clamp: float | None = Field(256, gt=0)
@@ -627,19 +798,45 @@ def preset(name: str, **overrides) -> StyleGAN2Config:
 
 
 def build_generator(cfg: StyleGAN2Config, spec: ImageSpec) -> Generator:
-    return Generator(z_dim=cfg.z_dim, w_dim=cfg.w_dim, img_resolution=spec.resolution, img_channels=spec.channels,
-                     num_classes=spec.num_classes, mapping_layers=cfg.mapping_layers,
-                     mapping_lr_multiplier=cfg.mapping_lr_multiplier, w_avg_beta=cfg.w_avg_beta,
-                     channel_base=cfg.channel_base, channel_max=cfg.channel_max, num_fp16_res=cfg.num_fp16_res,
-                     conv_clamp=cfg.conv_clamp, architecture=cfg.g_architecture)
+    return Generator(
+        z_dim=cfg.z_dim,
+        w_dim=cfg.w_dim,
+        img_resolution=spec.resolution,
+        img_channels=spec.channels,
+        num_classes=spec.num_classes,
+        mapping_layers=cfg.mapping_layers,
+        mapping_lr_multiplier=cfg.mapping_lr_multiplier,
+        w_avg_beta=cfg.w_avg_beta,
+        channel_base=cfg.channel_base,
+        channel_max=cfg.channel_max,
+        num_fp16_res=cfg.num_fp16_res,
+        conv_clamp=cfg.conv_clamp,
+        architecture=cfg.g_architecture,
+    )
 
 
 def build_discriminator(cfg: StyleGAN2Config, spec: ImageSpec) -> Discriminator:
-    return Discriminator(img_resolution=spec.resolution, img_channels=spec.channels, num_classes=spec.num_classes,
-                         architecture=cfg.d_architecture, channel_base=cfg.channel_base, channel_max=cfg.channel_max,
-                         num_fp16_res=cfg.num_fp16_res, conv_clamp=cfg.conv_clamp, cmap_dim=cfg.cmap_dim,
-                         mbstd_group_size=cfg.mbstd_group_size, mbstd_num_channels=cfg.mbstd_num_channels)
+    return Discriminator(
+        img_resolution=spec.resolution,
+        img_channels=spec.channels,
+        num_classes=spec.num_classes,
+        architecture=cfg.d_architecture,
+        channel_base=cfg.channel_base,
+        channel_max=cfg.channel_max,
+        num_fp16_res=cfg.num_fp16_res,
+        conv_clamp=cfg.conv_clamp,
+        cmap_dim=cfg.cmap_dim,
+        mbstd_group_size=cfg.mbstd_group_size,
+        mbstd_num_channels=cfg.mbstd_num_channels,
+    )
 
 
-register(Architecture("stylegan2", StyleGAN2Config, build_generator, build_discriminator,
-                           Capabilities(mapping=True, reduced_dtype=True, noise_inputs=True, truncation="psi")))
+register(
+    Architecture(
+        "stylegan2",
+        StyleGAN2Config,
+        build_generator,
+        build_discriminator,
+        Capabilities(mapping=True, reduced_dtype=True, noise_inputs=True, truncation="psi"),
+    )
+)

@@ -4,6 +4,7 @@
 
 Each benchmark prints one table. Ratios are measured within one run (these machines are noisy).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,21 @@ def dev_loader_settings(steps: int = 150) -> None:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=256)
         rows = []
         for workers, threads in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)):
-            cfg = load_config(ROOT / "configs/dev/dcgan-digits.yaml", [
-                f"data.shards={tmp}/d/train-*.tar", f"data.workers={workers}", f"train.threads={threads}",
-                f"train.stop_at_step={steps}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled", "eval.enabled=false",
-                f"tracking.log_every={steps // 3}", "checkpoint.every_kimg=1000", "tracking.sample_every_kimg=1000"])
+            cfg = load_config(
+                ROOT / "configs/dev/dcgan-digits.yaml",
+                [
+                    f"data.shards={tmp}/d/train-*.tar",
+                    f"data.workers={workers}",
+                    f"train.threads={threads}",
+                    f"train.stop_at_step={steps}",
+                    "tracking.progress_bar=false",
+                    "tracking.wandb.mode=disabled",
+                    "eval.enabled=false",
+                    f"tracking.log_every={steps // 3}",
+                    "checkpoint.every_kimg=1000",
+                    "tracking.sample_every_kimg=1000",
+                ],
+            )
             run_dir = Path(tmp) / f"w{workers}t{threads}"
             train(cfg, run_dir)
             rows.append((workers, threads, json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])))
@@ -70,8 +82,9 @@ def stylegan2_1024_forward() -> None:
     print("\n| torch threads | output | best of 3 (s) | median (s) | RSS after building G (MiB) | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|")
     for threads in (1, 2):
-        out = subprocess.run([sys.executable, "-c", FORWARD_1024, str(threads)], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", FORWARD_1024, str(threads)], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
         print(f"| {threads} | {out[0]}{out[1]}{out[2]}{out[3]} | {out[4]} | {out[5]} | {out[6]} | {out[7]} |")
 
 
@@ -83,8 +96,16 @@ def _torchrun(nproc: int, config: str, run_dir: Path, overrides: list[str]) -> d
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}",
-           "-m", "launch.worker", config, "--run-dir", str(run_dir)]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        "-m",
+        "launch.worker",
+        config,
+        "--run-dir",
+        str(run_dir),
+    ]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
@@ -99,10 +120,17 @@ def ddp_scaling(steps: int = 120) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=128)
-        common = [f"data.shards={tmp}/d/train-*.tar", "data.workers=0", "train.threads=1", f"train.stop_at_step={steps}",
-                  "eval.enabled=false",
-                  "tracking.progress_bar=false", f"tracking.log_every={steps // 2}", "checkpoint.every_kimg=1000",
-                  "tracking.sample_every_kimg=1000"]
+        common = [
+            f"data.shards={tmp}/d/train-*.tar",
+            "data.workers=0",
+            "train.threads=1",
+            f"train.stop_at_step={steps}",
+            "eval.enabled=false",
+            "tracking.progress_bar=false",
+            f"tracking.log_every={steps // 2}",
+            "checkpoint.every_kimg=1000",
+            "tracking.sample_every_kimg=1000",
+        ]
         one = _torchrun(1, "configs/dev/dcgan-digits.yaml", Path(tmp) / "one", common)
         two = _torchrun(2, "configs/dev/dcgan-digits.yaml", Path(tmp) / "two", common + ["distributed.strategy=ddp"])
     a, b = one["perf/img_per_s"], two["perf/img_per_s"]
@@ -118,11 +146,26 @@ def strategy_memory() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=128, channels=3)
-        common = [f"data.shards={tmp}/d/train-*.tar", "data.workers=0", "data.resolution=32", "data.channels=3",
-                  "data.num_classes=10", "train.precision=fp32", "train.device=cpu", "train.batch_size=16",
-                  "train.micro_batch=4", "train.stop_at_step=1", "model.num_fp16_res=0", "model.conv_clamp=null",
-                  "model.mbstd_group_size=4", "tracking.progress_bar=false", "tracking.log_every=1",
-                  "checkpoint.every_kimg=1000", "tracking.sample_every_kimg=1000", "tracking.wandb.mode=disabled"]
+        common = [
+            f"data.shards={tmp}/d/train-*.tar",
+            "data.workers=0",
+            "data.resolution=32",
+            "data.channels=3",
+            "data.num_classes=10",
+            "train.precision=fp32",
+            "train.device=cpu",
+            "train.batch_size=16",
+            "train.micro_batch=4",
+            "train.stop_at_step=1",
+            "model.num_fp16_res=0",
+            "model.conv_clamp=null",
+            "model.mbstd_group_size=4",
+            "tracking.progress_bar=false",
+            "tracking.log_every=1",
+            "checkpoint.every_kimg=1000",
+            "tracking.sample_every_kimg=1000",
+            "tracking.wandb.mode=disabled",
+        ]
         rows = []
         for strategy in ("ddp", "deepspeed"):
             extra = [f"distributed.strategy={strategy}", "distributed.deepspeed_config=configs/deepspeed/zero2.yaml"]
@@ -145,26 +188,61 @@ def evaluator_overhead(steps: int = 150) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home, temp = Path(tmp) / "home", Path(tempfile.mkdtemp(prefix="gf-bench-ray-"))
         home.mkdir()
-        env = {**os.environ, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "WANDB_MODE": "disabled"}
+        env = {
+            **os.environ,
+            "HOME": str(home),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "WANDB_MODE": "disabled",
+        }
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=256)
         train_feature_extractor(f"{tmp}/d/train-*.tar", Path(tmp) / "cnn.pt", epochs=3)
-        subprocess.run(["ray", "start", "--head", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                        "--dashboard-host=127.0.0.1", f"--temp-dir={temp}"], env=env, check=True, capture_output=True)
+        subprocess.run(
+            [
+                "ray",
+                "start",
+                "--head",
+                "--num-cpus=2",
+                "--disable-usage-stats",
+                "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1",
+                f"--temp-dir={temp}",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         rates = {}
         try:
             for evaluating in (False, True):
                 run_dir = Path(tmp) / f"eval-{evaluating}"
-                cmd = ["ganforge", "submit", "configs/dev/dcgan-digits.yaml", "--address", "http://127.0.0.1:8265",
-                       "--run-dir", str(run_dir)]
-                for o in [f"data.shards={tmp}/d/train-*.tar", f"eval.weights_path={tmp}/cnn.pt", f"eval.enabled={evaluating}",
-                          "eval.every_kimg=0.64", "eval.num_samples=2000", f"eval.cache_dir={tmp}/cache",
-                          f"train.stop_at_step={steps}", "train.threads=1", "tracking.progress_bar=false",
-                          "tracking.log_every=10", "checkpoint.every_kimg=0.64", "ray.max_failures=0"]:
+                cmd = [
+                    "ganforge",
+                    "submit",
+                    "configs/dev/dcgan-digits.yaml",
+                    "--address",
+                    "http://127.0.0.1:8265",
+                    "--run-dir",
+                    str(run_dir),
+                ]
+                for o in [
+                    f"data.shards={tmp}/d/train-*.tar",
+                    f"eval.weights_path={tmp}/cnn.pt",
+                    f"eval.enabled={evaluating}",
+                    "eval.every_kimg=0.64",
+                    "eval.num_samples=2000",
+                    f"eval.cache_dir={tmp}/cache",
+                    f"train.stop_at_step={steps}",
+                    "train.threads=1",
+                    "tracking.progress_bar=false",
+                    "tracking.log_every=10",
+                    "checkpoint.every_kimg=0.64",
+                    "ray.max_failures=0",
+                ]:
                     cmd += ["--set", o]
                 subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
                 rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss/D" in x]
-                rest = rows[len(rows) // 3:]  # past start-up
+                rest = rows[len(rows) // 3 :]  # past start-up
                 rates[evaluating] = sum(r["perf/img_per_s"] for r in rest) / len(rest)
                 if evaluating:
                     evals = len((run_dir / "eval.jsonl").read_text().splitlines())
@@ -189,11 +267,20 @@ def nonfinite_guard_overhead(steps: int = 300, repeats: int = 2) -> None:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=256)
         for i in range(repeats):
             for guard in (False, True):
-                cfg = load_config(ROOT / "configs/dev/dcgan-digits.yaml", [
-                    f"data.shards={tmp}/d/train-*.tar", f"faults.skip_nonfinite={str(guard).lower()}",
-                    f"train.stop_at_step={steps}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
-                    "eval.enabled=false", f"tracking.log_every={steps // 3}", "checkpoint.every_kimg=1000",
-                    "tracking.sample_every_kimg=1000"])
+                cfg = load_config(
+                    ROOT / "configs/dev/dcgan-digits.yaml",
+                    [
+                        f"data.shards={tmp}/d/train-*.tar",
+                        f"faults.skip_nonfinite={str(guard).lower()}",
+                        f"train.stop_at_step={steps}",
+                        "tracking.progress_bar=false",
+                        "tracking.wandb.mode=disabled",
+                        "eval.enabled=false",
+                        f"tracking.log_every={steps // 3}",
+                        "checkpoint.every_kimg=1000",
+                        "tracking.sample_every_kimg=1000",
+                    ],
+                )
                 run_dir = Path(tmp) / f"g{guard}-{i}"
                 train(cfg, run_dir)
                 row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -203,9 +290,14 @@ def nonfinite_guard_overhead(steps: int = 300, repeats: int = 2) -> None:
     print(f"\non / off: {rates[True] / rates[False]:.3f}")
 
 
-BENCHMARKS = {"dev_loader_settings": dev_loader_settings, "stylegan2_1024_forward": stylegan2_1024_forward,
-              "ddp_scaling": ddp_scaling, "strategy_memory": strategy_memory, "evaluator_overhead": evaluator_overhead,
-              "nonfinite_guard_overhead": nonfinite_guard_overhead}
+BENCHMARKS = {
+    "dev_loader_settings": dev_loader_settings,
+    "stylegan2_1024_forward": stylegan2_1024_forward,
+    "ddp_scaling": ddp_scaling,
+    "strategy_memory": strategy_memory,
+    "evaluator_overhead": evaluator_overhead,
+    "nonfinite_guard_overhead": nonfinite_guard_overhead,
+}
 
 
 def main() -> int:

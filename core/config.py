@@ -1,4 +1,5 @@
 """The base of every config section, and the error every config problem raises."""
+
 from __future__ import annotations
 
 from typing import Any

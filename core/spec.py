@@ -1,4 +1,5 @@
 """What the data looks like, as the networks and every tool that rebuilds them need it."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -21,5 +22,6 @@ class ImageSpec:
     @classmethod
     def from_dict(cls, d: dict) -> ImageSpec:
         """The inverse of :meth:`to_dict`."""
-        return cls(int(d["resolution"]), int(d["channels"]), int(d.get("num_classes", 0)),
-                   tuple(d.get("class_names") or ()))
+        return cls(
+            int(d["resolution"]), int(d["channels"]), int(d.get("num_classes", 0)), tuple(d.get("class_names") or ())
+        )

@@ -1,6 +1,7 @@
 """The ``ganforge`` command: train, generate, report, eval, extractor train, weights get, data shards, info.
 
 Thin: parse, then call the orchestrator."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,10 @@ def _train(a: argparse.Namespace) -> int:
     print(f"  W&B run:     {result.wandb_dir or 'disabled'}")
     rows = [row for row in result.evaluations if "eval/fid" in row]  # this run's line, not abandoned branches
     if rows:
-        print(f"  FID ({rows[0]['feature_extractor']} features, held-out data): {rows[0]['eval/fid']:.1f} at step "
-              f"{rows[0]['step']}, {rows[-1]['eval/fid']:.1f} at step {rows[-1]['step']}; all in {run_dir / 'eval.jsonl'}")
+        print(
+            f"  FID ({rows[0]['feature_extractor']} features, held-out data): {rows[0]['eval/fid']:.1f} at step "
+            f"{rows[0]['step']}, {rows[-1]['eval/fid']:.1f} at step {rows[-1]['step']}; all in {run_dir / 'eval.jsonl'}"
+        )
     return 0
 
 
@@ -37,17 +40,34 @@ def _generate(a: argparse.Namespace) -> int:
         if a.seeds is not None or a.num is not None or a.seed is not None:
             a.parser.error("--interpolate takes its two seeds itself; leave out --seeds, --num and --seed")
         seed_a, seed_b = a.interpolate
-        paths = interpolate(a.checkpoint, a.out, seed_a, seed_b, steps=8 if a.steps is None else a.steps,
-                            truncation=a.truncation, class_index=a.class_index, space=a.space, device=a.device,
-                            frame_ms=a.frame_ms)
+        paths = interpolate(
+            a.checkpoint,
+            a.out,
+            seed_a,
+            seed_b,
+            steps=8 if a.steps is None else a.steps,
+            truncation=a.truncation,
+            class_index=a.class_index,
+            space=a.space,
+            device=a.device,
+            frame_ms=a.frame_ms,
+        )
         print(f"wrote {len(paths) - 2} frames, the strip {paths[-2]} and the animation {paths[-1]}")
         return 0
     if a.seeds is not None and (a.num is not None or a.seed is not None):
         a.parser.error("use either --seeds or --seed/--num, not both")
     if a.steps is not None or a.space != "auto":
         a.parser.error("--steps and --space go with --interpolate")
-    paths = generate(a.checkpoint, a.out, 16 if a.num is None else a.num, seed=a.seed or 0, truncation=a.truncation,
-                     class_index=a.class_index, device=a.device, seeds=a.seeds)
+    paths = generate(
+        a.checkpoint,
+        a.out,
+        16 if a.num is None else a.num,
+        seed=a.seed or 0,
+        truncation=a.truncation,
+        class_index=a.class_index,
+        device=a.device,
+        seeds=a.seeds,
+    )
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
     return 0
 
@@ -81,12 +101,22 @@ def _report(a: argparse.Namespace) -> int:
 def _shards(a: argparse.Namespace) -> int:
     from orchestrator.data.shards import write_shards
 
-    m = write_shards(a.source, a.out, a.resolution, holdout=a.holdout, shard_size=a.shard_size,
-                     channels=a.channels, seed=a.seed, strict=a.strict)
+    m = write_shards(
+        a.source,
+        a.out,
+        a.resolution,
+        holdout=a.holdout,
+        shard_size=a.shard_size,
+        channels=a.channels,
+        seed=a.seed,
+        strict=a.strict,
+    )
     s = m["splits"]
-    print(f"wrote {s['train']['count']} training images in {len(s['train']['shards'])} shard(s) and "
-          f"{s['holdout']['count']} held-out images in {len(s['holdout']['shards'])} shard(s) to {a.out} "
-          f"({m['resolution']}×{m['resolution']}, {m['channels']} channel(s), {m['num_classes']} classes)")
+    print(
+        f"wrote {s['train']['count']} training images in {len(s['train']['shards'])} shard(s) and "
+        f"{s['holdout']['count']} held-out images in {len(s['holdout']['shards'])} shard(s) to {a.out} "
+        f"({m['resolution']}×{m['resolution']}, {m['channels']} channel(s), {m['num_classes']} classes)"
+    )
     if m["skipped"]:
         print(f"skipped {len(m['skipped'])} file(s) that are not readable images (also listed in manifest.json):")
         for f in m["skipped"]:
@@ -111,17 +141,25 @@ def _info(a: argparse.Namespace) -> int:
         c = torch.zeros(1, dtype=torch.long) if spec.num_classes else None
         out_shape = list(G(z, c).shape)
         d_shape = list(D(torch.zeros(out_shape), c).shape)
-    info = {"config": cfg.model_dump(mode="json"), "arch": cfg.model.arch, "g_params": count_params(G),
-            "d_params": count_params(D), "output_shape": out_shape, "d_output_shape": d_shape,
-            "image": {"resolution": spec.resolution, "channels": spec.channels, "num_classes": spec.num_classes}}
+    info = {
+        "config": cfg.model_dump(mode="json"),
+        "arch": cfg.model.arch,
+        "g_params": count_params(G),
+        "d_params": count_params(D),
+        "output_shape": out_shape,
+        "d_output_shape": d_shape,
+        "image": {"resolution": spec.resolution, "channels": spec.channels, "num_classes": spec.num_classes},
+    }
     extra, note = arch.param_notes(G, D) if arch.param_notes else ({}, "")
     info.update(extra)
     if a.json:
         print(json.dumps(info, indent=2))
     else:
         print(cfg.to_yaml())
-        print(f"# {cfg.model.arch}: G {info['g_params']:,} trainable parameters, D {info['d_params']:,}; "
-              f"G output {out_shape}")
+        print(
+            f"# {cfg.model.arch}: G {info['g_params']:,} trainable parameters, D {info['d_params']:,}; "
+            f"G output {out_shape}"
+        )
         if note:
             print(f"# {note}")
     return 0
@@ -130,20 +168,35 @@ def _info(a: argparse.Namespace) -> int:
 def _eval(a: argparse.Namespace) -> int:
     from orchestrator.eval.evaluator import eval_config_for, evaluate_checkpoint
 
-    cfg = eval_config_for(a.checkpoint, metrics=a.metrics, num_samples=a.num, seed=a.seed, batch_size=a.batch_size,
-                          truncation_psi=a.truncation, feature_extractor=a.feature_extractor, weights_path=a.weights,
-                          cache_dir=a.cache_dir, holdout_num=a.holdout_num, kid_subset_size=a.kid_subset_size)
+    cfg = eval_config_for(
+        a.checkpoint,
+        metrics=a.metrics,
+        num_samples=a.num,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        truncation_psi=a.truncation,
+        feature_extractor=a.feature_extractor,
+        weights_path=a.weights,
+        cache_dir=a.cache_dir,
+        holdout_num=a.holdout_num,
+        kid_subset_size=a.kid_subset_size,
+    )
     r = evaluate_checkpoint(a.checkpoint, cfg, holdout=a.data, device=a.device, verbose=a.verbose)
     if a.json:
         print(json.dumps({"checkpoint": str(Path(a.checkpoint).resolve()), **r.to_dict()}, indent=2))
         return 0
     for key, value in r.metrics.items():
         print(f"{key:10s} {value:.6g}")
-    held = ("not needed" if r.cache_hit is None else
-            f"{r.num_holdout} images; features {'reused from' if r.cache_hit else 'computed and saved to'} the cache "
-            f"({r.cache_key} in {Path(cfg.cache_dir).expanduser()})")
-    print(f"# {r.num_generated} images from G_ema (seeds {cfg.seed}-{cfg.seed + r.num_generated - 1}"
-          f"{f', ψ={cfg.truncation_psi}' if cfg.truncation_psi is not None else ''}); held-out: {held}")
+    held = (
+        "not needed"
+        if r.cache_hit is None
+        else f"{r.num_holdout} images; features {'reused from' if r.cache_hit else 'computed and saved to'} the cache "
+        f"({r.cache_key} in {Path(cfg.cache_dir).expanduser()})"
+    )
+    print(
+        f"# {r.num_generated} images from G_ema (seeds {cfg.seed}-{cfg.seed + r.num_generated - 1}"
+        f"{f', ψ={cfg.truncation_psi}' if cfg.truncation_psi is not None else ''}); held-out: {held}"
+    )
     print(f"# feature extractor {r.feature_extractor} (weights sha256 {r.weights_sha256[:12]}…); {r.seconds:.1f} s")
     return 0
 
@@ -157,17 +210,39 @@ def _extractor_train(a: argparse.Namespace) -> int:
     if holdout is None:
         beside = Path(os.path.dirname(a.data) or ".") / "holdout-*.tar"
         holdout = str(beside) if list(beside.parent.glob(beside.name)) else None
-    r = train_feature_extractor(a.data, a.out, epochs=a.epochs, holdout_shards=holdout, batch_size=a.batch_size,
-                                lr=a.lr, feature_dim=a.feature_dim, seed=a.seed, device=a.device,
-                                log=None if a.json else print)
+    r = train_feature_extractor(
+        a.data,
+        a.out,
+        epochs=a.epochs,
+        holdout_shards=holdout,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        feature_dim=a.feature_dim,
+        seed=a.seed,
+        device=a.device,
+        log=None if a.json else print,
+    )
     if a.json:
-        print(json.dumps({"path": str(r.path), "train_accuracy": r.train_accuracy, "holdout_accuracy": r.holdout_accuracy,
-                          "num_train": r.num_train, "num_holdout": r.num_holdout, "num_classes": r.num_classes,
-                          "seconds": r.seconds}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "path": str(r.path),
+                    "train_accuracy": r.train_accuracy,
+                    "holdout_accuracy": r.holdout_accuracy,
+                    "num_train": r.num_train,
+                    "num_holdout": r.num_holdout,
+                    "num_classes": r.num_classes,
+                    "seconds": r.seconds,
+                },
+                indent=2,
+            )
+        )
         return 0
     held = f", held-out {r.holdout_accuracy:.1%} of {r.num_holdout}" if r.holdout_accuracy is not None else ""
-    print(f"wrote {r.path}: {r.num_classes}-class classifier, accuracy train {r.train_accuracy:.1%}{held} "
-          f"({r.seconds:.0f} s)")
+    print(
+        f"wrote {r.path}: {r.num_classes}-class classifier, accuracy train {r.train_accuracy:.1%}{held} "
+        f"({r.seconds:.0f} s)"
+    )
     print(f"evaluate with: ganforge eval CHECKPOINT --feature-extractor {NAME} --weights {r.path}")
     return 0
 
@@ -193,38 +268,72 @@ def _submit(a: argparse.Namespace) -> int:
 
 def _add_train(sub, overrides: dict) -> None:
     """The ``train`` subcommand."""
-    t = sub.add_parser("train", help="train a GAN from a YAML config", description="Train (or resume) a GAN from a YAML config.")
+    t = sub.add_parser(
+        "train", help="train a GAN from a YAML config", description="Train (or resume) a GAN from a YAML config."
+    )
     t.add_argument("config", help="YAML config, e.g. configs/dev/dcgan-digits.yaml")
     t.add_argument("--set", **overrides)
-    t.add_argument("--run-dir", help="where checkpoints, samples, logs and the W&B run go (default: runs/<config name>)")
-    t.add_argument("--resume", metavar="auto|PATH", help="'auto': continue from the newest complete checkpoint in "
-                   "the run directory (fresh if none); PATH: from that checkpoint directory")
+    t.add_argument(
+        "--run-dir", help="where checkpoints, samples, logs and the W&B run go (default: runs/<config name>)"
+    )
+    t.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="'auto': continue from the newest complete checkpoint in "
+        "the run directory (fresh if none); PATH: from that checkpoint directory",
+    )
     t.set_defaults(fn=_train)
 
 
 def _add_generate(sub) -> None:
     """The ``generate`` subcommand."""
-    g = sub.add_parser("generate", help="sample images from a checkpoint's G_ema",
-                       description="Write one PNG per seed and a grid, or a latent interpolation between two seeds "
-                                   "(frames, a strip and an animated GIF), from a checkpoint's G_ema. Every image "
-                                   "is labelled as synthetic in its metadata, with its checkpoint, step, seed, ψ "
-                                   "and class. A seed always gives the same image.")
+    g = sub.add_parser(
+        "generate",
+        help="sample images from a checkpoint's G_ema",
+        description="Write one PNG per seed and a grid, or a latent interpolation between two seeds "
+        "(frames, a strip and an animated GIF), from a checkpoint's G_ema. Every image "
+        "is labelled as synthetic in its metadata, with its checkpoint, step, seed, ψ "
+        "and class. A seed always gives the same image.",
+    )
     g.add_argument("checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/ckpt-NNNNNNNNN)")
     g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--seeds", type=_seeds, metavar="LIST", help="seeds to render, e.g. 0-63 or 0-3,7,10-12 "
-                   "(instead of --seed/--num); writes seedNNNN.png for each and grid.png")
+    g.add_argument(
+        "--seeds",
+        type=_seeds,
+        metavar="LIST",
+        help="seeds to render, e.g. 0-63 or 0-3,7,10-12 "
+        "(instead of --seed/--num); writes seedNNNN.png for each and grid.png",
+    )
     g.add_argument("--num", type=int, help="number of images, seeds SEED … SEED+NUM-1 (default 16)")
     g.add_argument("--seed", type=int, help="first seed; image i uses seed SEED+i (default 0)")
-    g.add_argument("--truncation", type=float, metavar="PSI", help="truncation ψ (mapping-network generators: w_avg + ψ(w − w_avg); biggan: resample |z| > ψ)")
-    g.add_argument("--class", dest="class_index", type=int, metavar="INDEX",
-                   help="class to sample (conditional models; default: drawn from each image's seed)")
-    g.add_argument("--interpolate", type=_seed_pair, metavar="SEED_A,SEED_B",
-                   help="interpolate between two seeds' latents instead: writes interp-A-B-NN.png frames, the strip "
-                        "interp-A-B.png and interp-A-B.gif (conditional models also need --class)")
+    g.add_argument(
+        "--truncation",
+        type=float,
+        metavar="PSI",
+        help="truncation ψ (mapping-network generators: w_avg + ψ(w − w_avg); biggan: resample |z| > ψ)",
+    )
+    g.add_argument(
+        "--class",
+        dest="class_index",
+        type=int,
+        metavar="INDEX",
+        help="class to sample (conditional models; default: drawn from each image's seed)",
+    )
+    g.add_argument(
+        "--interpolate",
+        type=_seed_pair,
+        metavar="SEED_A,SEED_B",
+        help="interpolate between two seeds' latents instead: writes interp-A-B-NN.png frames, the strip "
+        "interp-A-B.png and interp-A-B.gif (conditional models also need --class)",
+    )
     g.add_argument("--steps", type=int, metavar="K", help="frames of the interpolation, ends included (default 8)")
-    g.add_argument("--space", choices=("auto", "z", "w"), default="auto",
-                   help="interpolate by slerp in Z, or linearly in W (mapping-network generators, the StyleGAN "
-                        "convention); default auto: W where there is a mapping network, else Z")
+    g.add_argument(
+        "--space",
+        choices=("auto", "z", "w"),
+        default="auto",
+        help="interpolate by slerp in Z, or linearly in W (mapping-network generators, the StyleGAN "
+        "convention); default auto: W where there is a mapping network, else Z",
+    )
     g.add_argument("--frame-ms", type=int, default=100, metavar="MS", help="GIF frame duration (default 100)")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g.set_defaults(fn=_generate, parser=g)
@@ -232,16 +341,24 @@ def _add_generate(sub) -> None:
 
 def _add_report(sub) -> None:
     """The ``report`` subcommand."""
-    r = sub.add_parser("report", help="plots and an HTML page of a run (no W&B needed)",
-                       description="Write loss, discriminator, regularizer, throughput and evaluator plots of a run's "
-                                   "metrics.jsonl (FID and KID on a log axis) and one self-contained page, "
-                                   "report/index.html (images embedded: mail or copy it alone), with the real-image "
-                                   "grid beside the sample grids over time, the evaluator's metrics by step and the "
-                                   "resolved config.")
+    r = sub.add_parser(
+        "report",
+        help="plots and an HTML page of a run (no W&B needed)",
+        description="Write loss, discriminator, regularizer, throughput and evaluator plots of a run's "
+        "metrics.jsonl (FID and KID on a log axis) and one self-contained page, "
+        "report/index.html (images embedded: mail or copy it alone), with the real-image "
+        "grid beside the sample grids over time, the evaluator's metrics by step and the "
+        "resolved config.",
+    )
     r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/NAME)")
     r.add_argument("--out", help="output directory (default RUN_DIR/report)")
-    r.add_argument("--max-grids", type=int, default=24, metavar="N",
-                   help="embed at most N sample grids, evenly spaced over training, first and last included (default 24)")
+    r.add_argument(
+        "--max-grids",
+        type=int,
+        default=24,
+        metavar="N",
+        help="embed at most N sample grids, evenly spaced over training, first and last included (default 24)",
+    )
     r.set_defaults(fn=_report)
 
 
@@ -249,31 +366,45 @@ def _add_data(sub) -> None:
     """The ``data`` subcommand."""
     d = sub.add_parser("data", help="prepare data", description="Prepare data for training.")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("shards", help="write WebDataset shards from images",
-                        description="Write train-NNNNNN.tar and holdout-NNNNNN.tar shards and manifest.json from an image "
-                                    "folder (class labels from subfolders), a .zip of one, an .npz (images, labels) or "
-                                    "builtin:digits (scikit-learn's handwritten digits).")
+    s = dsub.add_parser(
+        "shards",
+        help="write WebDataset shards from images",
+        description="Write train-NNNNNN.tar and holdout-NNNNNN.tar shards and manifest.json from an image "
+        "folder (class labels from subfolders), a .zip of one, an .npz (images, labels) or "
+        "builtin:digits (scikit-learn's handwritten digits).",
+    )
     s.add_argument("source", help="folder, .zip, .npz or builtin:digits")
     s.add_argument("out", help="output directory")
     s.add_argument("--resolution", type=int, required=True, help="square output size in pixels (a power of two)")
     s.add_argument("--holdout", type=float, default=0.1, help="fraction held out for evaluation (default 0.1)")
     s.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
-    s.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: grey only if every image is")
+    s.add_argument(
+        "--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: grey only if every image is"
+    )
     s.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split (default 0)")
-    s.add_argument("--strict", action="store_true", help="fail, writing nothing, if any file of SOURCE is not a "
-                   "readable image (default: skip such files and list them at the end)")
+    s.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail, writing nothing, if any file of SOURCE is not a "
+        "readable image (default: skip such files and list them at the end)",
+    )
     s.set_defaults(fn=_shards)
 
 
 def _add_submit(sub, overrides: dict) -> None:
     """The ``submit`` subcommand."""
-    u = sub.add_parser("submit", help="run a training job on a Ray cluster (like ray job submit)",
-                       description="Submit `python -m launch.ray_job CONFIG ...` to a Ray cluster through its job API, "
-                                   "stream the job's logs, and exit 0 only if the job SUCCEEDED.")
+    u = sub.add_parser(
+        "submit",
+        help="run a training job on a Ray cluster (like ray job submit)",
+        description="Submit `python -m launch.ray_job CONFIG ...` to a Ray cluster through its job API, "
+        "stream the job's logs, and exit 0 only if the job SUCCEEDED.",
+    )
     u.add_argument("config", help="YAML config (a path inside the working directory)")
     u.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
     u.add_argument("--set", **overrides)
-    u.add_argument("--run-dir", help="absolute run directory on storage the workers see (default: ~/ganforge/runs/<config name>)")
+    u.add_argument(
+        "--run-dir", help="absolute run directory on storage the workers see (default: ~/ganforge/runs/<config name>)"
+    )
     u.add_argument("--working-dir", default=".", help="directory uploaded as the job's working directory (default .)")
     u.add_argument("--no-wait", action="store_true", help="return after submitting instead of following the logs")
     u.set_defaults(fn=_submit)
@@ -281,8 +412,11 @@ def _add_submit(sub, overrides: dict) -> None:
 
 def _add_info(sub, overrides: dict) -> None:
     """The ``info`` subcommand."""
-    i = sub.add_parser("info", help="show a config's resolved values and network sizes",
-                       description="Print the resolved config, G and D trainable parameter counts and output shape.")
+    i = sub.add_parser(
+        "info",
+        help="show a config's resolved values and network sizes",
+        description="Print the resolved config, G and D trainable parameter counts and output shape.",
+    )
     i.add_argument("config", help="YAML config")
     i.add_argument("--set", **overrides)
     i.add_argument("--json", action="store_true", help="one JSON object (keys include g_params, d_params) for scripts")
@@ -291,31 +425,57 @@ def _add_info(sub, overrides: dict) -> None:
 
 def _add_eval(sub) -> None:
     """The ``eval`` subcommand."""
-    e = sub.add_parser("eval", help="FID, KID, IS, precision/recall of a checkpoint's G_ema on held-out shards",
-                       description="Evaluate a checkpoint's G_ema against held-out shards with torch-fidelity, the "
-                                   "same code the evaluator runs during training. Image i is generated from seed "
-                                   "SEED+i. Held-out features are cached (key: the shards' sha256, the feature "
-                                   "extractor and its weights' sha256) and reused on later runs. Nothing is "
-                                   "downloaded: Inception weights come from --weights, $GANFORGE_INCEPTION_WEIGHTS "
-                                   "or the cache that `ganforge weights get inception` fills. "
-                                   "Options left out take the run's eval settings, else the defaults.")
+    e = sub.add_parser(
+        "eval",
+        help="FID, KID, IS, precision/recall of a checkpoint's G_ema on held-out shards",
+        description="Evaluate a checkpoint's G_ema against held-out shards with torch-fidelity, the "
+        "same code the evaluator runs during training. Image i is generated from seed "
+        "SEED+i. Held-out features are cached (key: the shards' sha256, the feature "
+        "extractor and its weights' sha256) and reused on later runs. Nothing is "
+        "downloaded: Inception weights come from --weights, $GANFORGE_INCEPTION_WEIGHTS "
+        "or the cache that `ganforge weights get inception` fills. "
+        "Options left out take the run's eval settings, else the defaults.",
+    )
     e.add_argument("checkpoint", help="a checkpoint directory (runs/NAME/checkpoints/ckpt-NNNNNNNNN)")
-    e.add_argument("--data", metavar="PATTERN", help="held-out shards, e.g. 'DIR/holdout-*.tar' (quote it; default: "
-                   "the run's eval.holdout or data.holdout, else holdout-*.tar beside its training shards)")
-    e.add_argument("--metrics", metavar="LIST", help="comma-separated: fid, kid, isc (Inception Score), prc "
-                   "(precision/recall); default fid,kid")
+    e.add_argument(
+        "--data",
+        metavar="PATTERN",
+        help="held-out shards, e.g. 'DIR/holdout-*.tar' (quote it; default: "
+        "the run's eval.holdout or data.holdout, else holdout-*.tar beside its training shards)",
+    )
+    e.add_argument(
+        "--metrics",
+        metavar="LIST",
+        help="comma-separated: fid, kid, isc (Inception Score), prc (precision/recall); default fid,kid",
+    )
     e.add_argument("--num", type=int, metavar="N", help="images to generate (default 10000)")
     e.add_argument("--seed", type=int, help="first seed; image i uses seed SEED+i (default 0)")
-    e.add_argument("--truncation", type=float, metavar="PSI", help="truncation ψ (generators with a mapping network; "
-                   "default: none)")
-    e.add_argument("--feature-extractor", metavar="NAME", help="inception-v3-compat (default; needs its weights file) "
-                   "or dataset-cnn (a classifier from `ganforge extractor train`, for small data sets)")
-    e.add_argument("--weights", metavar="PATH", help="the feature extractor's weights file (default for Inception: "
-                   "$GANFORGE_INCEPTION_WEIGHTS, else the file `ganforge weights get inception` wrote)")
+    e.add_argument(
+        "--truncation",
+        type=float,
+        metavar="PSI",
+        help="truncation ψ (generators with a mapping network; default: none)",
+    )
+    e.add_argument(
+        "--feature-extractor",
+        metavar="NAME",
+        help="inception-v3-compat (default; needs its weights file) "
+        "or dataset-cnn (a classifier from `ganforge extractor train`, for small data sets)",
+    )
+    e.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="the feature extractor's weights file (default for Inception: "
+        "$GANFORGE_INCEPTION_WEIGHTS, else the file `ganforge weights get inception` wrote)",
+    )
     e.add_argument("--cache-dir", metavar="DIR", help="held-out statistics cache (default ~/.cache/ganforge/eval)")
     e.add_argument("--holdout-num", type=int, metavar="N", help="use only the first N held-out images (default: all)")
-    e.add_argument("--kid-subset-size", type=int, metavar="N", help="KID subset size (default 1000, lowered to the "
-                   "smaller image count)")
+    e.add_argument(
+        "--kid-subset-size",
+        type=int,
+        metavar="N",
+        help="KID subset size (default 1000, lowered to the smaller image count)",
+    )
     e.add_argument("--batch-size", type=int, metavar="N", help="generator and feature-extractor batch (default 64)")
     e.add_argument("--device", default="cpu", help="torch device of the generator and feature extractor (default cpu)")
     e.add_argument("--verbose", action="store_true", help="show torch-fidelity's progress")
@@ -325,18 +485,25 @@ def _add_eval(sub) -> None:
 
 def _add_extractor(sub) -> None:
     """The ``extractor`` subcommand."""
-    x = sub.add_parser("extractor", help="feature extractors for evaluation",
-                       description="Feature extractors for evaluation.")
+    x = sub.add_parser(
+        "extractor", help="feature extractors for evaluation", description="Feature extractors for evaluation."
+    )
     xsub = x.add_subparsers(dest="extractor_command", required=True)
-    xt = xsub.add_parser("train", help="train the dataset-cnn feature extractor on labelled training shards",
-                         description="Train a small CNN classifier on a data set's training shards and save its "
-                                     "weights, for `ganforge eval --feature-extractor dataset-cnn --weights OUT`: "
-                                     "FID, KID and precision/recall in its penultimate layer, IS from its logits "
-                                     "(the usual practice on MNIST-scale data, where Inception features mean little).")
+    xt = xsub.add_parser(
+        "train",
+        help="train the dataset-cnn feature extractor on labelled training shards",
+        description="Train a small CNN classifier on a data set's training shards and save its "
+        "weights, for `ganforge eval --feature-extractor dataset-cnn --weights OUT`: "
+        "FID, KID and precision/recall in its penultimate layer, IS from its logits "
+        "(the usual practice on MNIST-scale data, where Inception features mean little).",
+    )
     xt.add_argument("--data", required=True, metavar="PATTERN", help="labelled training shards, e.g. 'DIR/train-*.tar'")
     xt.add_argument("--out", required=True, metavar="PATH", help="weights file to write, e.g. DIR/dataset-cnn.pt")
-    xt.add_argument("--holdout", metavar="PATTERN", help="shards to report accuracy on (default: holdout-*.tar beside "
-                    "--data, if any)")
+    xt.add_argument(
+        "--holdout",
+        metavar="PATTERN",
+        help="shards to report accuracy on (default: holdout-*.tar beside --data, if any)",
+    )
     xt.add_argument("--epochs", type=int, default=8, help="passes over the training shards (default 8)")
     xt.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     xt.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, cosine-annealed (default 0.002)")
@@ -349,19 +516,28 @@ def _add_extractor(sub) -> None:
 
 def _add_weights(sub) -> None:
     """The ``weights`` subcommand."""
-    w = sub.add_parser("weights", help="download feature extractor weights (the one command that downloads)",
-                       description="Download feature extractor weights into ganforge's cache. Training and evaluation "
-                                   "never download; run this once on a machine with internet access.")
+    w = sub.add_parser(
+        "weights",
+        help="download feature extractor weights (the one command that downloads)",
+        description="Download feature extractor weights into ganforge's cache. Training and evaluation "
+        "never download; run this once on a machine with internet access.",
+    )
     wsub = w.add_subparsers(dest="weights_command", required=True)
-    wg = wsub.add_parser("get", help="download weights into ganforge's cache (~/.cache/ganforge/weights)",
-                         description="Download torch-fidelity's Inception weights (weights-inception-2015-12-05-"
-                                     "6726825d.pth) from their official URL into $GANFORGE_CACHE/weights (default "
-                                     "~/.cache/ganforge/weights), where eval.weights_path looks when it is not set. "
-                                     "Shows progress, resumes a download that was cut short (run it again), and keeps "
-                                     "the file only if its sha256 is the expected one. Without a connection it "
-                                     "prints the URL and where the file goes, and exits with status 2.")
-    wg.add_argument("name", choices=("inception",), help="which weights: inception (torch-fidelity's InceptionV3 for "
-                    "FID, KID, IS and precision/recall)")
+    wg = wsub.add_parser(
+        "get",
+        help="download weights into ganforge's cache (~/.cache/ganforge/weights)",
+        description="Download torch-fidelity's Inception weights (weights-inception-2015-12-05-"
+        "6726825d.pth) from their official URL into $GANFORGE_CACHE/weights (default "
+        "~/.cache/ganforge/weights), where eval.weights_path looks when it is not set. "
+        "Shows progress, resumes a download that was cut short (run it again), and keeps "
+        "the file only if its sha256 is the expected one. Without a connection it "
+        "prints the URL and where the file goes, and exits with status 2.",
+    )
+    wg.add_argument(
+        "name",
+        choices=("inception",),
+        help="which weights: inception (torch-fidelity's InceptionV3 for FID, KID, IS and precision/recall)",
+    )
     wg.add_argument("--no-progress", action="store_true", help="no progress bar")
     wg.add_argument("--url", help=argparse.SUPPRESS)  # tests: a file on a local server
     wg.add_argument("--sha256", help=argparse.SUPPRESS)
@@ -370,10 +546,16 @@ def _add_weights(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ganforge`` argument parser, one subcommand per ``_add_*`` function."""
-    p = argparse.ArgumentParser(prog="ganforge", description="Train GANs from WebDataset shards, on one machine or a Ray cluster.")
+    p = argparse.ArgumentParser(
+        prog="ganforge", description="Train GANs from WebDataset shards, on one machine or a Ray cluster."
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    overrides = dict(action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override a config value (YAML syntax), e.g. --set train.batch_size=32; repeatable")
+    overrides = dict(
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (YAML syntax), e.g. --set train.batch_size=32; repeatable",
+    )
     _add_train(sub, overrides)
     _add_generate(sub)
     _add_report(sub)
@@ -388,8 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from orchestrator.checkpoint import CheckpointError
     from core.config import ConfigError
+    from orchestrator.checkpoint import CheckpointError
     from orchestrator.data.shards import DataError
     from orchestrator.eval.evaluator import EvalError
     from orchestrator.eval.weights import WeightsError
@@ -404,9 +586,12 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
             raise
         where = e.filename or (f"into {args.run_dir}" if getattr(args, "run_dir", None) else "a file")
-        print(f"ganforge {args.command}: error: cannot write {where}: {e.strerror}. Free space (or "
-              f"fix the permissions) and run again; a training run continues from its last checkpoint with "
-              f"--resume auto (checkpoints are written atomically, so the last complete one is intact)", file=sys.stderr)
+        print(
+            f"ganforge {args.command}: error: cannot write {where}: {e.strerror}. Free space (or "
+            f"fix the permissions) and run again; a training run continues from its last checkpoint with "
+            f"--resume auto (checkpoints are written atomically, so the last complete one is intact)",
+            file=sys.stderr,
+        )
         return 2
 
 

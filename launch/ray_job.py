@@ -7,6 +7,7 @@ continues the run. Exits non-zero when training fails. On SIGTERM (``ray job sto
 ``RUN_DIR/STOP``: the workers finish their step, checkpoint and return, and the driver exits 0 (give
 ``ray job stop`` the time with ``RAY_JOB_STOP_WAIT_TIME_S`` on the cluster; see docs/reliability.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,14 @@ def default_run_dir(config: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.ray_job", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.ray_job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config", help="YAML config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument("--run-dir", help="absolute run directory on storage every worker sees "
-                   "(default: ~/ganforge/runs/<config name>)")
+    p.add_argument(
+        "--run-dir", help="absolute run directory on storage every worker sees (default: ~/ganforge/runs/<config name>)"
+    )
     a = p.parse_args(argv)
 
     import ray
@@ -35,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from launch.ray_worker import prepare_for_workers, ray_worker, start_evaluator
     from orchestrator.config import ConfigError, load_config
-    from orchestrator.data.shards import DataError
+    from orchestrator.data.shards import DataError, image_spec, load_manifest
     from orchestrator.eval.evaluator import EvalError
     from orchestrator.faults import STOP_FILE
-    from orchestrator.data.shards import image_spec, load_manifest
     from orchestrator.train.preflight import check_batches
 
     try:
@@ -52,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(a.run_dir).resolve() if a.run_dir else default_run_dir(a.config)
     r = cfg.ray
     if cfg.distributed.strategy == "single" and r.num_workers > 1:
-        print(f"ganforge: distributed.strategy is single but ray.num_workers is {r.num_workers}: the workers train "
-              f"with ddp (set distributed.strategy: ddp or deepspeed to choose)", flush=True)
+        print(
+            f"ganforge: distributed.strategy is single but ray.num_workers is {r.num_workers}: the workers train "
+            f"with ddp (set distributed.strategy: ddp or deepspeed to choose)",
+            flush=True,
+        )
         cfg.distributed.strategy = "ddp"
     ray.init()  # inside `ray job submit`: the cluster that runs the job
     evaluator, evaluator_handle = start_evaluator(cfg, spec, run_dir) if cfg.eval.enabled else (None, None)
@@ -64,12 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         train_loop_config={"config": cfg, "run_dir": str(run_dir), "evaluator": evaluator},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=r.name or run_dir.name, storage_path=r.storage_path or str(run_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep)),
+        run_config=RunConfig(
+            name=r.name or run_dir.name,
+            storage_path=r.storage_path or str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
+        ),
     )
-    print(f"ganforge: training {cfg.model.arch} on {r.num_workers} Ray worker(s) ({cfg.distributed.strategy}); "
-          f"run directory {run_dir}", flush=True)
+    print(
+        f"ganforge: training {cfg.model.arch} on {r.num_workers} Ray worker(s) ({cfg.distributed.strategy}); "
+        f"run directory {run_dir}",
+        flush=True,
+    )
 
     def request_stop(signum, frame) -> None:  # `ray job stop`: the workers checkpoint and return
         (run_dir / STOP_FILE).touch()
@@ -87,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.error:
         print(f"ganforge: training failed: {result.error}", file=sys.stderr, flush=True)
         return 1
-    print(f"ganforge: finished; last checkpoint {result.checkpoint.path if result.checkpoint else None}; "
-          f"metrics {result.metrics}", flush=True)
+    print(
+        f"ganforge: finished; last checkpoint {result.checkpoint.path if result.checkpoint else None}; "
+        f"metrics {result.metrics}",
+        flush=True,
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ runs :func:`ray_worker`, which is the dev-mode loop with a :class:`WorkerContext
 hands each new checkpoint to ``ray.train.report`` and whose ``restore_from`` is the newest of Ray's
 checkpoint (after a worker-group restart) and the run directory's (after a driver restart).
 """
+
 from __future__ import annotations
 
 import os
@@ -52,10 +53,19 @@ def start_evaluator(cfg, spec, run_dir: Path):
         ray.kill(ray.get_actor(name, namespace=NAMESPACE))  # one left over from an earlier driver of this run
     except ValueError:
         pass
-    actor = ray.remote(EvaluatorActor).options(name=name, namespace=NAMESPACE, num_cpus=cfg.eval.cpus,
-                                               num_gpus=cfg.eval.gpus, resources=cfg.eval.resources, max_restarts=-1,
-                                               max_concurrency=4
-                                               ).remote(evaluation_job(cfg, spec), str(run_dir))
+    actor = (
+        ray.remote(EvaluatorActor)
+        .options(
+            name=name,
+            namespace=NAMESPACE,
+            num_cpus=cfg.eval.cpus,
+            num_gpus=cfg.eval.gpus,
+            resources=cfg.eval.resources,
+            max_restarts=-1,
+            max_concurrency=4,
+        )
+        .remote(evaluation_job(cfg, spec), str(run_dir))
+    )
     ray.get(actor.status.remote())  # fails now if the actor cannot start
     return name, actor
 
@@ -74,8 +84,13 @@ def ray_worker(loop_config: dict) -> None:
     def report(metrics: dict, path: Path | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if path else None)
 
-    ctx = WorkerContext(rank=context.get_world_rank(), world_size=context.get_world_size(),
-                        local_rank=context.get_local_rank(), report=report, evaluator=loop_config.get("evaluator"))
+    ctx = WorkerContext(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        local_rank=context.get_local_rank(),
+        report=report,
+        evaluator=loop_config.get("evaluator"),
+    )
     # A W&B service token inherited through the raylet belongs to whatever process started Ray. Sharing that
     # service keeps a lost worker's unfinished run open, and the restarted rank 0 is refused ("run ID in use").
     os.environ.pop("WANDB_SERVICE", None)

@@ -1,5 +1,6 @@
 """``ganforge submit``: the same job as the README's ``ray job submit`` command, through Ray's job
 submission client; streams the job's logs and returns its exit status."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,9 @@ def entrypoint(config: str, overrides: list[str], run_dir: str | None) -> str:
     return shlex.join(args)
 
 
-def submit(config: str, address: str, overrides: list[str], run_dir: str | None, working_dir: str = ".",
-           follow: bool = True) -> int:
+def submit(
+    config: str, address: str, overrides: list[str], run_dir: str | None, working_dir: str = ".", follow: bool = True
+) -> int:
     """Submit the job; with ``follow``, print its logs as they come and return 0 only if it SUCCEEDED."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -6,6 +6,7 @@
 Reads RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT) from the launcher, joins the process group
 (NCCL on GPUs, gloo on CPU) and runs the same loop as dev mode and Ray Train workers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m launch.worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--run-dir")
@@ -31,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(a.config, a.set)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ctx = WorkerContext(rank=int(os.environ.get("RANK", "0")), world_size=world,
-                        local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = WorkerContext(
+        rank=int(os.environ.get("RANK", "0")), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo")
     try:

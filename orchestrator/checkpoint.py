@@ -7,6 +7,7 @@ renamed into place, so a crash mid-write leaves the previous checkpoints as they
 half-written directory is ever picked: only directories with a ``COMPLETE.json`` count, and their
 checksums are verified before loading. ``state.pt`` is read with ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,15 +15,15 @@ import os
 import re
 import shutil
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
 
 import architectures
-from architectures.registry import Architecture, ArchConfig
+from architectures.registry import ArchConfig, Architecture
 from core.config import StrictConfig
 from core.spec import ImageSpec
 from orchestrator.data.shards import sha256_file
@@ -66,8 +67,9 @@ def state_nbytes(obj: Any) -> int:
     return 0
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml: str, keep_last: int,
-                    extra: Path | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, state: dict[str, Any], config_yaml: str, keep_last: int, extra: Path | None = None
+) -> Path:
     """Write ``ckpt-<step>`` atomically, then prune old ones; returns its path. ``extra``: a directory
     whose contents (e.g. DeepSpeed's sharded files) move into the checkpoint and are checksummed too.
 
@@ -83,9 +85,11 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml
         needed += sum(f.stat().st_size for f in extra.rglob("*") if f.is_file())
     free = shutil.disk_usage(root).free
     if free < needed:
-        raise CheckpointError(f"not enough space for checkpoint {final}: it needs about {needed / 2**20:.1f} MiB, "
-                              f"{free / 2**20:.1f} MiB are free there; free some space or use another --run-dir, "
-                              f"then resume. The previous checkpoints are untouched")
+        raise CheckpointError(
+            f"not enough space for checkpoint {final}: it needs about {needed / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB are free there; free some space or use another --run-dir, "
+            f"then resume. The previous checkpoints are untouched"
+        )
     try:
         tmp.mkdir()
         torch.save(state, tmp / STATE)
@@ -115,8 +119,10 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], config_yaml
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(root).free if root.exists() else 0
-        raise CheckpointError(f"cannot write checkpoint {final}: {e} (it needs about {needed / 2**20:.1f} MiB, "
-                              f"{free / 2**20:.1f} MiB are free there); the previous checkpoints are untouched") from e
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {e} (it needs about {needed / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB are free there); the previous checkpoints are untouched"
+        ) from e
     prune(run_dir, keep_last)
     return final
 
@@ -158,8 +164,10 @@ def verify(path: Path) -> None:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{marker} is unreadable ({e})") from None
     if not isinstance(sums, dict) or STATE not in sums or CONFIG not in sums:
-        raise CheckpointError(f"{marker} does not list the checksums of {STATE} and {CONFIG}: not written by ganforge "
-                              f"or altered; the checkpoint is not loaded unverified")
+        raise CheckpointError(
+            f"{marker} does not list the checksums of {STATE} and {CONFIG}: not written by ganforge "
+            f"or altered; the checkpoint is not loaded unverified"
+        )
     for name, want in sums.items():
         f = path / name
         if not f.exists() or sha256_file(f) != want:
@@ -203,14 +211,24 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"missing {missing[:10]}" if missing else "", f"unexpected {unexpected[:10]}" if unexpected else "",
-                 f"shape mismatch {shapes[:10]}" + (f" and {len(shapes) - 10} more" if len(shapes) > 10 else "")
-                 if shapes else ""]
-        raise CheckpointError(f"{what} in the checkpoint does not fit this config's network: "
-                              + "; ".join(p for p in parts if p) + " (another architecture or config?)")
+        parts = [
+            f"missing {missing[:10]}" if missing else "",
+            f"unexpected {unexpected[:10]}" if unexpected else "",
+            f"shape mismatch {shapes[:10]}" + (f" and {len(shapes) - 10} more" if len(shapes) > 10 else "")
+            if shapes
+            else "",
+        ]
+        raise CheckpointError(
+            f"{what} in the checkpoint does not fit this config's network: "
+            + "; ".join(p for p in parts if p)
+            + " (another architecture or config?)"
+        )
     module.load_state_dict(state)
 
 
@@ -239,8 +257,10 @@ class StateRegistry:
         """Restore every registered object from ``states`` (read from checkpoint ``source``)."""
         missing = [name for name in self._items if name not in states]
         if missing:
-            raise CheckpointError(f"{source} holds no state for {missing}: it was written by another recipe, "
-                                  f"strategy or ganforge version than this run's")
+            raise CheckpointError(
+                f"{source} holds no state for {missing}: it was written by another recipe, "
+                f"strategy or ganforge version than this run's"
+            )
         for name, obj in self._items.items():
             obj.load_state_dict(states[name])
 
@@ -282,8 +302,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path.parent
     states = load_checkpoint(path, map_location)
     if not isinstance(states.get(META), dict) or "spec" not in states[META]:
-        raise CheckpointError(f"{path} carries no run description ({META!r}): it was written by an older ganforge; "
-                              f"resume or sample it with that version")
+        raise CheckpointError(
+            f"{path} carries no run description ({META!r}): it was written by an older ganforge; "
+            f"resume or sample it with that version"
+        )
     return Checkpoint(path, states)
 
 

@@ -6,6 +6,7 @@ receives its own section. The ``model`` section is the config of the family name
 (looked up in the architecture registry). Errors name the file (and line), the key, the value, and
 for unknown keys the nearest valid one.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -18,44 +19,68 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 import architectures
 from architectures.registry import REGISTRY
 from core.config import ConfigError, StrictConfig
+from orchestrator import recipes  # noqa: F401  (registers the built-in recipes)
 from orchestrator.checkpoint import CheckpointConfig
-from orchestrator.dist.ray_config import RayConfig
 from orchestrator.data.shards import DataConfig
+from orchestrator.dist.ray_config import RayConfig
+from orchestrator.dist.strategy import DistributedConfig
 from orchestrator.ema import EMAConfig
 from orchestrator.eval.evaluator import EvalConfig
 from orchestrator.faults import FaultConfig
 from orchestrator.growth import GrowthConfig
 from orchestrator.health import HealthConfig
-from orchestrator import recipes  # noqa: F401  (registers the built-in recipes)
 from orchestrator.losses import LossConfig
 from orchestrator.optim import OptimConfig
-from orchestrator.dist.strategy import DistributedConfig
-from orchestrator.tracking import TrackingConfig
 from orchestrator.precision import PrecisionName
 from orchestrator.recipes.recipe import RECIPES
+from orchestrator.tracking import TrackingConfig
 
 ModelConfig = Annotated[Union[tuple(a.config for a in REGISTRY.values())], Field(discriminator="arch")]
 
-DEEPSPEED_KEYS = ("zero_optimization", "train_batch_size", "train_micro_batch_size_per_gpu",
-                  "gradient_accumulation_steps", "optimizer", "scheduler", "fp16", "bf16", "amp", "gradient_clipping",
-                  "steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
-                  "activation_checkpointing", "torch_autocast")
+DEEPSPEED_KEYS = (
+    "zero_optimization",
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "fp16",
+    "bf16",
+    "amp",
+    "gradient_clipping",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "zero_allow_untested_optimizer",
+    "activation_checkpointing",
+    "torch_autocast",
+)
 
 
 class TrainConfig(StrictConfig):
     """Length, batch, seed, precision and device of a run."""
 
     batch_size: int = Field(64, ge=1, description="global batch: images per D step, all workers together")
-    micro_batch: int | None = Field(None, ge=1, description="images per worker per forward pass (default: "
-                                    "batch_size / workers); batch_size / (workers × micro_batch) micro-batches are accumulated")
+    micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="images per worker per forward pass (default: "
+        "batch_size / workers); batch_size / (workers × micro_batch) micro-batches are accumulated",
+    )
     total_kimg: float = Field(100.0, gt=0, description="train until this many thousand real images were shown to D")
-    stop_at_step: int | None = Field(None, ge=1, description="stop early after this step, with a checkpoint (resume continues)")
+    stop_at_step: int | None = Field(
+        None, ge=1, description="stop early after this step, with a checkpoint (resume continues)"
+    )
     seed: int = Field(0, description="seeds the networks' init, latents and data order")
-    precision: PrecisionName = Field("fp32", description="fp32 | bf16 | fp16 (fp16 needs CUDA; fp32 is the CPU default)")
+    precision: PrecisionName = Field(
+        "fp32", description="fp32 | bf16 | fp16 (fp16 needs CUDA; fp32 is the CPU default)"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: torch's choice)")
-    recipe: str = Field("noise_to_image", description="the GAN kind's recipe: its networks and phases "
-                        "(orchestrator/recipes/; noise_to_image trains every family in architectures/)")
+    recipe: str = Field(
+        "noise_to_image",
+        description="the GAN kind's recipe: its networks and phases "
+        "(orchestrator/recipes/; noise_to_image trains every family in architectures/)",
+    )
 
     @field_validator("recipe")
     @classmethod
@@ -117,7 +142,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train:, …), got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (model:, data:, train:, …), got {type(raw).__name__}"
+        )
     _refuse_deepspeed_config(raw, path)
     override_paths = []
     for text_override in overrides:
@@ -131,9 +158,11 @@ def _refuse_deepspeed_config(raw: dict, path: Path) -> None:
     """A DeepSpeed config given where a job config belongs: say so, and where it goes."""
     found = [k for k in DEEPSPEED_KEYS if k in raw]
     if found and not any(k in JobConfig.model_fields for k in raw):
-        raise ConfigError(f"{path} is a DeepSpeed config (top-level {', '.join(found)}), not a ganforge job config; "
-                          f"use it from a job config as distributed.deepspeed_config: {path} "
-                          f"(with distributed.strategy: deepspeed)")
+        raise ConfigError(
+            f"{path} is a DeepSpeed config (top-level {', '.join(found)}), not a ganforge job config; "
+            f"use it from a job config as distributed.deepspeed_config: {path} "
+            f"(with distributed.strategy: deepspeed)"
+        )
 
 
 def config_from_yaml_text(text: str, source: str) -> JobConfig:
@@ -169,14 +198,19 @@ def _describe(err: dict, source: str, yaml_text: str, override_paths) -> str:
         tag = err.get("input", {}).get("arch") if isinstance(err.get("input"), dict) else None
         near = difflib.get_close_matches(str(tag), list(REGISTRY), n=1) if tag else []
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        return f"{where}: {dotted}.arch: {tag!r} is not a known architecture{hint} (known: {', '.join(sorted(REGISTRY))})"
+        return (
+            f"{where}: {dotted}.arch: {tag!r} is not a known architecture{hint} (known: {', '.join(sorted(REGISTRY))})"
+        )
     if err["type"] in _EXPECTED:
         return f"{where}: {dotted}: {_wrong_type(err['type'], err.get('input'))}"
     return f"{where}: {dotted}: {err['msg']} (got {err.get('input')!r})"
 
 
-_EXPECTED = {"int_type": ("an integer", int), "float_type": ("a number", (int, float)),
-             "bool_type": ("true or false", bool)}
+_EXPECTED = {
+    "int_type": ("an integer", int),
+    "float_type": ("a number", (int, float)),
+    "bool_type": ("true or false", bool),
+}
 
 
 def _wrong_type(kind: str, value: Any) -> str:

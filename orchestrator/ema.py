@@ -4,6 +4,7 @@
 ``β = 0.5 ** (batch / (half_life_kimg · 1000))``. With a ramp-up the half-life is capped at
 ``rampup × images seen`` early in training. Before ``start_kimg`` the average is a copy (BigGAN).
 """
+
 from __future__ import annotations
 
 import copy

@@ -17,6 +17,7 @@ log and as a W&B alert. :class:`FaultState` (counts, the lr scale, the fallback)
 fp16 with loss scaling skips overflowing steps itself (the scaler's job, not a fault), and DeepSpeed
 steps inside its engines, so the guard covers fp32 and bf16 under the single and DDP strategies.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,12 +39,18 @@ GRACE_EXIT_CODE = 75
 class FaultConfig(StrictConfig):
     """How the run reacts to preemption and to NaN/Inf."""
 
-    grace_s: float = Field(120.0, gt=0, description="after SIGTERM or a STOP file: finish the step and checkpoint "
-                           "within this many seconds, else exit with code 75 (the previous checkpoint stays)")
+    grace_s: float = Field(
+        120.0,
+        gt=0,
+        description="after SIGTERM or a STOP file: finish the step and checkpoint "
+        "within this many seconds, else exit with code 75 (the previous checkpoint stays)",
+    )
     skip_nonfinite: bool = Field(True, description="skip (and count) optimizer steps whose gradients hold NaN/Inf")
     nonfinite_patience: int = Field(5, ge=1, description="this many bad steps in a row trigger on_nonfinite")
-    on_nonfinite: Literal["rollback", "stop"] = Field("rollback", description="rollback: reload the last good "
-                                                      "checkpoint and lower the lr; stop: end the run with an error")
+    on_nonfinite: Literal["rollback", "stop"] = Field(
+        "rollback",
+        description="rollback: reload the last good checkpoint and lower the lr; stop: end the run with an error",
+    )
     lr_factor: float = Field(0.5, gt=0, le=1, description="multiply G's and D's lr by this at each rollback")
     fp32_fallback: bool = Field(False, description="at a rollback, also run reduced-precision blocks in fp32")
     max_rollbacks: int = Field(3, ge=0, description="stop with an error after this many rollbacks")
@@ -87,13 +94,19 @@ class FaultGuard:
     def check_rollback(self, step: int, target: Path | None) -> str:
         """Why the run rolls back (a sentence), or :class:`NonfiniteError` when it must stop instead."""
         why = f"{self.state.consecutive} consecutive steps with NaN/Inf gradients at step {step}"
-        reason = ("faults.on_nonfinite is stop" if self.cfg.on_nonfinite == "stop" else
-                  "no checkpoint to roll back to" if target is None else
-                  f"faults.max_rollbacks ({self.cfg.max_rollbacks}) reached"
-                  if self.state.rollbacks >= self.cfg.max_rollbacks else None)
+        reason = (
+            "faults.on_nonfinite is stop"
+            if self.cfg.on_nonfinite == "stop"
+            else "no checkpoint to roll back to"
+            if target is None
+            else f"faults.max_rollbacks ({self.cfg.max_rollbacks}) reached"
+            if self.state.rollbacks >= self.cfg.max_rollbacks
+            else None
+        )
         if reason:
-            raise NonfiniteError(f"{why}; {reason}. Lower optim.*.lr, use train.precision fp32, or raise "
-                                 f"faults.nonfinite_patience")
+            raise NonfiniteError(
+                f"{why}; {reason}. Lower optim.*.lr, use train.precision fp32, or raise faults.nonfinite_patience"
+            )
         return why
 
     def rolled_back(self) -> None:
@@ -140,15 +153,20 @@ class StopRequest:
     def _on_signal(self, signum, frame) -> None:
         if self.signalled_at is None:
             self.signalled_at = time.monotonic()
-            print(f"ganforge: SIGTERM: stopping after this step with a checkpoint (grace {self.grace_s:.0f} s)",
-                  flush=True)
+            print(
+                f"ganforge: SIGTERM: stopping after this step with a checkpoint (grace {self.grace_s:.0f} s)",
+                flush=True,
+            )
             self._start_watchdog()
 
     def _start_watchdog(self) -> None:
         def watch() -> None:
             if not self._done.wait(self.grace_s):
-                print(f"ganforge: no checkpoint within the grace period ({self.grace_s:.0f} s): exiting; the "
-                      f"previous checkpoint is intact", flush=True)
+                print(
+                    f"ganforge: no checkpoint within the grace period ({self.grace_s:.0f} s): exiting; the "
+                    f"previous checkpoint is intact",
+                    flush=True,
+                )
                 os._exit(GRACE_EXIT_CODE)
 
         threading.Thread(target=watch, name="ganforge-grace", daemon=True).start()

@@ -12,6 +12,7 @@ Per level it also gives the global batch size and the learning rate (the officia
 and ``G_lrate_dict``/``D_lrate_dict``). When a fade-in starts or ends, :meth:`Growth.advance` says so;
 the loop then resets Adam's moments, as the official code does (``reset_opt_for_new_lod``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,10 +33,15 @@ class GrowthConfig(StrictConfig):
 
     training_kimg: float = Field(600.0, ge=0, description="stabilise each level for this many kimg")
     transition_kimg: float = Field(600.0, ge=0, description="fade each new level in over this many kimg")
-    batch_size: dict[int, int] = Field(default_factory=dict, description="global batch per resolution, e.g. "
-                                       "{4: 512, 8: 256}; other resolutions use train.batch_size")
-    lr: dict[int, float] = Field(default_factory=dict, description="learning rate of G and D per resolution, e.g. "
-                                 "{128: 0.0015}; other resolutions use optim.g.lr / optim.d.lr")
+    batch_size: dict[int, int] = Field(
+        default_factory=dict,
+        description="global batch per resolution, e.g. {4: 512, 8: 256}; other resolutions use train.batch_size",
+    )
+    lr: dict[int, float] = Field(
+        default_factory=dict,
+        description="learning rate of G and D per resolution, e.g. "
+        "{128: 0.0015}; other resolutions use optim.g.lr / optim.d.lr",
+    )
     reset_optimizer: bool = Field(True, description="reset Adam's moments when a fade-in starts or ends (official)")
 
     @field_validator("batch_size", "lr")
@@ -115,8 +121,11 @@ class Growth:
         return blend_reals(img, self.resolution, self.alpha)
 
     def metrics(self) -> dict[str, float]:
-        return {"growth/resolution": float(self.resolution), "growth/alpha": self.alpha,
-                "growth/level_kimg": self.level_img / 1000}
+        return {
+            "growth/resolution": float(self.resolution),
+            "growth/alpha": self.alpha,
+            "growth/level_kimg": self.level_img / 1000,
+        }
 
     def state_dict(self) -> dict:
         return {"resolution": self.resolution, "alpha": self.alpha, "level_img": self.level_img}
@@ -124,6 +133,8 @@ class Growth:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved level. ``alpha`` is recomputed from the images (it is saved to be read)."""
         if not _is_pow2(state["resolution"]) or not self.start_resolution <= state["resolution"] <= self.max_resolution:
-            raise ValueError(f"checkpointed growth resolution {state['resolution']} is outside this run's "
-                             f"{self.start_resolution}..{self.max_resolution}")
+            raise ValueError(
+                f"checkpointed growth resolution {state['resolution']} is outside this run's "
+                f"{self.start_resolution}..{self.max_resolution}"
+            )
         self.resolution, self.level_img = int(state["resolution"]), int(state["level_img"])

@@ -3,6 +3,7 @@
 Conventions: ``D`` returns raw logits; ``softplus(x) = log(1 + e^x)``, so ``-log σ(x) = softplus(-x)``
 and ``-log(1 - σ(x)) = softplus(x)``. Every loss is a mean over the batch.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Literal
@@ -30,10 +31,18 @@ class LossConfig(StrictConfig):
     pl_batch_shrink: int = Field(2, ge=1, description="path-length batch = batch // this")
     pl_decay: float = Field(0.01, gt=0.0, le=1.0, description="decay of the running path-length mean")
     style_mixing_prob: float = Field(0.0, ge=0.0, le=1.0, description="style mixing probability (StyleGAN2: 0.9)")
-    ac_weight: float = Field(0.0, ge=0.0, description="weight of AC-GAN's label terms for a D that classifies "
-                             "(ProGAN, conditional: official 1.0): cross-entropy on reals and fakes for D, fakes for G")
-    ortho_beta: float = Field(0.0, ge=0.0, description="β of BigGAN's orthogonal regularization of G, "
-                              "β·Σ‖WWᵀ ⊙ (1 − I)‖²_F (paper: 1e-4; the authors' --G_ortho s is β = s/2; 0: off)")
+    ac_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of AC-GAN's label terms for a D that classifies "
+        "(ProGAN, conditional: official 1.0): cross-entropy on reals and fakes for D, fakes for G",
+    )
+    ortho_beta: float = Field(
+        0.0,
+        ge=0.0,
+        description="β of BigGAN's orthogonal regularization of G, "
+        "β·Σ‖WWᵀ ⊙ (1 − I)‖²_F (paper: 1e-4; the authors' --G_ortho s is β = s/2; 0: off)",
+    )
 
 
 def d_loss(kind: LossKind, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -75,8 +84,9 @@ def r1_penalty(real_img: torch.Tensor, real_logits: torch.Tensor, scale: float =
     return grad.float().square().flatten(1).sum(1)
 
 
-def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
-                     eps: torch.Tensor) -> torch.Tensor:
+def gradient_penalty(
+    critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
     """Per-image (‖∇ D(x̂)‖ − 1)² at x̂ = ε·real + (1 − ε)·fake, ε ~ U[0, 1] of shape [N, 1, 1, 1]
     (Gulrajani et al. 2017, eq. 3)."""
     mix = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
@@ -84,8 +94,9 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     return (grad.float().flatten(1).norm(dim=1) - 1).square()
 
 
-def path_length_penalty(img: torch.Tensor, ws: torch.Tensor, pl_mean: torch.Tensor, decay: float,
-                        noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def path_length_penalty(
+    img: torch.Tensor, ws: torch.Tensor, pl_mean: torch.Tensor, decay: float, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image path-length penalty and the updated running mean (Karras et al. 2020, section 3.2, eq. 4).
 
     With ``y`` random images of unit variance per pixel scaled by 1/√(H·W) (``noise``), the length of

@@ -1,4 +1,5 @@
 """Adam for G and D, with the learning-rate and β correction for lazy regularization."""
+
 from __future__ import annotations
 
 from typing import Annotated, Iterable

@@ -6,6 +6,7 @@ choose their own per-block precision (StyleGAN2's ``num_fp16_res``) expose ``red
 (declared by their family's ``Capabilities.reduced_dtype``) get that attribute set instead of running under
 autocast, as the official code does.
 """
+
 from __future__ import annotations
 
 import contextlib

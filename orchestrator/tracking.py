@@ -4,6 +4,7 @@ Only rank 0 creates a :class:`Tracker`; the other ranks log nothing. W&B runs of
 key is set (``mode: auto``), writing real run files under ``<run_dir>/wandb/``. The run id is kept
 in the run directory and in checkpoints, so a resumed job appends to the same W&B run.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,16 @@ def wandb_mode(cfg: WandbConfig) -> str:
 class Tracker:
     """Logs scalars and images to the console, ``metrics.jsonl`` and W&B, keyed by step and kimg."""
 
-    def __init__(self, cfg: TrackingConfig, run_dir: Path, config: dict[str, Any], total_img: int,
-                 run_id: str | None = None, start_img: int = 0, active: bool = True):
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_dir: Path,
+        config: dict[str, Any],
+        total_img: int,
+        run_id: str | None = None,
+        start_img: int = 0,
+        active: bool = True,
+    ):
         """``active=False`` (ranks other than 0): every method does nothing."""
         self.active = active
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -70,18 +79,33 @@ class Tracker:
         self.mode = wandb_mode(cfg.wandb)
         if self.mode != "disabled":
             w = cfg.wandb
-            self.wandb = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=w.tags,
-                                    name=w.name or self.run_dir.name, id=self.run_id, resume="allow",
-                                    dir=str(self.run_dir), mode=self.mode, config=config,
-                                    settings=wandb.Settings(console="off", silent=True))
+            self.wandb = wandb.init(
+                project=w.project,
+                entity=w.entity,
+                group=w.group,
+                tags=w.tags,
+                name=w.name or self.run_dir.name,
+                id=self.run_id,
+                resume="allow",
+                dir=str(self.run_dir),
+                mode=self.mode,
+                config=config,
+                settings=wandb.Settings(console="off", silent=True),
+            )
             self.wandb.define_metric("eval/step")
             self.wandb.define_metric("eval/*", step_metric="eval/step")
         self._jsonl = open(self.run_dir / METRICS_FILE, "a")
         if cfg.progress_bar:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_img / 1000, initial=start_img / 1000, unit="kimg", dynamic_ncols=True, mininterval=1.0,
-                             bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
+            self._bar = tqdm(
+                total=total_img / 1000,
+                initial=start_img / 1000,
+                unit="kimg",
+                dynamic_ncols=True,
+                mininterval=1.0,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]",
+            )
 
     @property
     def wandb_dir(self) -> str | None:
@@ -97,12 +121,16 @@ class Tracker:
         if not self.active:
             return
         row = {"step": step, "kimg": nimg / 1000, "time": time.time(), **metrics}
-        self._jsonl.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                                      for k, v in row.items()}) + "\n")
+        self._jsonl.write(
+            json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()})
+            + "\n"
+        )
         self._jsonl.flush()
         if self.wandb is not None:
             self.wandb.log({**metrics, "kimg": nimg / 1000}, step=step)
-        short = "  ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in metrics.items() if k.startswith(("loss/", "perf/img_per_s")))
+        short = "  ".join(
+            f"{k.split('/')[-1]} {v:.3g}" for k, v in metrics.items() if k.startswith(("loss/", "perf/img_per_s"))
+        )
         if self._bar is not None:
             self._bar.set_postfix_str(short, refresh=False)
         else:
@@ -119,8 +147,10 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log({**scalars, "eval/step": row["step"], "eval/kimg": row["kimg"]})
         fid = f"  FID {row['eval/fid']:.2f}" if "eval/fid" in row else ""
-        self.note(f"eval at step {row['step']} ({row['kimg']:.1f} kimg):{fid}  "
-                  + "  ".join(f"{k[5:]} {v:.4g}" for k, v in scalars.items() if k not in ("eval/fid", "eval/cache_hit")))
+        self.note(
+            f"eval at step {row['step']} ({row['kimg']:.1f} kimg):{fid}  "
+            + "  ".join(f"{k[5:]} {v:.4g}" for k, v in scalars.items() if k not in ("eval/fid", "eval/cache_hit"))
+        )
 
     def log_image(self, key: str, path: Path, step: int, caption: str = "") -> None:
         """An image file (a sample grid) at a step."""

@@ -1,4 +1,5 @@
 """Shared fixtures: real shards of scikit-learn's digits, and W&B kept offline."""
+
 from __future__ import annotations
 
 import os
@@ -33,14 +34,23 @@ def digits16(tmp_path_factory) -> Path:
 
 def tiny_config(shards: Path, arch: str = "dcgan", **sections) -> dict:
     """A raw config dict for a tiny, fast run on the digits shards (override sections by keyword)."""
-    model = {"dcgan": {"arch": "dcgan", "z_dim": 16, "g_channels": 8, "d_channels": 8},
-             "mlp": {"arch": "mlp", "z_dim": 16, "hidden": 32, "layers": 2}}[arch]
-    cfg = {"model": model,
-           "data": {"shards": str(shards / "train-*.tar"), "workers": 0, "shuffle_buffer": 64},
-           "train": {"batch_size": 16, "total_kimg": 0.16, "seed": 0, "threads": 2},
-           "checkpoint": {"every_kimg": 0.08, "keep_last": 2},
-           "tracking": {"log_every": 1, "sample_every_kimg": 0.08, "grid_size": 4, "progress_bar": False,
-                        "wandb": {"mode": "disabled"}}}
+    model = {
+        "dcgan": {"arch": "dcgan", "z_dim": 16, "g_channels": 8, "d_channels": 8},
+        "mlp": {"arch": "mlp", "z_dim": 16, "hidden": 32, "layers": 2},
+    }[arch]
+    cfg = {
+        "model": model,
+        "data": {"shards": str(shards / "train-*.tar"), "workers": 0, "shuffle_buffer": 64},
+        "train": {"batch_size": 16, "total_kimg": 0.16, "seed": 0, "threads": 2},
+        "checkpoint": {"every_kimg": 0.08, "keep_last": 2},
+        "tracking": {
+            "log_every": 1,
+            "sample_every_kimg": 0.08,
+            "grid_size": 4,
+            "progress_bar": False,
+            "wandb": {"mode": "disabled"},
+        },
+    }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value}
     return cfg
@@ -50,8 +60,14 @@ def preset_config(path: Path, shards: Path, **extra):
     """A shipped preset on test shards: quiet, logging every step, checkpoints and grids every 0.16 kimg."""
     from orchestrator.config import load_config
 
-    overrides = [f"data.shards={shards / 'train-*.tar'}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
-                 "tracking.log_every=1", "checkpoint.every_kimg=0.16", "tracking.sample_every_kimg=0.16"]
+    overrides = [
+        f"data.shards={shards / 'train-*.tar'}",
+        "tracking.progress_bar=false",
+        "tracking.wandb.mode=disabled",
+        "tracking.log_every=1",
+        "checkpoint.every_kimg=0.16",
+        "tracking.sample_every_kimg=0.16",
+    ]
     return load_config(path, overrides + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -75,7 +91,9 @@ def local_context(G, D, arch: str, num_classes: int = 0, precision: str = "fp32"
     cpu = torch.device("cpu")
     strategy = LocalStrategy(make_precision(precision, cpu), {"G", "D"} if caps.reduced_dtype else set(), False)
     opt = opt or AdamConfig()
-    nets = strategy.prepare({"G": G, "D": D}, {"G": make_adam(G.parameters(), opt), "D": make_adam(D.parameters(), opt)})
+    nets = strategy.prepare(
+        {"G": G, "D": D}, {"G": make_adam(G.parameters(), opt), "D": make_adam(D.parameters(), opt)}
+    )
     sampler = Sampler(G.z_dim, num_classes, cpu, torch.Generator().manual_seed(sampler_seed))
     return StepContext(nets, dict(nets), strategy, sampler), caps
 

@@ -1,4 +1,5 @@
 """BigGAN networks: the authors' parameter counts, and the math of each component on tiny nets."""
+
 from __future__ import annotations
 
 import math
@@ -160,7 +161,7 @@ def test_generator_blocks_condition_on_class_embedding_and_their_z_chunk():
     G(z, c)
     k = G.z_chunk
     for i, y in enumerate(seen):
-        z_i = z[:, (i + 1) * k:(i + 2) * k]  # chunk 0 feeds the input linear layer
+        z_i = z[:, (i + 1) * k : (i + 2) * k]  # chunk 0 feeds the input linear layer
         torch.testing.assert_close(y, torch.cat([G.shared.weight[c], z_i], dim=1))
     assert torch.equal(seen[0][0, :8], seen[0][2, :8])  # same class, same embedding
 
@@ -208,7 +209,7 @@ def test_truncated_z_is_resampled_not_clipped():
     assert z.shape == (4000, 8)
     assert z.abs().max() <= threshold
     assert torch.equal(z[inside], first_draw[inside])  # in-range values are kept as drawn
-    assert not (z[~inside].abs() == threshold).any()   # out-of-range ones are redrawn, not clipped
+    assert not (z[~inside].abs() == threshold).any()  # out-of-range ones are redrawn, not clipped
     # ~62% of N(0,1) lies beyond 0.5, so clipping would pile that mass at the edges; the truncated
     # normal has about 2*0.01*pdf(0.495)/(2*cdf(0.5)-1) ≈ 1.8% within 0.01 of them.
     assert (z.abs() > threshold - 0.01).float().mean() < 0.03

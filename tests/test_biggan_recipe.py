@@ -1,17 +1,17 @@
 """BigGAN's training recipe in the loop: orthogonal regularization, the D:G step ratio, the EMA start,
 accumulation, the shipped presets, and the CPU dev preset (train, exact resume, truncated sampling)."""
+
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_nets, local_context, preset_config, run_d_phase, run_g_phase, tiny_config
 
 import architectures
 from architectures import ImageSpec, count_params
 from architectures.biggan import BigGANConfig, BigGANDiscriminator, BigGANGenerator
-from conftest import assert_same_nets, local_context, preset_config, run_d_phase, run_g_phase, tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.ema import ema_beta
@@ -97,8 +97,9 @@ def test_g_phase_adds_beta_times_the_penalty_once_per_step(sizes):
     assert float(stats["reg/ortho"]) == pytest.approx(float(penalty.detach()), rel=1e-5)
     expected = dict(zip(names, torch.autograd.grad(beta * penalty, G.ortho_parameters())))
     for k in without:
-        torch.testing.assert_close(with_reg[k] - without[k], expected.get(k, torch.zeros_like(without[k])),
-                                   rtol=1e-4, atol=1e-7, msg=k)
+        torch.testing.assert_close(
+            with_reg[k] - without[k], expected.get(k, torch.zeros_like(without[k])), rtol=1e-4, atol=1e-7, msg=k
+        )
 
 
 def test_ortho_beta_needs_a_generator_with_ortho_parameters(digits16, tmp_path):
@@ -177,10 +178,13 @@ def test_micro_batches_accumulate_to_one_batch_in_eval_mode(phase):
 # authors' Generator *with* G_shared (shared_dim = dim_z = 128), counted the same way. Their
 # scripts/launch_cifar_ema.sh does not pass --G_shared, which gives 4,304,387: ganforge always shares the
 # embedding (configs/biggan/cifar.yaml), so this G count is not the one the authors trained.
-@pytest.mark.parametrize("name, g, d", [
-    pytest.param("imagenet128", 70_433_988, 87_982_370, id="authors-launch_BigGAN_bs256x8"),
-    pytest.param("cifar", 4_668_163, 4_207_361, id="authors-code-with-G_shared-not-launch_cifar_ema"),
-])
+@pytest.mark.parametrize(
+    "name, g, d",
+    [
+        pytest.param("imagenet128", 70_433_988, 87_982_370, id="authors-launch_BigGAN_bs256x8"),
+        pytest.param("cifar", 4_668_163, 4_207_361, id="authors-code-with-G_shared-not-launch_cifar_ema"),
+    ],
+)
 def test_presets_validate_and_have_the_expected_parameter_counts(name, g, d):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     spec = ImageSpec(cfg.data.resolution, cfg.data.channels, cfg.data.num_classes)
@@ -192,7 +196,13 @@ def test_presets_validate_and_have_the_expected_parameter_counts(name, g, d):
 
 def test_presets_follow_the_authors_recipes():
     i = load_config(CONFIGS / "imagenet128.yaml")
-    assert (i.model.g_ch, i.model.d_ch, i.model.z_dim, i.model.shared_dim, i.model.attention) == (96, 96, 120, 128, [64])
+    assert (i.model.g_ch, i.model.d_ch, i.model.z_dim, i.model.shared_dim, i.model.attention) == (
+        96,
+        96,
+        120,
+        128,
+        [64],
+    )
     assert (i.model.hier, i.model.sn_eps, i.model.init, i.data.num_classes) == (True, 1e-6, "ortho", 1000)
     assert (i.train.batch_size, i.loss.kind, i.loss.d_steps, i.loss.ortho_beta) == (2048, "hinge", 2, 1e-4)
     assert (i.optim.g.lr, i.optim.d.lr, i.optim.g.betas, i.optim.d.betas) == (1e-4, 4e-4, (0.0, 0.999), (0.0, 0.999))
@@ -202,8 +212,12 @@ def test_presets_follow_the_authors_recipes():
     assert (c.train.batch_size, c.loss.d_steps, c.optim.g.lr, c.optim.d.lr, c.loss.ortho_beta) == (50, 4, 2e-4, 2e-4, 0)
     assert (c.model.attention, c.model.init, c.data.num_classes, c.data.resolution) == ([], "N02", 10, 32)
     dev = load_config(CONFIGS / "dev.yaml")
-    assert (dev.loss.kind, dev.loss.d_steps, dev.loss.ortho_beta, dev.data.shards) == \
-        ("hinge", 2, 1e-4, "data/digits32/train-*.tar")
+    assert (dev.loss.kind, dev.loss.d_steps, dev.loss.ortho_beta, dev.data.shards) == (
+        "hinge",
+        2,
+        1e-4,
+        "data/digits32/train-*.tar",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,8 +251,9 @@ def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits32,
     from orchestrator.tools.generate import Renderer
 
     out = tmp_path / "gen"
-    assert main(["generate", str(resumed.checkpoint), "--out", str(out), "--num", "4", "--class", "3",
-                 "--truncation", "0.5"]) in (0, None)
+    assert main(
+        ["generate", str(resumed.checkpoint), "--out", str(out), "--num", "4", "--class", "3", "--truncation", "0.5"]
+    ) in (0, None)
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 5
     from PIL import Image

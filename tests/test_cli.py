@@ -1,4 +1,5 @@
 """The ganforge command line, run as users run it (subprocesses of the installed console script)."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import tiny_config
+from PIL import Image
 
 GANFORGE = [str(Path(sys.executable).parent / "ganforge")]
 
@@ -81,9 +81,11 @@ def test_info_on_a_deepspeed_config_says_what_it_is():
     path = Path(__file__).parents[1] / "configs" / "deepspeed" / "zero1.yaml"
     p = cli("info", str(path), check=False)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr == (f"ganforge info: error: {path} is a DeepSpeed config (top-level zero_optimization, "
-                        f"gradient_clipping, wall_clock_breakdown), not a ganforge job config; use it from a job "
-                        f"config as distributed.deepspeed_config: {path} (with distributed.strategy: deepspeed)\n")
+    assert p.stderr == (
+        f"ganforge info: error: {path} is a DeepSpeed config (top-level zero_optimization, "
+        f"gradient_clipping, wall_clock_breakdown), not a ganforge job config; use it from a job "
+        f"config as distributed.deepspeed_config: {path} (with distributed.strategy: deepspeed)\n"
+    )
 
 
 def test_quoted_numbers_exit_2_naming_the_key_and_the_type(digits16, tmp_path):
@@ -92,12 +94,15 @@ def test_quoted_numbers_exit_2_naming_the_key_and_the_type(digits16, tmp_path):
     p = cli("info", str(cfg), check=False)
     line = next(i for i, text in enumerate(cfg.read_text().splitlines(), 1) if "total_kimg" in text)
     assert p.returncode == 2
-    assert p.stderr == (f"ganforge info: error: invalid config {cfg}:\n  {cfg}:{line}: train.total_kimg: "
-                        f"expected a number, not the string '100' (write it without quotes: 100)\n")
+    assert p.stderr == (
+        f"ganforge info: error: invalid config {cfg}:\n  {cfg}:{line}: train.total_kimg: "
+        f"expected a number, not the string '100' (write it without quotes: 100)\n"
+    )
     p = cli("info", str(cfg), "--set", "train.total_kimg=100", "--set", "tracking.progress_bar='false'", check=False)
     assert p.returncode == 2 and p.stderr.splitlines()[1:] == [
         "  --set tracking.progress_bar: tracking.progress_bar: expected true or false, not the string 'false' "
-        "(write it without quotes: false)"]
+        "(write it without quotes: false)"
+    ]
     assert "total_kimg: 100.0" in cli("info", str(cfg), "--set", "train.total_kimg=100").stdout
 
 
@@ -115,8 +120,18 @@ def test_info_progan_shows_the_official_count_and_names_the_final_level_only_one
 
 
 def test_data_shards_command(tmp_path):
-    out = cli("data", "shards", "builtin:digits", str(tmp_path / "d"), "--resolution", "8", "--holdout", "0.2",
-              "--shard-size", "500").stdout
+    out = cli(
+        "data",
+        "shards",
+        "builtin:digits",
+        str(tmp_path / "d"),
+        "--resolution",
+        "8",
+        "--holdout",
+        "0.2",
+        "--shard-size",
+        "500",
+    ).stdout
     assert "1438 training images in 3 shard(s) and 359 held-out images in 1 shard(s)" in out
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["splits"]["holdout"]["count"] == 359
 
@@ -134,9 +149,11 @@ def _folder_with_bad_files(root: Path) -> Path:
 def test_data_shards_skips_bad_files_and_lists_them_at_the_end(tmp_path):
     src = _folder_with_bad_files(tmp_path / "imgs")
     out = cli("data", "shards", str(src), str(tmp_path / "d"), "--resolution", "8", "--holdout", "0").stdout
-    assert out.splitlines()[1:] == ["skipped 2 file(s) that are not readable images (also listed in manifest.json):",
-                                    "  cats/fake.jpg: not a readable image (cannot identify image file)",
-                                    "  notes.txt: not an image file (extension .txt)"]
+    assert out.splitlines()[1:] == [
+        "skipped 2 file(s) that are not readable images (also listed in manifest.json):",
+        "  cats/fake.jpg: not a readable image (cannot identify image file)",
+        "  notes.txt: not an image file (extension .txt)",
+    ]
     assert out.startswith("wrote 6 training images in 1 shard(s)")
 
 
@@ -148,7 +165,8 @@ def test_data_shards_strict_fails_naming_every_bad_file_and_writes_nothing(tmp_p
         f"ganforge data: error: {src}: 2 file(s) are not readable images, so nothing was written (--strict):",
         "  cats/fake.jpg: not a readable image (cannot identify image file)",
         "  notes.txt: not an image file (extension .txt)",
-        "remove or fix them, or leave out --strict to skip them"]
+        "remove or fix them, or leave out --strict to skip them",
+    ]
 
 
 def test_config_errors_exit_2_with_the_message(digits16, tmp_path):
@@ -164,7 +182,10 @@ def test_config_errors_exit_2_with_the_message(digits16, tmp_path):
 @pytest.mark.parametrize("command", [["train"], ["generate"], ["data", "shards"], ["info"]])
 def test_help_explains_every_option(command):
     text = cli(*command, "--help").stdout
-    for option in {"train": ["--set", "--run-dir", "--resume"], "generate": ["--num", "--out", "--seed", "--truncation", "--class"],
-                   "data": ["--resolution", "--holdout", "--shard-size", "--strict"],
-                   "info": ["--json", "--set"]}[command[0]]:
+    for option in {
+        "train": ["--set", "--run-dir", "--resume"],
+        "generate": ["--num", "--out", "--seed", "--truncation", "--class"],
+        "data": ["--resolution", "--holdout", "--shard-size", "--strict"],
+        "info": ["--json", "--set"],
+    }[command[0]]:
         assert option in text

@@ -1,10 +1,10 @@
 """Shards: writing from every source kind, the manifest, streaming, bad samples, resumable position."""
+
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -15,8 +15,18 @@ import webdataset as wds
 from PIL import Image
 
 from core.spec import ImageSpec
-from orchestrator.data.shards import (DataConfig, DataError, DataHealth, ShardLoader, ShardStream, expand_shards,
-                               image_spec, load_manifest, sha256_file, write_shards)
+from orchestrator.data.shards import (
+    DataConfig,
+    DataError,
+    DataHealth,
+    ShardLoader,
+    ShardStream,
+    expand_shards,
+    image_spec,
+    load_manifest,
+    sha256_file,
+    write_shards,
+)
 
 
 def read_all(pattern: str) -> list[dict]:
@@ -65,7 +75,9 @@ def test_folder_zip_and_npz_sources(tmp_path):
             _png((color[0], 20 * i, color[2])).save(root / cls / f"{i}.png")
     m = write_shards(str(root), tmp_path / "from_dir", resolution=8, holdout=0.2, shard_size=3)
     assert (m["channels"], m["num_classes"], m["class_names"]) == (3, 2, ["cats", "dogs"])
-    samples = read_all(str(tmp_path / "from_dir" / "train-*.tar")) + read_all(str(tmp_path / "from_dir" / "holdout-*.tar"))
+    samples = read_all(str(tmp_path / "from_dir" / "train-*.tar")) + read_all(
+        str(tmp_path / "from_dir" / "holdout-*.tar")
+    )
     for s in samples:  # the label follows the folder: cats are red, dogs blue
         px = np.asarray(Image.open(io.BytesIO(s["png"])))[4, 4]
         assert (px[0] > px[2]) == (int(s["cls"]) == 0)
@@ -95,9 +107,11 @@ def test_bad_sources_are_named(tmp_path):
     (tmp_path / "broken" / "x.png").write_bytes(b"not a png")
     with pytest.raises(DataError) as e:
         write_shards(str(tmp_path / "broken"), tmp_path / "o", resolution=8)
-    assert str(e.value) == (f"no readable images (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) in "
-                            f"{tmp_path / 'broken'}; skipped 1 file(s):\n"
-                            f"  x.png: not a readable image (cannot identify image file)")
+    assert str(e.value) == (
+        f"no readable images (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) in "
+        f"{tmp_path / 'broken'}; skipped 1 file(s):\n"
+        f"  x.png: not a readable image (cannot identify image file)"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -114,10 +128,12 @@ def _source_with_bad_files(root: Path) -> list[dict]:
     (root / "dogs" / "cut.png").write_bytes(buf.getvalue()[:500])
     (root / "notes.txt").write_text("where the photos came from")
     (root / "dogs" / "LICENSE").write_text("CC-BY")
-    return [{"file": "cats/fake.jpg", "reason": "not a readable image (cannot identify image file)"},
-            {"file": "dogs/LICENSE", "reason": "not an image file (no extension)"},
-            {"file": "dogs/cut.png", "reason": "not a readable image (image file is truncated)"},
-            {"file": "notes.txt", "reason": "not an image file (extension .txt)"}]
+    return [
+        {"file": "cats/fake.jpg", "reason": "not a readable image (cannot identify image file)"},
+        {"file": "dogs/LICENSE", "reason": "not an image file (no extension)"},
+        {"file": "dogs/cut.png", "reason": "not a readable image (image file is truncated)"},
+        {"file": "notes.txt", "reason": "not an image file (extension .txt)"},
+    ]
 
 
 def _zip_of(root: Path, path: Path) -> Path:
@@ -148,9 +164,11 @@ def test_strict_names_every_bad_file_and_writes_nothing(tmp_path, kind):
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     with pytest.raises(DataError) as e:
         write_shards(str(source), tmp_path / "out", resolution=8, strict=True)
-    assert str(e.value) == (f"{source}: 4 file(s) are not readable images, so nothing was written (--strict):"
-                            + "".join(f"\n  {f['file']}: {f['reason']}" for f in expected)
-                            + "\nremove or fix them, or leave out --strict to skip them")
+    assert str(e.value) == (
+        f"{source}: 4 file(s) are not readable images, so nothing was written (--strict):"
+        + "".join(f"\n  {f['file']}: {f['reason']}" for f in expected)
+        + "\nremove or fix them, or leave out --strict to skip them"
+    )
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # the old shards are intact
     assert old["splits"]["train"]["count"] > 0
     with pytest.raises(DataError):
@@ -163,8 +181,10 @@ def test_npz_labels_outside_the_classes_are_refused(tmp_path):
     np.savez(tmp_path / "neg.npz", images=x, labels=np.array([0, 1, 2, -1, 1, -3]))
     with pytest.raises(DataError) as e:
         write_shards(str(tmp_path / "neg.npz"), tmp_path / "o", resolution=8)
-    assert str(e.value) == (f"{tmp_path / 'neg.npz'}: labels[3] is -1, outside [0, 3) (classes 0 to the largest "
-                            f"label) (and 1 more); labels must be class indices")
+    assert str(e.value) == (
+        f"{tmp_path / 'neg.npz'}: labels[3] is -1, outside [0, 3) (classes 0 to the largest "
+        f"label) (and 1 more); labels must be class indices"
+    )
     np.savez(tmp_path / "named.npz", images=x, y=np.array([0, 1, 0, 1, 2, 1]), class_names=np.array(["a", "b"]))
     with pytest.raises(DataError, match=r"named.npz: y\[4\] is 2, outside \[0, 2\) \(2 class_names\); labels must"):
         write_shards(str(tmp_path / "named.npz"), tmp_path / "o", resolution=8)
@@ -210,8 +230,9 @@ def test_ranks_and_workers_read_disjoint_shards(digits16):
     seen: dict[tuple[int, int], set[str]] = {}
     for rank in range(2):
         for role in range(2):
-            stream = ShardStream(urls, ImageSpec(16, 1, 10), 1, seed=3, rank=rank, world_size=2, num_roles=2,
-                                 role_offset=role)  # without DataLoader workers, the offset picks the role
+            stream = ShardStream(
+                urls, ImageSpec(16, 1, 10), 1, seed=3, rank=rank, world_size=2, num_roles=2, role_offset=role
+            )  # without DataLoader workers, the offset picks the role
             keys = set()
             for b in stream:
                 if b.cursor[0] > 0:  # first epoch only
@@ -268,10 +289,14 @@ def test_corrupt_members_are_skipped_and_counted(tmp_path):
     # the bad samples are read after an epoch's last batch: they ride on the next epoch's first batch
     assert batches[0].bad == []
     for b in batches[1:]:
-        assert sorted(b.bad) == sorted([(str(shard), "garbage", "not an image: UnidentifiedImageError"),
-                                        (str(shard), "wrongsize", "RGB 8×8, expected L 16×16"),
-                                        (str(shard), "badlabel", "label 42 out of range [0, 10)"),
-                                        (str(shard), "nolabel", "missing or unreadable label")])
+        assert sorted(b.bad) == sorted(
+            [
+                (str(shard), "garbage", "not an image: UnidentifiedImageError"),
+                (str(shard), "wrongsize", "RGB 8×8, expected L 16×16"),
+                (str(shard), "badlabel", "label 42 out of range [0, 10)"),
+                (str(shard), "nolabel", "missing or unreadable label"),
+            ]
+        )
     health = DataHealth(max_bad_fraction=1.0, min_samples=1)
     for b in batches:
         health.update(b)
@@ -280,10 +305,17 @@ def test_corrupt_members_are_skipped_and_counted(tmp_path):
 
 def test_too_many_bad_samples_stop_with_the_worst_shard(tmp_path):
     _write_bad_shard(tmp_path / "train-000000.tar")
-    cfg = DataConfig(shards=str(tmp_path / "train-*.tar"), workers=0, max_bad_fraction=0.1, min_samples_for_bad_check=10,
-                     shuffle_buffer=1)
+    cfg = DataConfig(
+        shards=str(tmp_path / "train-*.tar"),
+        workers=0,
+        max_bad_fraction=0.1,
+        min_samples_for_bad_check=10,
+        shuffle_buffer=1,
+    )
     loader = ShardLoader(cfg, ImageSpec(16, 1, 10), 10, seed=0)
-    with pytest.raises(DataError, match=r"samples were bad \(> data.max_bad_fraction=0.1\); worst shards: .*train-000000.tar"):
+    with pytest.raises(
+        DataError, match=r"samples were bad \(> data.max_bad_fraction=0.1\); worst shards: .*train-000000.tar"
+    ):
         for _ in range(5):
             loader.next()
 

@@ -1,5 +1,6 @@
 """Evaluation beside training: dev mode evaluates at the start, on its interval and at the end; the
 actor form never makes the caller wait and drops stale requests; the best-FID checkpoint is kept."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
-from orchestrator.checkpoint import list_checkpoints, load_checkpoint
-from orchestrator.config import validate_config
+
 from architectures import ImageSpec
-from orchestrator.eval.service import EvaluatorActor
-from orchestrator.train.monitor import evaluation_job
+from orchestrator.checkpoint import list_checkpoints
+from orchestrator.config import validate_config
 from orchestrator.eval.evaluator import evaluate, resolve_holdout
 from orchestrator.eval.extractors import train_feature_extractor
+from orchestrator.eval.service import EvaluatorActor
+from orchestrator.train.monitor import evaluation_job
 from orchestrator.train.run import train
 
 
@@ -28,11 +29,22 @@ def extractor(digits16, tmp_path_factory) -> Path:
 
 
 def eval_config(digits16: Path, extractor: Path, cache: Path, **extra) -> dict:
-    return tiny_config(digits16, train={"total_kimg": 0.48, "batch_size": 32}, checkpoint={"every_kimg": 10, "keep_last": 1},
-                       tracking={"log_every": 5},
-                       eval={"enabled": True, "every_kimg": 0.16, "feature_extractor": "dataset-cnn",
-                             "weights_path": str(extractor), "num_samples": 64, "metrics": ["fid", "kid"],
-                             "cache_dir": str(cache), **extra})
+    return tiny_config(
+        digits16,
+        train={"total_kimg": 0.48, "batch_size": 32},
+        checkpoint={"every_kimg": 10, "keep_last": 1},
+        tracking={"log_every": 5},
+        eval={
+            "enabled": True,
+            "every_kimg": 0.16,
+            "feature_extractor": "dataset-cnn",
+            "weights_path": str(extractor),
+            "num_samples": 64,
+            "metrics": ["fid", "kid"],
+            "cache_dir": str(cache),
+            **extra,
+        },
+    )
 
 
 def rows(path: Path) -> list[dict]:
@@ -61,7 +73,9 @@ def test_dev_mode_evaluates_at_start_interval_and_end(digits16, extractor, tmp_p
     loaded = load_generator(best["checkpoint"])
     again = evaluate(loaded.G, loaded.spec, cfg.eval, resolve_holdout(cfg.eval, cfg.data))
     assert again.metrics["fid"] == pytest.approx(best["eval/fid"], rel=1e-6)
-    other = min((r for r in evals if r["checkpoint"] and r["checkpoint"] != best["checkpoint"]), key=lambda r: r["step"])
+    other = min(
+        (r for r in evals if r["checkpoint"] and r["checkpoint"] != best["checkpoint"]), key=lambda r: r["step"]
+    )
     assert other["eval/fid"] != pytest.approx(best["eval/fid"], rel=1e-6)  # so the match above is not a coincidence
 
 

@@ -1,5 +1,6 @@
 """Evaluation through torch-fidelity: its numbers checked against the metrics' formulas computed here from the
 same features, held-out cache, offline weights, CLI."""
+
 from __future__ import annotations
 
 import io
@@ -20,16 +21,25 @@ import scipy.spatial
 import scipy.special
 import torch
 import torch_fidelity
+from conftest import tiny_config
 from PIL import Image
 from webdataset import TarWriter, tariterators
 
 import architectures
 from core.spec import ImageSpec
-from conftest import tiny_config
-from orchestrator.eval import extractors
 from orchestrator.data.shards import expand_shards, sha256_file
-from orchestrator.eval.evaluator import (INCEPTION_ENV, INCEPTION_FILE, EvalConfig, EvalError, GeneratedImages, ShardImages,
-                                    check_feature_extractor, evaluate, eval_config_for)
+from orchestrator.eval import extractors
+from orchestrator.eval.evaluator import (
+    INCEPTION_ENV,
+    INCEPTION_FILE,
+    EvalConfig,
+    EvalError,
+    GeneratedImages,
+    ShardImages,
+    check_feature_extractor,
+    eval_config_for,
+    evaluate,
+)
 from orchestrator.eval.extractors import DatasetCNNFeatureExtractor, train_feature_extractor
 
 GANFORGE = [str(Path(sys.executable).parent / "ganforge")]
@@ -64,8 +74,9 @@ def _no_torch_hub(monkeypatch, tmp_path):
 def cnn(tmp_path_factory, digits16):
     """The dataset-cnn extractor trained on the digits' train split (3 epochs, a few seconds)."""
     out = tmp_path_factory.mktemp("cnn") / "dataset-cnn.pt"
-    return train_feature_extractor(str(digits16 / "train-*.tar"), out, epochs=3,
-                                   holdout_shards=str(digits16 / "holdout-*.tar"))
+    return train_feature_extractor(
+        str(digits16 / "train-*.tar"), out, epochs=3, holdout_shards=str(digits16 / "holdout-*.tar")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -205,15 +216,27 @@ def relative_difference(a: float, b: float) -> float:
 def test_eval_config_fields_are_validated():
     cfg = EvalConfig(metrics="fid, kid,fid", feature_extractor="dataset-cnn")
     assert cfg.metrics == ["fid", "kid"] and cfg.cpus == 0.5 and cfg.gpus == 0
-    for bad in ({"metrics": "fid,lpips"}, {"metrics": []}, {"num_samples": 1}, {"batch_size": 0},
-                {"truncation_psi": -0.5}, {"kid_subset_size": 1}, {"every_kimg": 0}, {"cpus": -1},
-                {"feature_extractor": "inception v4"}, {"colour": "red"}):
+    for bad in (
+        {"metrics": "fid,lpips"},
+        {"metrics": []},
+        {"num_samples": 1},
+        {"batch_size": 0},
+        {"truncation_psi": -0.5},
+        {"kid_subset_size": 1},
+        {"every_kimg": 0},
+        {"cpus": -1},
+        {"feature_extractor": "inception v4"},
+        {"colour": "red"},
+    ):
         with pytest.raises(ValueError):
             EvalConfig(**bad)
     with pytest.raises(EvalError, match=r"eval\.metrics\.1: Input should be 'fid', 'kid', 'isc' or 'prc'"):
         eval_config_for(None, metrics="fid,lpips")
-    with pytest.raises(EvalError, match=r"unknown feature extractor 'inception-v4'; registered: .*dataset-cnn.*"
-                                        r"inception-v3-compat"):
+    with pytest.raises(
+        EvalError,
+        match=r"unknown feature extractor 'inception-v4'; registered: .*dataset-cnn.*"
+        r"inception-v3-compat",
+    ):
         check_feature_extractor(EvalConfig(feature_extractor="inception-v4"))
 
 
@@ -230,14 +253,22 @@ def test_missing_inception_weights_fail_fast_with_what_to_do(tmp_path, monkeypat
     with pytest.raises(EvalError) as e:
         check_feature_extractor(EvalConfig(cache_dir=str(tmp_path / "c")))
     msg = str(e.value)
-    assert INCEPTION_ENV in msg and "eval.weights_path" in msg and INCEPTION_FILE == "weights-inception-2015-12-05-6726825d.pth"
+    assert (
+        INCEPTION_ENV in msg
+        and "eval.weights_path" in msg
+        and INCEPTION_FILE == "weights-inception-2015-12-05-6726825d.pth"
+    )
     assert INCEPTION_FILE in msg and "https://github.com/toshas/torch-fidelity/releases/download/" in msg
     assert "never downloads" in msg and "copy it" in msg and "`ganforge weights get inception`" in msg
 
     monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "nowhere" / INCEPTION_FILE))
-    with pytest.raises(EvalError, match=rf"\${INCEPTION_ENV} points at .*nowhere/{INCEPTION_FILE}, which does not exist"):
+    with pytest.raises(
+        EvalError, match=rf"\${INCEPTION_ENV} points at .*nowhere/{INCEPTION_FILE}, which does not exist"
+    ):
         check_feature_extractor(EvalConfig(cache_dir=str(tmp_path / "c")))
-    with pytest.raises(EvalError, match=r"eval\.weights_path \(--weights\) points at .*other\.pth, which does not exist"):
+    with pytest.raises(
+        EvalError, match=r"eval\.weights_path \(--weights\) points at .*other\.pth, which does not exist"
+    ):
         check_feature_extractor(EvalConfig(weights_path=str(tmp_path / "other.pth"), cache_dir=str(tmp_path / "c")))
     assert time.perf_counter() - t0 < 2
 
@@ -253,7 +284,9 @@ def test_wrong_or_unsafe_weights_files_are_refused(tmp_path, cnn):
     with pytest.raises(EvalError, match="ganforge extractor train"):
         check_feature_extractor(EvalConfig(feature_extractor="dataset-cnn", cache_dir=str(tmp_path)))
     with pytest.raises(EvalError, match="not a dataset-cnn weights file"):
-        check_feature_extractor(EvalConfig(feature_extractor="dataset-cnn", weights_path=str(evil), cache_dir=str(tmp_path)))
+        check_feature_extractor(
+            EvalConfig(feature_extractor="dataset-cnn", weights_path=str(evil), cache_dir=str(tmp_path))
+        )
 
 
 def test_truncation_only_for_generators_that_have_it():
@@ -278,9 +311,17 @@ def test_digits_extractor_is_a_real_classifier_and_fid_separates_data_from_noise
     noise = (torch.rand(500, 1, 16, 16, generator=g) * 256).to(torch.uint8).repeat(1, 3, 1, 1)
 
     def fid(a):
-        return torch_fidelity.calculate_metrics(input1=a, input2=held, fid=True, cuda=False, cache=False, verbose=False,
-                                                save_cpu_ram=True, feature_extractor="dataset-cnn",
-                                                feature_extractor_weights_path=str(cnn.path))["frechet_inception_distance"]
+        return torch_fidelity.calculate_metrics(
+            input1=a,
+            input2=held,
+            fid=True,
+            cuda=False,
+            cache=False,
+            verbose=False,
+            save_cpu_ram=True,
+            feature_extractor="dataset-cnn",
+            feature_extractor_weights_path=str(cnn.path),
+        )["frechet_inception_distance"]
 
     fid_train, fid_noise = fid(train), fid(_Tensors(noise))
     assert fid_train * 20 < fid_noise, (fid_train, fid_noise)
@@ -321,19 +362,32 @@ def test_metrics_equal_an_independent_computation_from_the_same_features(cnn, di
     n, batch = 64, 32
     urls = expand_shards(str(digits16 / "holdout-*.tar"))
     G = ReplayGenerator(shard_images(expand_shards(str(digits16 / "train-*.tar")), 96)[:, :1])
-    cfg = EvalConfig(metrics="fid,kid,isc,prc", num_samples=n, holdout_num=n, batch_size=batch,
-                     feature_extractor="dataset-cnn", weights_path=str(cnn.path), cache_dir=str(tmp_path / "cache"),
-                     kid_subsets=3, isc_splits=1, prc_neighborhood=3)
+    cfg = EvalConfig(
+        metrics="fid,kid,isc,prc",
+        num_samples=n,
+        holdout_num=n,
+        batch_size=batch,
+        feature_extractor="dataset-cnn",
+        weights_path=str(cnn.path),
+        cache_dir=str(tmp_path / "cache"),
+        kid_subsets=3,
+        isc_splits=1,
+        prc_neighborhood=3,
+    )
     ours = evaluate(G, SPEC, cfg, urls)
     assert ours.num_holdout == n and ours.kid_subset_size == n
 
-    extractor = DatasetCNNFeatureExtractor("dataset-cnn", ["feat", "logits"],
-                                           feature_extractor_weights_path=str(cnn.path))
+    extractor = DatasetCNNFeatureExtractor(
+        "dataset-cnn", ["feat", "logits"], feature_extractor_weights_path=str(cnn.path)
+    )
     gen_feat, gen_logits = features(extractor, generated_images(G, n, cfg.seed, batch, SPEC.num_classes), batch)
     real_feat, _ = features(extractor, shard_images(urls, n), batch)
     precision, recall = precision_recall(gen_feat, real_feat, cfg.prc_neighborhood)
-    reference = {"fid": frechet_distance(gen_feat, real_feat), "kid": kernel_distance(gen_feat, real_feat),
-                 "isc": inception_score(gen_logits)}
+    reference = {
+        "fid": frechet_distance(gen_feat, real_feat),
+        "kid": kernel_distance(gen_feat, real_feat),
+        "isc": inception_score(gen_logits),
+    }
     for key, value in reference.items():
         assert relative_difference(ours.metrics[key], value) < 1e-5, (key, ours.metrics[key], value)
     assert (ours.metrics["precision"], ours.metrics["recall"]) == (precision, recall)
@@ -360,8 +414,14 @@ def test_holdout_statistics_are_cached_and_invalidated_by_a_changed_shard(cnn, d
     data = tmp_path / "data"
     shutil.copytree(digits16, data)
     urls = expand_shards(str(data / "holdout-*.tar"))
-    cfg = EvalConfig(metrics="fid,kid", num_samples=32, feature_extractor="dataset-cnn", weights_path=str(cnn.path),
-                     cache_dir=str(tmp_path / "cache"), kid_subsets=10)
+    cfg = EvalConfig(
+        metrics="fid,kid",
+        num_samples=32,
+        feature_extractor="dataset-cnn",
+        weights_path=str(cnn.path),
+        cache_dir=str(tmp_path / "cache"),
+        kid_subsets=10,
+    )
     seen = []
     forward = DatasetCNNFeatureExtractor.forward
     monkeypatch.setattr(DatasetCNNFeatureExtractor, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
@@ -392,14 +452,21 @@ def test_holdout_statistics_are_cached_and_invalidated_by_a_changed_shard(cnn, d
     state = torch.load(cnn.path, weights_only=True)
     state["head.bias"] += 0.01
     torch.save(state, tmp_path / "other.pt")
-    keys = {evaluate(tiny_generator(), SPEC, cfg.model_copy(update=u), urls).cache_key
-            for u in ({"weights_path": str(tmp_path / "other.pt")}, {"holdout_num": 100})}
+    keys = {
+        evaluate(tiny_generator(), SPEC, cfg.model_copy(update=u), urls).cache_key
+        for u in ({"weights_path": str(tmp_path / "other.pt")}, {"holdout_num": 100})
+    }
     assert len(keys | {changed.cache_key}) == 3
 
 
 def test_inception_score_alone_needs_no_holdout(cnn, tmp_path):
-    cfg = EvalConfig(metrics="isc", num_samples=20, feature_extractor="dataset-cnn", weights_path=str(cnn.path),
-                     cache_dir=str(tmp_path))
+    cfg = EvalConfig(
+        metrics="isc",
+        num_samples=20,
+        feature_extractor="dataset-cnn",
+        weights_path=str(cnn.path),
+        cache_dir=str(tmp_path),
+    )
     r = evaluate(tiny_generator(), SPEC, cfg, ["/does/not/matter.tar"])
     assert set(r.metrics) == {"isc", "isc_std"} and r.cache_hit is None and 1 <= r.metrics["isc"] <= 10
 
@@ -460,11 +527,13 @@ def test_inception_fid_kid_equal_an_independent_computation(offline_inception, d
     n = 8
     G = tiny_generator()
     urls = expand_shards(str(digits16 / "holdout-*.tar"))
-    cfg = EvalConfig(metrics="fid,kid", num_samples=n, holdout_num=n, batch_size=n, cache_dir=str(tmp_path / "cache"),
-                     kid_subsets=2)
+    cfg = EvalConfig(
+        metrics="fid,kid", num_samples=n, holdout_num=n, batch_size=n, cache_dir=str(tmp_path / "cache"), kid_subsets=2
+    )
     ours = evaluate(G, SPEC, cfg, urls)
-    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                            feature_extractor_weights_path=str(offline_inception))
+    extractor = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(offline_inception)
+    )
     (gen_feat,) = features(extractor, generated_images(G, n, cfg.seed, n, SPEC.num_classes), n)
     (real_feat,) = features(extractor, shard_images(urls, n), n)
     fid, kid = frechet_distance(gen_feat, real_feat), kernel_distance(gen_feat, real_feat)
@@ -489,8 +558,21 @@ def checkpoint(tmp_path_factory, digits16) -> Path:
 
 
 def test_cli_eval_prints_metrics_and_json(checkpoint, cnn, digits16, tmp_path):
-    args = [str(checkpoint), "--data", str(digits16 / "holdout-*.tar"), "--metrics", "fid,kid,isc,prc", "--num", "40",
-            "--feature-extractor", "dataset-cnn", "--weights", str(cnn.path), "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        str(checkpoint),
+        "--data",
+        str(digits16 / "holdout-*.tar"),
+        "--metrics",
+        "fid,kid,isc,prc",
+        "--num",
+        "40",
+        "--feature-extractor",
+        "dataset-cnn",
+        "--weights",
+        str(cnn.path),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     out = cli("eval", *args).stdout
     for key in ("fid", "kid", "kid_std", "isc", "isc_std", "precision", "recall"):
         assert any(line.split()[:1] == [key] for line in out.splitlines()), out
@@ -530,8 +612,21 @@ def test_eval_images_are_the_images_generate_writes(checkpoint, tmp_path):
 
 def test_cli_extractor_train(digits16, tmp_path):
     out = tmp_path / "x.pt"  # small: trained on the 180 held-out digits, accuracy on one training shard
-    r = json.loads(cli("extractor", "train", "--data", str(digits16 / "holdout-*.tar"), "--out", str(out),
-                       "--holdout", str(digits16 / "train-000000.tar"), "--epochs", "1", "--json").stdout)
+    r = json.loads(
+        cli(
+            "extractor",
+            "train",
+            "--data",
+            str(digits16 / "holdout-*.tar"),
+            "--out",
+            str(out),
+            "--holdout",
+            str(digits16 / "train-000000.tar"),
+            "--epochs",
+            "1",
+            "--json",
+        ).stdout
+    )
     assert out.exists() and r["num_classes"] == 10 and r["num_train"] == 180 and r["num_holdout"] == 128
     assert 0 <= r["holdout_accuracy"] <= 1
     assert extractors.load_classifier(out).resolution == 16
@@ -540,7 +635,18 @@ def test_cli_extractor_train(digits16, tmp_path):
 @pytest.mark.parametrize("command", [["eval"], ["extractor", "train"]])
 def test_help_explains_every_option(command):
     text = cli(*command, "--help").stdout
-    for option in {"eval": ["--data", "--metrics", "--num", "--feature-extractor", "--weights", "--cache-dir",
-                            "--truncation", "--json", "GANFORGE_INCEPTION_WEIGHTS"],
-                   "extractor": ["--data", "--out", "--holdout", "--epochs", "--json"]}[command[0]]:
+    for option in {
+        "eval": [
+            "--data",
+            "--metrics",
+            "--num",
+            "--feature-extractor",
+            "--weights",
+            "--cache-dir",
+            "--truncation",
+            "--json",
+            "GANFORGE_INCEPTION_WEIGHTS",
+        ],
+        "extractor": ["--data", "--out", "--holdout", "--epochs", "--json"],
+    }[command[0]]:
         assert option in text

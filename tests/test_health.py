@@ -1,5 +1,6 @@
 """Training health: gradient norms, the D-winning / mode-collapse / NaN alarms, the real-image grid,
 and what an offline W&B run file holds (scalars, images, eval metrics, one run id across a resume)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from orchestrator.config import validate_config
 from orchestrator.data.shards import ShardLoader, image_spec, load_manifest
 from orchestrator.health import HealthConfig, HealthMonitor, diversity
@@ -50,10 +51,10 @@ def wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # too little room for a chunk header: the block's padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             break
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -95,20 +96,26 @@ def test_grad_norms_are_logged_and_finite(digits16, tmp_path):
     run(digits16, tmp_path / "r", train={"total_kimg": 0.064}, tracking={"log_every": 2})
     rows = [r for r in metrics(tmp_path / "r") if "loss/D" in r]
     assert [r["step"] for r in rows] == [2, 4]
-    assert all(math.isfinite(r["grad/G"]) and r["grad/G"] > 0 and math.isfinite(r["grad/D"]) and r["grad/D"] > 0
-               for r in rows)
+    assert all(
+        math.isfinite(r["grad/G"]) and r["grad/G"] > 0 and math.isfinite(r["grad/D"]) and r["grad/D"] > 0 for r in rows
+    )
     assert all(r["health/d_winning"] == 0 and r["health/nonfinite"] == 0 for r in rows)
 
 
 def test_d_winning_alarm_when_g_cannot_learn(digits16, tmp_path, capsys):
-    run(digits16, tmp_path / "r", train={"total_kimg": 0.48},
-        optim={"g": {"lr": 1e-9}, "d": {"lr": 0.01}}, health={"d_loss_below": 0.3, "d_winning_logs": 3},
-        tracking={"wandb": {"mode": "offline"}})  # offline: run.alert must not fail
+    run(
+        digits16,
+        tmp_path / "r",
+        train={"total_kimg": 0.48},
+        optim={"g": {"lr": 1e-9}, "d": {"lr": 0.01}},
+        health={"d_loss_below": 0.3, "d_winning_logs": 3},
+        tracking={"wandb": {"mode": "offline"}},
+    )  # offline: run.alert must not fail
     rows = [r for r in metrics(tmp_path / "r") if "loss/D" in r]
     fired = [r["step"] for r in rows if r["health/d_winning"] == 1]
     assert fired, [round(r["loss/D"], 3) for r in rows]
     first = rows.index(next(r for r in rows if r["health/d_winning"] == 1))
-    assert first >= 2 and all(r["loss/D"] < 0.3 for r in rows[first - 2:first + 1])  # 3 consecutive logs
+    assert first >= 2 and all(r["loss/D"] < 0.3 for r in rows[first - 2 : first + 1])  # 3 consecutive logs
     assert capsys.readouterr().out.count("warning: D is winning") >= 1
 
 
@@ -155,9 +162,16 @@ def test_nan_alarm(digits16):
 def test_healthy_dev_run_raises_no_alarm(digits16, tmp_path, capsys):
     """The dev DCGAN-digits recipe (z 64, 32 channels, batch 64, EMA half-life 1 kimg) at 16×16, default
     thresholds, diversity checked at every log: no alarm in 3 kimg."""
-    run(digits16, tmp_path / "r", model={"z_dim": 64, "g_channels": 32, "d_channels": 32},
-        train={"total_kimg": 3.2, "batch_size": 64}, ema={"half_life_kimg": 1.0, "rampup": 0.05},
-        checkpoint={"every_kimg": 10}, tracking={"sample_every_kimg": 10}, health={"diversity_every": 1})
+    run(
+        digits16,
+        tmp_path / "r",
+        model={"z_dim": 64, "g_channels": 32, "d_channels": 32},
+        train={"total_kimg": 3.2, "batch_size": 64},
+        ema={"half_life_kimg": 1.0, "rampup": 0.05},
+        checkpoint={"every_kimg": 10},
+        tracking={"sample_every_kimg": 10},
+        health={"diversity_every": 1},
+    )
     rows = [r for r in metrics(tmp_path / "r") if "loss/D" in r]
     assert len(rows) == 50
     assert all(r["health/d_winning"] == 0 and r["health/nonfinite"] == 0 for r in rows)
@@ -180,11 +194,20 @@ def test_wandb_offline_run_files_and_resume(digits16, tmp_path):
 
     extractor = tmp_path / "dataset-cnn.pt"
     train_feature_extractor(str(digits16 / "train-*.tar"), extractor, epochs=1)
-    sections = dict(train={"total_kimg": 0.32}, tracking={"log_every": 2, "wandb": {"mode": "offline"}},
-                    checkpoint={"every_kimg": 10, "keep_last": 2},
-                    eval={"enabled": True, "every_kimg": 0.16, "feature_extractor": "dataset-cnn",
-                          "weights_path": str(extractor), "num_samples": 32, "metrics": ["fid"],
-                          "cache_dir": str(tmp_path / "cache")})
+    sections = dict(
+        train={"total_kimg": 0.32},
+        tracking={"log_every": 2, "wandb": {"mode": "offline"}},
+        checkpoint={"every_kimg": 10, "keep_last": 2},
+        eval={
+            "enabled": True,
+            "every_kimg": 0.16,
+            "feature_extractor": "dataset-cnn",
+            "weights_path": str(extractor),
+            "num_samples": 32,
+            "metrics": ["fid"],
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    )
     run_dir = tmp_path / "run"
     first = run(digits16, run_dir, **{**sections, "train": {"total_kimg": 0.32, "stop_at_step": 10}})
     assert first.step == 10
@@ -202,7 +225,9 @@ def test_wandb_offline_run_files_and_resume(digits16, tmp_path):
     jsonl = {r["step"]: r for r in metrics(run_dir) if "loss/D" in r}
     assert all(h["loss/D"] == pytest.approx(jsonl[h["_step"]]["loss/D"]) for h in train_rows)
 
-    images = {(h["_step"], k) for h in rows for k, v in h.items() if isinstance(v, dict) and v.get("_type") == "image-file"}
+    images = {
+        (h["_step"], k) for h in rows for k, v in h.items() if isinstance(v, dict) and v.get("_type") == "image-file"
+    }
     assert (0, "samples/real") in images
     assert {s for s, k in images if k == "samples/grid"} == {5, 10, 15, 20}  # every 0.08 kimg of 16 images
     evals = [h for h in rows if "eval/fid" in h]

@@ -4,6 +4,7 @@ see :func:`strict`) and every core object and pod template against Kubernetes' o
 follow the rules platform teams set; the RayJob entrypoint is the README's ``ray job submit`` command;
 the cluster has room for the job it runs; the Dockerfile installs what pyproject.toml declares. One test also
 runs the head's preStop hook, taken from the rendered RayJob, against a live (dev-mode) training run."""
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,9 @@ AUTH_SECRET = "ganforge-ray-auth"
 KUBERNETES = "1.32.0"
 MIN_GRACE_SECONDS = 120
 FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-KUSTOMIZATIONS = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml")
-                        if "components" not in p.parts)
+KUSTOMIZATIONS = sorted(
+    p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml") if "components" not in p.parts
+)
 VARIANTS = ["", "overlays/cpu-dev/", "overlays/gpu/"]
 
 
@@ -89,8 +91,11 @@ def strict(schema):
             out[key] = strict(value)
         else:
             out[key] = value
-    if "properties" in out and "additionalProperties" not in out \
-            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -167,14 +172,14 @@ def fenced_command(path: Path, marker: str) -> str:
 def pod_entrypoint() -> list[str]:
     """The README's command after ``--`` with ``$PWD`` replaced by the storage root the pods mount."""
     tokens = shlex.split(readme_command())
-    return [t.replace("$PWD", STORAGE) for t in tokens[tokens.index("--") + 1:]]
+    return [t.replace("$PWD", STORAGE) for t in tokens[tokens.index("--") + 1 :]]
 
 
 def appended_overrides(entrypoint: str) -> list[str]:
     """The ``--set`` values a manifest appends to the README's entrypoint (fails on anything else)."""
     tokens, base = shlex.split(entrypoint), pod_entrypoint()
-    assert tokens[:len(base)] == base, f"entrypoint is not the README's command:\n{entrypoint}\n{shlex.join(base)}"
-    extra = tokens[len(base):]
+    assert tokens[: len(base)] == base, f"entrypoint is not the README's command:\n{entrypoint}\n{shlex.join(base)}"
+    extra = tokens[len(base) :]
     assert extra[::2] == ["--set"] * (len(extra) // 2) and len(extra) % 2 == 0, f"only --set may be appended: {extra}"
     return extra[1::2]
 
@@ -195,13 +200,16 @@ def quantity(value) -> float:
 def ray_nodes(obj: dict) -> list[dict]:
     """Each Ray node the cluster starts, as the logical resources Ray gives it (CPU, GPU, custom)."""
     spec, nodes = cluster_spec(obj), []
-    groups = [("head", 1, spec["headGroupSpec"])] + [(g["groupName"], g["replicas"] * g.get("numOfHosts", 1), g)
-                                                     for g in spec.get("workerGroupSpecs", [])]
+    groups = [("head", 1, spec["headGroupSpec"])] + [
+        (g["groupName"], g["replicas"] * g.get("numOfHosts", 1), g) for g in spec.get("workerGroupSpecs", [])
+    ]
     for name, count, group in groups:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         params = group.get("rayStartParams", {})
-        node = {"CPU": quantity(params.get("num-cpus", limits["cpu"])),
-                "GPU": quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+        node = {
+            "CPU": quantity(params.get("num-cpus", limits["cpu"])),
+            "GPU": quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+        }
         node.update(json.loads(json.loads(params["resources"])) if "resources" in params else {})
         nodes += [{"group": name, **node} for _ in range(count)]
     return nodes
@@ -219,8 +227,11 @@ def place(nodes: list[dict], demand: dict) -> str | None:
 
 def dockerfile() -> list[tuple[str, str]]:
     """k8s/Dockerfile as (INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in (K8S / "Dockerfile").read_text().splitlines()
-                                          if not line.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in (K8S / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
 
 
@@ -250,7 +261,9 @@ def test_kustomization_renders_valid_objects(directory):
     strict Kubernetes schemas; no Secret, ConfigMap or namespace is baked in."""
     objs = render(directory)
     assert objs and all(o.get("apiVersion") and o.get("kind") and o["metadata"].get("name") for o in objs)
-    assert not [o for o in objs if o["kind"] in ("Secret", "ConfigMap")], "secrets are created with kubectl, not committed"
+    assert not [o for o in objs if o["kind"] in ("Secret", "ConfigMap")], (
+        "secrets are created with kubectl, not committed"
+    )
     assert not [o for o in objs if "namespace" in o["metadata"]], "the namespace is chosen at apply time (-n)"
     for obj in objs:
         if obj["apiVersion"] == "ray.io/v1":
@@ -271,8 +284,11 @@ def test_validation_rejects_unknown_fields_and_a_missing_entrypoint():
     for obj, mutate, expected in [
         (rayjob, lambda o: o["spec"].pop("entrypoint"), "'entrypoint' is a required property"),
         (rayjob, lambda o: o["spec"].update(entrypoints="python -m launch.ray_job"), "'entrypoints' was unexpected"),
-        (rayjob, lambda o: cluster_spec(o)["headGroupSpec"]["template"]["spec"].update(terminationGracePeriodSecond=300),
-         "'terminationGracePeriodSecond' was unexpected"),
+        (
+            rayjob,
+            lambda o: cluster_spec(o)["headGroupSpec"]["template"]["spec"].update(terminationGracePeriodSecond=300),
+            "'terminationGracePeriodSecond' was unexpected",
+        ),
         (raycluster, lambda o: o["spec"]["workerGroupSpecs"][0].update(replica=3), "'replica' was unexpected"),
         (raycluster, lambda o: o["spec"]["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required property"),
         (raycluster, lambda o: o["spec"]["authOptions"].update(mode="password"), "'password' is not one of"),
@@ -337,10 +353,16 @@ def test_head_prestop_hook_and_grace_periods_are_consistent(variant):
     grace = job_config(rayjob).faults.grace_s
     assert grace < wait < head["terminationGracePeriodSeconds"]
     for obj in (rayjob, only(render(f"{variant}raycluster"), "RayCluster")):
-        stop_wait = env(cluster_spec(obj)["headGroupSpec"]["template"]["spec"]["containers"][0])["RAY_JOB_STOP_WAIT_TIME_S"]
+        stop_wait = env(cluster_spec(obj)["headGroupSpec"]["template"]["spec"]["containers"][0])[
+            "RAY_JOB_STOP_WAIT_TIME_S"
+        ]
         assert grace < int(stop_wait["value"]) <= head["terminationGracePeriodSeconds"]
-    assert head["containers"][0]["lifecycle"] == only(render("rayjob"), "RayJob")["spec"]["rayClusterSpec"][
-        "headGroupSpec"]["template"]["spec"]["containers"][0]["lifecycle"]  # the next test runs the base one
+    assert (
+        head["containers"][0]["lifecycle"]
+        == only(render("rayjob"), "RayJob")["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
+            "containers"
+        ][0]["lifecycle"]
+    )  # the next test runs the base one
 
 
 def _kill_tree(pid: int) -> None:
@@ -384,13 +406,25 @@ def test_an_evicted_head_stops_the_run_with_a_checkpoint_in_time(digits16, tmp_p
 
     sets = [tokens[i + 1] for i, t in enumerate(tokens) if t == "--set"]
     sets = [o for o in sets if not o.startswith("data.shards=")]
-    sets += [f"data.shards={digits16 / 'train-*.tar'}", "data.shuffle_buffer=64", "eval.enabled=false",
-             "tracking.wandb.mode=disabled", "tracking.progress_bar=false", "tracking.log_every=1"]
+    sets += [
+        f"data.shards={digits16 / 'train-*.tar'}",
+        "data.shuffle_buffer=64",
+        "eval.enabled=false",
+        "tracking.wandb.mode=disabled",
+        "tracking.progress_bar=false",
+        "tracking.log_every=1",
+    ]
     ganforge = Path(sys.executable).parent / "ganforge"
     cmd = [str(ganforge), "train", str(ROOT / tokens[3]), "--run-dir", str(run)]
     cmd += [x for o in sets for x in ("--set", o)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():  # training steps
@@ -398,14 +432,17 @@ def test_an_evicted_head_stops_the_run_with_a_checkpoint_in_time(digits16, tmp_p
             time.sleep(0.2)
         before = set(list_checkpoints(run))
         t0 = time.monotonic()
-        hooked = subprocess.Popen(hook, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  start_new_session=True)  # its own process group: ended whole if it hangs
+        hooked = subprocess.Popen(
+            hook, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )  # its own process group: ended whole if it hangs
         try:
             hook_out, _ = hooked.communicate(timeout=min(wait, 60))
         except subprocess.TimeoutExpired:
             _kill_tree(hooked.pid)  # `timeout` runs the wait loop in a process group of its own
             hooked.wait()
-            raise AssertionError("the preStop hook was still waiting after 60 s: the STOP file was not served") from None
+            raise AssertionError(
+                "the preStop hook was still waiting after 60 s: the STOP file was not served"
+            ) from None
         took = time.monotonic() - t0
         assert hooked.returncode == 0, hook_out
         assert not (run / STOP_FILE).exists()  # served, not timed out
@@ -428,9 +465,14 @@ def test_an_evicted_head_stops_the_run_with_a_checkpoint_in_time(digits16, tmp_p
 def test_secrets_reach_pods_only_through_secret_refs(directory):
     """No env var whose name says key, token, secret or password has a literal value anywhere in the
     rendered manifests; the W&B key is optional (W&B stays offline without it)."""
+
     def env_vars(node):
         if isinstance(node, dict):
-            if "name" in node and ("value" in node or "valueFrom" in node) and set(node) <= {"name", "value", "valueFrom"}:
+            if (
+                "name" in node
+                and ("value" in node or "valueFrom" in node)
+                and set(node) <= {"name", "value", "valueFrom"}
+            ):
                 yield node
             for v in node.values():
                 yield from env_vars(v)
@@ -490,11 +532,18 @@ def test_rayjob_runs_the_readme_command_and_cleans_up(directory):
 def test_readme_and_docs_submit_the_same_command():
     """docs/kubernetes.md's laptop command is the README's with the pods' storage root for $PWD."""
     readme = shlex.split(readme_command())
-    assert readme[:readme.index("--")] == ["ray", "job", "submit", "--address", "http://127.0.0.1:8265",
-                                           "--working-dir", "."]
+    assert readme[: readme.index("--")] == [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        "http://127.0.0.1:8265",
+        "--working-dir",
+        ".",
+    ]
     docs = shlex.split(fenced_command(ROOT / "docs" / "kubernetes.md", "<!-- k8s-ray-job-submit"))
-    assert docs[:docs.index("--")] == readme[:readme.index("--")]
-    assert docs[docs.index("--") + 1:] == pod_entrypoint()
+    assert docs[: docs.index("--")] == readme[: readme.index("--")]
+    assert docs[docs.index("--") + 1 :] == pod_entrypoint()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -535,7 +584,9 @@ def test_gpu_overlay_requests_gpus_and_a_separate_evaluator():
             c = g["template"]["spec"]["containers"][0]
             assert quantity(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
             assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"], name
-            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in g["template"]["spec"]["tolerations"]
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in g["template"]["spec"][
+                "tolerations"
+            ]
         assert "evaluator" in groups and len(groups) >= 2
         if obj["kind"] == "RayJob":
             cfg = job_config(obj)
@@ -543,8 +594,11 @@ def test_gpu_overlay_requests_gpus_and_a_separate_evaluator():
             advertised = {g: json.loads(json.loads(groups[g]["rayStartParams"]["resources"])) for g in groups}
             assert [g for g, res in advertised.items() if set(cfg.eval.resources) <= set(res)] == ["evaluator"]
             gpus = lambda g: quantity(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-            trainer_gpus = sum(groups[g]["replicas"] * gpus(groups[g]) for g, res in advertised.items()
-                               if set(cfg.ray.resources_per_worker) <= set(res))
+            trainer_gpus = sum(
+                groups[g]["replicas"] * gpus(groups[g])
+                for g, res in advertised.items()
+                if set(cfg.ray.resources_per_worker) <= set(res)
+            )
             assert trainer_gpus == cfg.ray.num_workers * cfg.ray.gpus_per_worker
 
 

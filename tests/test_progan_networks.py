@@ -1,5 +1,6 @@
 """ProGAN networks: the official parameter counts, progressive growing with fade-in, and the math of
 each component on tiny nets."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 
 from architectures import progan as pg
 from architectures.layers import EqualizedConv2d, EqualizedLinear
-from core.spec import ImageSpec
 from architectures.registry import REGISTRY, count_params
+from core.spec import ImageSpec
 
 torch.set_num_threads(1)
 
@@ -39,8 +40,15 @@ def test_registered_and_config_validates():
     cfg = pg.ProGANConfig()
     assert (cfg.z_dim, cfg.fmap_base, cfg.fmap_decay, cfg.fmap_max, cfg.mbstd_group_size) == (512, 8192, 1.0, 512, 4)
     assert cfg.use_pixelnorm and cfg.start_resolution == 4
-    for bad in (dict(not_a_field=1), dict(start_resolution=12), dict(start_resolution=2), dict(fmap_base=0),
-                dict(fmap_decay=-1.0), dict(mbstd_group_size=-1), dict(z_dim=0)):
+    for bad in (
+        dict(not_a_field=1),
+        dict(start_resolution=12),
+        dict(start_resolution=2),
+        dict(fmap_base=0),
+        dict(fmap_decay=-1.0),
+        dict(mbstd_group_size=-1),
+        dict(z_dim=0),
+    ):
         with pytest.raises(pydantic.ValidationError):
             pg.ProGANConfig(**bad)
     with pytest.raises(ValueError):
@@ -63,32 +71,67 @@ def test_feature_maps_per_resolution():
 # training/networks_stylegan.py D_basic; the printout is reproduced in kynk94/torch-firewood
 # firewood/models/gan/StyleGAN.py, lines 805-857, total 23,087,249).
 OFFICIAL_D_1024 = {
-    "FromRGB_lod0": 64, "1024x1024/Conv0": 2_320, "1024x1024/Conv1_down": 4_640,
-    "FromRGB_lod1": 128, "512x512/Conv0": 9_248, "512x512/Conv1_down": 18_496,
-    "FromRGB_lod2": 256, "256x256/Conv0": 36_928, "256x256/Conv1_down": 73_856,
-    "FromRGB_lod3": 512, "128x128/Conv0": 147_584, "128x128/Conv1_down": 295_168,
-    "FromRGB_lod4": 1_024, "64x64/Conv0": 590_080, "64x64/Conv1_down": 1_180_160,
-    "FromRGB_lod5": 2_048, "32x32/Conv0": 2_359_808, "32x32/Conv1_down": 2_359_808,
-    "FromRGB_lod6": 2_048, "16x16/Conv0": 2_359_808, "16x16/Conv1_down": 2_359_808,
-    "FromRGB_lod7": 2_048, "8x8/Conv0": 2_359_808, "8x8/Conv1_down": 2_359_808,
-    "FromRGB_lod8": 2_048, "4x4/Conv": 2_364_416, "4x4/Dense0": 4_194_816, "4x4/Dense1": 513,
+    "FromRGB_lod0": 64,
+    "1024x1024/Conv0": 2_320,
+    "1024x1024/Conv1_down": 4_640,
+    "FromRGB_lod1": 128,
+    "512x512/Conv0": 9_248,
+    "512x512/Conv1_down": 18_496,
+    "FromRGB_lod2": 256,
+    "256x256/Conv0": 36_928,
+    "256x256/Conv1_down": 73_856,
+    "FromRGB_lod3": 512,
+    "128x128/Conv0": 147_584,
+    "128x128/Conv1_down": 295_168,
+    "FromRGB_lod4": 1_024,
+    "64x64/Conv0": 590_080,
+    "64x64/Conv1_down": 1_180_160,
+    "FromRGB_lod5": 2_048,
+    "32x32/Conv0": 2_359_808,
+    "32x32/Conv1_down": 2_359_808,
+    "FromRGB_lod6": 2_048,
+    "16x16/Conv0": 2_359_808,
+    "16x16/Conv1_down": 2_359_808,
+    "FromRGB_lod7": 2_048,
+    "8x8/Conv0": 2_359_808,
+    "8x8/Conv1_down": 2_359_808,
+    "FromRGB_lod8": 2_048,
+    "4x4/Conv": 2_364_416,
+    "4x4/Dense0": 4_194_816,
+    "4x4/Dense1": 513,
 }
 # G: G_paper's variable shapes (tkarras/progressive_growing_of_gans networks.py, lines 179-203: the 4x4
 # dense [512, 512*16] with one bias per feature map, 3x3 convs [3, 3, in, out] + bias, 1x1 ToRGB
 # [1, 1, nf, 3] + bias), counted by hand. The ToRGB counts are also in the StyleGAN v1 G printout of the
 # file above (lines 740-778): its synthesis network has the same ToRGB_lod8..lod0.
 OFFICIAL_G_1024 = {
-    "4x4/Dense": 512 * 8192 + 512, "4x4/Conv": 2_359_808,
-    "8x8/Conv0_up": 2_359_808, "8x8/Conv1": 2_359_808,
-    "16x16/Conv0_up": 2_359_808, "16x16/Conv1": 2_359_808,
-    "32x32/Conv0_up": 2_359_808, "32x32/Conv1": 2_359_808,
-    "64x64/Conv0_up": 9 * 512 * 256 + 256, "64x64/Conv1": 9 * 256 * 256 + 256,
-    "128x128/Conv0_up": 9 * 256 * 128 + 128, "128x128/Conv1": 9 * 128 * 128 + 128,
-    "256x256/Conv0_up": 9 * 128 * 64 + 64, "256x256/Conv1": 9 * 64 * 64 + 64,
-    "512x512/Conv0_up": 9 * 64 * 32 + 32, "512x512/Conv1": 9 * 32 * 32 + 32,
-    "1024x1024/Conv0_up": 9 * 32 * 16 + 16, "1024x1024/Conv1": 9 * 16 * 16 + 16,
-    "ToRGB_lod8": 1_539, "ToRGB_lod7": 1_539, "ToRGB_lod6": 1_539, "ToRGB_lod5": 1_539,
-    "ToRGB_lod4": 771, "ToRGB_lod3": 387, "ToRGB_lod2": 195, "ToRGB_lod1": 99, "ToRGB_lod0": 51,
+    "4x4/Dense": 512 * 8192 + 512,
+    "4x4/Conv": 2_359_808,
+    "8x8/Conv0_up": 2_359_808,
+    "8x8/Conv1": 2_359_808,
+    "16x16/Conv0_up": 2_359_808,
+    "16x16/Conv1": 2_359_808,
+    "32x32/Conv0_up": 2_359_808,
+    "32x32/Conv1": 2_359_808,
+    "64x64/Conv0_up": 9 * 512 * 256 + 256,
+    "64x64/Conv1": 9 * 256 * 256 + 256,
+    "128x128/Conv0_up": 9 * 256 * 128 + 128,
+    "128x128/Conv1": 9 * 128 * 128 + 128,
+    "256x256/Conv0_up": 9 * 128 * 64 + 64,
+    "256x256/Conv1": 9 * 64 * 64 + 64,
+    "512x512/Conv0_up": 9 * 64 * 32 + 32,
+    "512x512/Conv1": 9 * 32 * 32 + 32,
+    "1024x1024/Conv0_up": 9 * 32 * 16 + 16,
+    "1024x1024/Conv1": 9 * 16 * 16 + 16,
+    "ToRGB_lod8": 1_539,
+    "ToRGB_lod7": 1_539,
+    "ToRGB_lod6": 1_539,
+    "ToRGB_lod5": 1_539,
+    "ToRGB_lod4": 771,
+    "ToRGB_lod3": 387,
+    "ToRGB_lod2": 195,
+    "ToRGB_lod1": 99,
+    "ToRGB_lod0": 51,
 }
 
 
@@ -320,8 +363,7 @@ def test_equalized_layers_use_progan_gains():
 def test_discriminator_downsampling_conv_is_conv_then_avgpool():
     """Official fused ``conv2d_downscale2d``: 3x3 conv, 2x2 average pooling, then bias and lrelu."""
     torch.manual_seed(0)
-    layer = EqualizedConv2d(4, 6, 3, activation="lrelu", down=2, resample_filter=(1, 1),
-                            he_gain=math.sqrt(2)).double()
+    layer = EqualizedConv2d(4, 6, 3, activation="lrelu", down=2, resample_filter=(1, 1), he_gain=math.sqrt(2)).double()
     with torch.no_grad():
         layer.bias.normal_()
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)

@@ -1,6 +1,7 @@
 """ProGAN's training recipe in the loop: the growth schedule as checkpointed state, WGAN-GP with the drift
 term, the AC-GAN label term, per-level batch sizes and learning rates, Adam reset at each fade-in,
 exact resume in the middle of a fade-in, the presets, and the dev preset growing on CPU."""
+
 from __future__ import annotations
 
 import json
@@ -12,18 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_nets, local_context, run_d_phase, run_g_phase, tiny_config
 from PIL import Image
 
 import architectures
 from architectures import progan as pg
 from architectures.registry import count_params
 from core.spec import ImageSpec
-from conftest import assert_same_nets, local_context, run_d_phase, run_g_phase, tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.growth import Growth, GrowthConfig
 from orchestrator.losses import LossConfig, class_loss, gradient_penalty
-from orchestrator.optim import AdamConfig, make_adam
+from orchestrator.optim import AdamConfig
 from orchestrator.train.run import train
 
 ROOT = Path(__file__).parents[1]
@@ -48,19 +49,19 @@ TINY_MODEL = {"arch": "progan", "z_dim": 8, "fmap_base": 64, "fmap_max": 16, "mb
 OFFICIAL_CELEBAHQ_SCHEDULE = [
     (0, 8.0, 4, 512, 0.001),
     (450, 8.0, 4, 512, 0.001),
-    (750, 7.75, 8, 256, 0.001),      # phase 0, 150 kimg into the 8x8 fade-in
-    (1200, 7.0, 8, 256, 0.001),      # phase 1 starts: 8x8 fully in
+    (750, 7.75, 8, 256, 0.001),  # phase 0, 150 kimg into the 8x8 fade-in
+    (1200, 7.0, 8, 256, 0.001),  # phase 1 starts: 8x8 fully in
     (1500, 7.0, 8, 256, 0.001),
     (2100, 6.5, 16, 128, 0.001),
-    (3450, 5.25, 32, 64, 0.001),     # phase 2, 1050 kimg in: 32x32 three quarters in
+    (3450, 5.25, 32, 64, 0.001),  # phase 2, 1050 kimg in: 32x32 three quarters in
     (4650, 4.25, 64, 32, 0.001),
     (5100, 4.0, 64, 32, 0.001),
-    (5700, 3.5, 128, 32, 0.0015),    # minibatch_base from 128 on; the first lrate override
+    (5700, 3.5, 128, 32, 0.0015),  # minibatch_base from 128 on; the first lrate override
     (6900, 2.5, 256, 32, 0.002),
     (8250, 1.25, 512, 32, 0.003),
     (9150, 0.75, 1024, 32, 0.003),
-    (11000, 0.0, 1024, 32, 0.003),   # lod clamped at 0
-    (12000, 0.0, 1024, 32, 0.003),   # total_kimg
+    (11000, 0.0, 1024, 32, 0.003),  # lod clamped at 0
+    (12000, 0.0, 1024, 32, 0.003),  # total_kimg
 ]
 
 
@@ -198,13 +199,15 @@ def test_acgan_term_trains_the_class_outputs_only_when_on(ac_weight):
 def growing_config(shards: Path, **train_section) -> dict:
     """A tiny conditional ProGAN on 16×16 digits: 4×4 for 4 steps of 16, 8×8 faded in over 8 steps of 8
     and stable for 8, then 16×16 (batch 16) faded in over 4 steps and stable to the end (28 steps)."""
-    raw = tiny_config(shards, train={"batch_size": 16, "total_kimg": 0.32, **train_section},
-                      growth={"training_kimg": 0.064, "transition_kimg": 0.064, "batch_size": {8: 8},
-                              "lr": {16: 0.002}},
-                      loss={"kind": "wgan", "gp_weight": 10, "drift": 0.001, "ac_weight": 1.0},
-                      optim={"g": {"lr": 0.001, "betas": [0.0, 0.99]}, "d": {"lr": 0.001, "betas": [0.0, 0.99]}},
-                      checkpoint={"every_kimg": 0.1, "keep_last": 10},
-                      tracking={"sample_every_kimg": 1.0})
+    raw = tiny_config(
+        shards,
+        train={"batch_size": 16, "total_kimg": 0.32, **train_section},
+        growth={"training_kimg": 0.064, "transition_kimg": 0.064, "batch_size": {8: 8}, "lr": {16: 0.002}},
+        loss={"kind": "wgan", "gp_weight": 10, "drift": 0.001, "ac_weight": 1.0},
+        optim={"g": {"lr": 0.001, "betas": [0.0, 0.99]}, "d": {"lr": 0.001, "betas": [0.0, 0.99]}},
+        checkpoint={"every_kimg": 0.1, "keep_last": 10},
+        tracking={"sample_every_kimg": 1.0},
+    )
     raw["model"] = dict(TINY_MODEL)
     return raw
 
@@ -246,9 +249,9 @@ def test_resume_in_the_middle_of_fade_ins_reaches_the_same_weights(digits16, tmp
 
 
 def test_generate_from_a_mid_growth_checkpoint_renders_its_level(digits16, tmp_path):
+    from orchestrator.checkpoint import load_generator
     from orchestrator.eval.evaluator import EvalConfig, EvalError, evaluate_checkpoint
     from orchestrator.eval.extractors import train_feature_extractor
-    from orchestrator.checkpoint import load_generator
 
     result = train(validate_config(growing_config(digits16, stop_at_step=10), "a"), tmp_path / "r")
     loaded = load_generator(result.checkpoint)
@@ -257,16 +260,25 @@ def test_generate_from_a_mid_growth_checkpoint_renders_its_level(digits16, tmp_p
     assert G(torch.randn(2, G.z_dim), torch.tensor([1, 2])).shape == (2, 1, 8, 8)
     with pytest.raises(EvalError, match="grown to 8×8 of 16×16"):
         train_feature_extractor(str(digits16 / "train-*.tar"), tmp_path / "cnn.pt", epochs=1)
-        evaluate_checkpoint(result.checkpoint, EvalConfig(feature_extractor="dataset-cnn", weights_path=str(tmp_path / "cnn.pt"),
-                                                          cache_dir=str(tmp_path / "cache")))
+        evaluate_checkpoint(
+            result.checkpoint,
+            EvalConfig(
+                feature_extractor="dataset-cnn",
+                weights_path=str(tmp_path / "cnn.pt"),
+                cache_dir=str(tmp_path / "cache"),
+            ),
+        )
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": {"arch": "dcgan", "z_dim": 8, "g_channels": 4, "d_channels": 4}}, "growth: progressive growing"),
-    ({"distributed": {"strategy": "deepspeed"}}, "distributed.strategy: deepspeed"),
-    ({"distributed": {"strategy": "ddp"}}, "distributed.find_unused_parameters"),
-    ({"loss": {"kind": "wgan", "ac_weight": 0.0}}, "loss.ac_weight: 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": {"arch": "dcgan", "z_dim": 8, "g_channels": 4, "d_channels": 4}}, "growth: progressive growing"),
+        ({"distributed": {"strategy": "deepspeed"}}, "distributed.strategy: deepspeed"),
+        ({"distributed": {"strategy": "ddp"}}, "distributed.find_unused_parameters"),
+        ({"loss": {"kind": "wgan", "ac_weight": 0.0}}, "loss.ac_weight: 0"),
+    ],
+)
 def test_recipe_rules_fail_before_training(digits16, tmp_path, change, message):
     raw = growing_config(digits16)
     raw.update(change)
@@ -306,10 +318,25 @@ def test_celebahq_preset_is_the_official_network_and_schedule():
 def test_dev_preset_grows_through_every_resolution_from_the_cli(digits16, tmp_path):
     """``ganforge train configs/progan/dev.yaml`` on a shortened schedule: 4 → 8 → 16 with a grid each."""
     run = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "ganforge"), "train", str(CONFIGS / "dev.yaml"), "--run-dir", str(run),
-           "--set", f"data.shards={digits16}/train-*.tar", "--set", "growth.training_kimg=0.128",
-           "--set", "growth.transition_kimg=0.128", "--set", "train.total_kimg=0.768",
-           "--set", "tracking.progress_bar=false", "--set", "tracking.wandb.mode=disabled"]
+    cmd = [
+        str(Path(sys.executable).parent / "ganforge"),
+        "train",
+        str(CONFIGS / "dev.yaml"),
+        "--run-dir",
+        str(run),
+        "--set",
+        f"data.shards={digits16}/train-*.tar",
+        "--set",
+        "growth.training_kimg=0.128",
+        "--set",
+        "growth.transition_kimg=0.128",
+        "--set",
+        "train.total_kimg=0.768",
+        "--set",
+        "tracking.progress_bar=false",
+        "--set",
+        "tracking.wandb.mode=disabled",
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "growing to 8×8" in p.stdout and "growing to 16×16" in p.stdout

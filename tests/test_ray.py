@@ -1,5 +1,6 @@
 """Training on a real local Ray cluster (loopback only): the README's `ray job submit` command, a worker
 killed with SIGKILL, and DeepSpeed ZeRO-2 StyleGAN2 with R1 through `ganforge submit`, resumed."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,16 @@ def cluster():
     """A Ray head on 127.0.0.1 with its own HOME and temp dir; stopped afterwards, whatever happened."""
     home = Path(tempfile.mkdtemp(prefix="gf-ray-home-"))
     temp = Path(tempfile.mkdtemp(prefix="gf-ray-"))  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_JOB_STOP_WAIT_TIME_S": "120"}  # `ray job stop` leaves the preemption checkpoint time (k8s: 240)
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "WANDB_MODE": "disabled",
+        "DS_ACCELERATOR": "cpu",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_JOB_STOP_WAIT_TIME_S": "120",
+    }  # `ray job stop` leaves the preemption checkpoint time (k8s: 240)
     for port in (6379, 8265):  # the README's command talks to the default job API port
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
@@ -41,15 +49,25 @@ def cluster():
 
     wandb.setup()  # as in CI after in-process W&B tests: the shell that starts Ray carries a WANDB_SERVICE token
     env["WANDB_SERVICE"] = os.environ["WANDB_SERVICE"]
-    start = ["ray", "start", "--head", "--num-cpus=2", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", f"--temp-dir={temp}"]
+    start = [
+        "ray",
+        "start",
+        "--head",
+        "--num-cpus=2",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp}",
+    ]
     try:
         p = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
         assert p.returncode == 0, f"ray start failed:\n{p.stdout}\n{p.stderr}"
         yield env
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
-        left = subprocess.run(["pgrep", "-f", f"raylet.*{temp}|gcs_server.*{temp}"], capture_output=True, text=True).stdout
+        left = subprocess.run(
+            ["pgrep", "-f", f"raylet.*{temp}|gcs_server.*{temp}"], capture_output=True, text=True
+        ).stdout
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
         assert not left.strip(), f"Ray processes left running: {left}"
@@ -69,8 +87,16 @@ def digits32() -> Path:
 
 
 def run(cmd: list[str] | str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          shell=isinstance(cmd, str), executable="/bin/bash" if isinstance(cmd, str) else None)
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        shell=isinstance(cmd, str),
+        executable="/bin/bash" if isinstance(cmd, str) else None,
+    )
 
 
 def readme_command() -> str:
@@ -87,11 +113,15 @@ def steps(run_dir: Path) -> list[int]:
 
 def test_readme_ray_job_submit_succeeds_and_leaves_a_checkpoint(cluster, digits32):
     command = readme_command()
-    assert command.startswith("ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m launch.ray_job ")
+    assert command.startswith(
+        "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m launch.ray_job "
+    )
     run_dir = ROOT / "runs" / "ray-dcgan-digits"
     shutil.rmtree(run_dir, ignore_errors=True)
-    p = run(command + " " + shlex.join(FAST + ["--set", "train.stop_at_step=10", "--set", "checkpoint.every_kimg=0.32"]),
-            cluster)
+    p = run(
+        command + " " + shlex.join(FAST + ["--set", "train.stop_at_step=10", "--set", "checkpoint.every_kimg=0.32"]),
+        cluster,
+    )
     assert p.returncode == 0 and "succeeded" in p.stdout + p.stderr, p.stdout[-4000:] + p.stderr[-4000:]
     ckpts = sorted((run_dir / "checkpoints").glob("ckpt-*"))
     assert [c.name for c in ckpts][-1] == "ckpt-000000010" and (ckpts[-1] / "COMPLETE.json").exists()
@@ -102,10 +132,26 @@ def test_readme_ray_job_submit_succeeds_and_leaves_a_checkpoint(cluster, digits3
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(cluster, digits32, tmp_path):
     interval_steps = 20  # checkpoint.every_kimg=1.28 at 64 images per step
-    cmd = [str(BIN / "ganforge"), "submit", "configs/dev/dcgan-digits.yaml", "--address", "http://127.0.0.1:8265",
-           "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={digits32}/train-*.tar",
-           "--set", "train.stop_at_step=100", "--set", "checkpoint.every_kimg=1.28", "--set", "ray.max_failures=1",
-           "--set", "eval.enabled=false", *FAST]
+    cmd = [
+        str(BIN / "ganforge"),
+        "submit",
+        "configs/dev/dcgan-digits.yaml",
+        "--address",
+        "http://127.0.0.1:8265",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.shards={digits32}/train-*.tar",
+        "--set",
+        "train.stop_at_step=100",
+        "--set",
+        "checkpoint.every_kimg=1.28",
+        "--set",
+        "ray.max_failures=1",
+        "--set",
+        "eval.enabled=false",
+        *FAST,
+    ]
     job = subprocess.Popen(cmd, cwd=ROOT, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
@@ -135,11 +181,27 @@ def test_ray_job_stop_makes_the_workers_checkpoint_and_the_driver_exit_0(cluster
     """`ray job stop` sends SIGTERM to the driver, which writes RUN_DIR/STOP; both workers finish their
     step and stop together, rank 0 checkpoints there and removes the file, and the driver exits 0."""
     run_dir = tmp_path / "run"
-    entry = ["python", "-m", "launch.ray_job", "configs/dev/dcgan-digits.yaml", "--run-dir", str(run_dir),
-             "--set", f"data.shards={digits32}/train-*.tar", "--set", "eval.enabled=false",
-             "--set", "checkpoint.every_kimg=1.28", "--set", "ray.max_failures=0", *FAST]
-    p = run(["ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--no-wait", "--",
-             *entry], cluster)
+    entry = [
+        "python",
+        "-m",
+        "launch.ray_job",
+        "configs/dev/dcgan-digits.yaml",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"data.shards={digits32}/train-*.tar",
+        "--set",
+        "eval.enabled=false",
+        "--set",
+        "checkpoint.every_kimg=1.28",
+        "--set",
+        "ray.max_failures=0",
+        *FAST,
+    ]
+    p = run(
+        ["ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--no-wait", "--", *entry],
+        cluster,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     job_id = re.search(r"(raysubmit_\w+)", p.stdout + p.stderr).group(1)
     deadline = time.time() + 300
@@ -163,10 +225,28 @@ def test_deepspeed_zero2_stylegan2_with_r1_checkpoints_and_resumes(cluster, digi
 
     shards = tmp_path / "digits16"
     _write("builtin:digits", shards, resolution=16, shard_size=128)
-    base = [str(BIN / "ganforge"), "submit", "configs/stylegan2/dev.yaml", "--address", "http://127.0.0.1:8265",
-            "--run-dir", str(tmp_path / "run"), "--set", f"data.shards={shards}/train-*.tar",
-            "--set", "distributed.strategy=deepspeed", "--set", "distributed.deepspeed_config=configs/deepspeed/zero2.yaml",
-            "--set", "loss.r1_interval=2", "--set", "checkpoint.every_kimg=0.064", "--set", "ray.max_failures=0", *FAST]
+    base = [
+        str(BIN / "ganforge"),
+        "submit",
+        "configs/stylegan2/dev.yaml",
+        "--address",
+        "http://127.0.0.1:8265",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.shards={shards}/train-*.tar",
+        "--set",
+        "distributed.strategy=deepspeed",
+        "--set",
+        "distributed.deepspeed_config=configs/deepspeed/zero2.yaml",
+        "--set",
+        "loss.r1_interval=2",
+        "--set",
+        "checkpoint.every_kimg=0.064",
+        "--set",
+        "ray.max_failures=0",
+        *FAST,
+    ]
     first = run(base + ["--set", "train.stop_at_step=4"], cluster)
     assert first.returncode == 0 and "SUCCEEDED" in first.stdout, first.stdout[-5000:]
     ckpt = tmp_path / "run" / "checkpoints" / "ckpt-000000004"
@@ -180,11 +260,32 @@ def test_deepspeed_zero2_stylegan2_with_r1_checkpoints_and_resumes(cluster, digi
 
 def test_the_evaluator_actor_works_beside_training_and_survives_being_killed(cluster, digits32, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "ganforge"), "submit", "configs/dev/dcgan-digits.yaml", "--address", "http://127.0.0.1:8265",
-           "--run-dir", str(run_dir), "--set", f"data.shards={digits32}/train-*.tar", "--set", "train.stop_at_step=90",
-           "--set", "checkpoint.every_kimg=0.64", "--set", "eval.every_kimg=0.64", "--set", "eval.num_samples=4000",
-           "--set", f"eval.cache_dir={tmp_path / 'cache'}", "--set", f"eval.weights_path={digits32}/dataset-cnn.pt",
-           "--set", "ray.max_failures=0", *FAST]
+    cmd = [
+        str(BIN / "ganforge"),
+        "submit",
+        "configs/dev/dcgan-digits.yaml",
+        "--address",
+        "http://127.0.0.1:8265",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        f"data.shards={digits32}/train-*.tar",
+        "--set",
+        "train.stop_at_step=90",
+        "--set",
+        "checkpoint.every_kimg=0.64",
+        "--set",
+        "eval.every_kimg=0.64",
+        "--set",
+        "eval.num_samples=4000",
+        "--set",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+        "--set",
+        f"eval.weights_path={digits32}/dataset-cnn.pt",
+        "--set",
+        "ray.max_failures=0",
+        *FAST,
+    ]
     job = subprocess.Popen(cmd, cwd=ROOT, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     evals = run_dir / "eval.jsonl"
     try:
@@ -207,7 +308,8 @@ def test_the_evaluator_actor_works_beside_training_and_survives_being_killed(clu
     assert rows[0]["step"] == 0 and rows[-1]["step"] == 90  # FID at the start and at the end
     assert any(r["finished"] > killed_at for r in rows), "the restarted evaluator never evaluated again"
     assert rows[-1]["eval/fid"] < rows[0]["eval/fid"]
-    step_times = [json.loads(x)["time"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-                  if "loss/D" in json.loads(x)]
+    step_times = [
+        json.loads(x)["time"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss/D" in json.loads(x)
+    ]
     windows = [(r["started"], r["finished"]) for r in rows if r["step"] > 0]
     assert any(a < t < b for a, b in windows for t in step_times), "no training step ran during an evaluation"

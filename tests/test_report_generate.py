@@ -1,5 +1,6 @@
 """``ganforge generate`` (seed lists, interpolation, images labelled as synthetic) and ``ganforge report``
 (plots and a self-contained HTML page, opened in headless Chromium), on a tiny run trained through the CLI."""
+
 from __future__ import annotations
 
 import base64
@@ -17,13 +18,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
 from launch.cli import main
 from orchestrator.tools.generate import format_seeds, generate, interpolate, parse_seeds, slerp
-from orchestrator.tools.report import (GROUPS, ReportError, data_uri, group_figure, group_keys, load_metrics,
-                                       pick_evenly, write_report)
+from orchestrator.tools.report import (
+    GROUPS,
+    ReportError,
+    data_uri,
+    group_figure,
+    group_keys,
+    load_metrics,
+    pick_evenly,
+    write_report,
+)
 
 GANFORGE = [str(Path(sys.executable).parent / "ganforge")]
 
@@ -46,9 +55,16 @@ def run(tmp_path_factory, digits16) -> Path:
     One thread: on a shared 2-core machine two threads per process oversubscribe and run slower."""
     tmp = tmp_path_factory.mktemp("run")
     cfg = tmp / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(digits16, train={"batch_size": 256, "total_kimg": 2.0, "threads": 1},
-                                              tracking={"log_every": 1, "sample_every_kimg": 1.0},
-                                              checkpoint={"every_kimg": 1.0})))
+    cfg.write_text(
+        yaml.safe_dump(
+            tiny_config(
+                digits16,
+                train={"batch_size": 256, "total_kimg": 2.0, "threads": 1},
+                tracking={"log_every": 1, "sample_every_kimg": 1.0},
+                checkpoint={"every_kimg": 1.0},
+            )
+        )
+    )
     cli("train", str(cfg), "--run-dir", str(tmp / "run"))
     return tmp / "run"
 
@@ -73,7 +89,12 @@ def test_seed_lists_parse_and_print_back():
     assert parse_seeds("0-3,7,10-12") == [0, 1, 2, 3, 7, 10, 11, 12]
     assert parse_seeds("5") == [5] and parse_seeds("0-63") == list(range(64)) and parse_seeds("3,1,3") == [3, 1]
     assert format_seeds([0, 1, 2, 3, 7, 10, 11, 12]) == "0-3,7,10-12"
-    for bad, message in [("5-3", "from low to high"), ("a", "not a seed"), ("-1", "not a seed"), ("1,,2", "not a seed")]:
+    for bad, message in [
+        ("5-3", "from low to high"),
+        ("a", "not a seed"),
+        ("-1", "not a seed"),
+        ("1,,2", "not a seed"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_seeds(bad)
 
@@ -88,8 +109,14 @@ def test_slerp_keeps_the_ends_and_the_sphere():
 
 
 def test_generate_writes_exactly_the_seeds_labelled_as_synthetic(seeds_out, ckpt):
-    assert sorted(p.name for p in seeds_out.iterdir()) == \
-        ["grid.png", "seed0000.png", "seed0001.png", "seed0002.png", "seed0003.png", "seed0007.png"]
+    assert sorted(p.name for p in seeds_out.iterdir()) == [
+        "grid.png",
+        "seed0000.png",
+        "seed0001.png",
+        "seed0002.png",
+        "seed0003.png",
+        "seed0007.png",
+    ]
     step = str(int(ckpt.name.split("-")[1]))
     for p in seeds_out.iterdir():
         text = Image.open(p).text
@@ -118,8 +145,9 @@ def test_the_same_seed_gives_the_same_pixels(seeds_out, ckpt, tmp_path):
 def test_interpolation_writes_frames_strip_and_gif_whose_ends_are_the_seeds(seeds_out, ckpt, tmp_path):
     cli("generate", str(ckpt), "--interpolate", "3,7", "--steps", "5", "--class", "3", "--out", str(tmp_path))
     frames = [tmp_path / f"interp-0003-0007-{i:02d}.png" for i in range(5)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in frames] + ["interp-0003-0007.gif",
-                                                                                          "interp-0003-0007.png"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [p.name for p in frames] + ["interp-0003-0007.gif", "interp-0003-0007.png"]
+    )
     assert np.array_equal(pixels(frames[0]), pixels(seeds_out / "seed0003.png"))
     assert np.array_equal(pixels(frames[-1]), pixels(seeds_out / "seed0007.png"))
     gif = Image.open(tmp_path / "interp-0003-0007.gif")
@@ -133,24 +161,30 @@ def test_interpolation_writes_frames_strip_and_gif_whose_ends_are_the_seeds(seed
     assert strip.size == (5 * 17 + 1, 18) and strip.text["ganforge:synthetic"] == "true"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--seeds", "5-3"], "from low to high"),
-    (["--seeds", "0-3", "--num", "4"], "either --seeds or --seed/--num"),
-    (["--interpolate", "3"], "expected two seeds"),
-    (["--interpolate", "3,7", "--seeds", "1"], "leave out --seeds"),
-    (["--steps", "4"], "go with --interpolate"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seeds", "5-3"], "from low to high"),
+        (["--seeds", "0-3", "--num", "4"], "either --seeds or --seed/--num"),
+        (["--interpolate", "3"], "expected two seeds"),
+        (["--interpolate", "3,7", "--seeds", "1"], "leave out --seeds"),
+        (["--steps", "4"], "go with --interpolate"),
+    ],
+)
 def test_generate_usage_errors(ckpt, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main(["generate", str(ckpt), "--out", str(tmp_path), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--interpolate", "3,7"], "pass --class to choose the class both ends share"),
-    (["--interpolate", "3,7", "--class", "1", "--space", "w"], "has no mapping network; use --space z"),
-    (["--interpolate", "3,7", "--class", "1", "--steps", "1"], "at least 2 frames"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--interpolate", "3,7"], "pass --class to choose the class both ends share"),
+        (["--interpolate", "3,7", "--class", "1", "--space", "w"], "has no mapping network; use --space z"),
+        (["--interpolate", "3,7", "--class", "1", "--steps", "1"], "at least 2 frames"),
+    ],
+)
 def test_interpolation_errors_say_what_to_do(ckpt, tmp_path, capsys, args, message):
     assert main(["generate", str(ckpt), "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
@@ -160,12 +194,20 @@ def test_stylegan2_interpolates_in_w_with_truncation(digits16, tmp_path):
     from orchestrator.config import load_config
     from orchestrator.train.run import train
 
-    overrides = [f"data.shards={digits16 / 'train-*.tar'}", "tracking.progress_bar=false", "tracking.wandb.mode=disabled",
-                 "train.total_kimg=0.032", "train.threads=1", "model.channel_max=8", "tracking.grid_size=2"]
+    overrides = [
+        f"data.shards={digits16 / 'train-*.tar'}",
+        "tracking.progress_bar=false",
+        "tracking.wandb.mode=disabled",
+        "train.total_kimg=0.032",
+        "train.threads=1",
+        "model.channel_max=8",
+        "tracking.grid_size=2",
+    ]
     threads = torch.get_num_threads()
     try:
-        result = train(load_config(Path(__file__).parents[1] / "configs" / "stylegan2" / "dev.yaml", overrides),
-                       tmp_path / "sg2")
+        result = train(
+            load_config(Path(__file__).parents[1] / "configs" / "stylegan2" / "dev.yaml", overrides), tmp_path / "sg2"
+        )
     finally:
         torch.set_num_threads(threads)  # train.threads is process-wide: leave the next tests as they were
     plain = generate(result.checkpoint, tmp_path / "plain", seeds=[3, 7], truncation=0.7, class_index=2)
@@ -173,7 +215,11 @@ def test_stylegan2_interpolates_in_w_with_truncation(digits16, tmp_path):
     assert np.array_equal(pixels(plain[1]), pixels(again[0]))  # StyleGAN2's noise is fixed: a seed is one image
     paths = interpolate(result.checkpoint, tmp_path / "interp", 3, 7, steps=3, truncation=0.7, class_index=2)
     text = Image.open(paths[1]).text
-    assert text["ganforge:space"] == "w" and text["ganforge:truncation_psi"] == "0.7" and text["ganforge:arch"] == "stylegan2"
+    assert (
+        text["ganforge:space"] == "w"
+        and text["ganforge:truncation_psi"] == "0.7"
+        and text["ganforge:arch"] == "stylegan2"
+    )
     assert np.array_equal(pixels(paths[0]), pixels(plain[0])) and np.array_equal(pixels(paths[2]), pixels(plain[1]))
     z_paths = interpolate(result.checkpoint, tmp_path / "z", 3, 7, steps=3, truncation=0.7, class_index=2, space="z")
     assert Image.open(z_paths[1]).text["ganforge:space"] == "z"
@@ -206,26 +252,33 @@ def test_report_embeds_every_plot_and_grid(report, run):
     for p in [report / n for n in plots] + [run / "samples" / "real.png"] + grids:
         assert data_uri(p.read_bytes()) in sources, p.name
     # the real-image grid (written by training) opens the row of sample grids, in its own frame
-    samples = page[page.index('<div class="grids">'):]
+    samples = page[page.index('<div class="grids">') :]
     real = _img_sources(samples)
     assert real[0] == data_uri((run / "samples" / "real.png").read_bytes()) and len(real) == 1 + len(grids)
     assert samples.startswith('<div class="grids"><figure class="real"><img ')
-    assert '<figcaption>real images</figcaption>' in samples and "No <code>samples/real.png</code>" not in page
+    assert "<figcaption>real images</figcaption>" in samples and "No <code>samples/real.png</code>" not in page
     assert "1.02 kimg</figcaption>" in page and "2.05 kimg</figcaption>" in page
     assert "batch_size: 256" in page and "8 steps, up to step 8" in page
     assert not re.search(r'(src|href)="(https?:|file:|//)', page) and "<link" not in page  # nothing outside the file
 
 
 def test_report_survives_nan_strings_resumes_and_bad_lines(tmp_path):
-    rows = [{"step": 1, "kimg": 0.1, "time": 1e9, "loss/D": 1.0, "loss/G": 2.0, "D/accuracy": 0.5},
-            {"step": 2, "kimg": 0.2, "time": 1e9 + 1, "loss/D": "inf", "loss/G": "nan", "reg/r1": 0.1},
-            {"step": 3, "kimg": 0.3, "time": 1e9 + 2, "loss/D": "nan", "loss/G": 3.0, "perf/img_per_s": 100},
-            # resumed from the checkpoint at step 1: steps 2 and 3 logged again, then the evaluator at step 3
-            {"step": 2, "kimg": 0.2, "time": 1e9 + 9, "loss/D": 0.9, "loss/G": 1.9},
-            {"step": 3, "kimg": 0.3, "time": 1e9 + 10, "loss/D": "NaN", "loss/G": 2.5},
-            {"step": 3, "kimg": 0.3, "time": 1e9 + 11, "eval/fid": 123.4, "eval/kid": "-inf"}]
-    lines = [json.dumps(r) for r in rows] + ['{"step": 4, "kimg": 0.4, "loss/D"', "", '{"kimg": 1}', '["x"]',
-                                              json.dumps({"step": "nan", "loss/D": 1})]
+    rows = [
+        {"step": 1, "kimg": 0.1, "time": 1e9, "loss/D": 1.0, "loss/G": 2.0, "D/accuracy": 0.5},
+        {"step": 2, "kimg": 0.2, "time": 1e9 + 1, "loss/D": "inf", "loss/G": "nan", "reg/r1": 0.1},
+        {"step": 3, "kimg": 0.3, "time": 1e9 + 2, "loss/D": "nan", "loss/G": 3.0, "perf/img_per_s": 100},
+        # resumed from the checkpoint at step 1: steps 2 and 3 logged again, then the evaluator at step 3
+        {"step": 2, "kimg": 0.2, "time": 1e9 + 9, "loss/D": 0.9, "loss/G": 1.9},
+        {"step": 3, "kimg": 0.3, "time": 1e9 + 10, "loss/D": "NaN", "loss/G": 2.5},
+        {"step": 3, "kimg": 0.3, "time": 1e9 + 11, "eval/fid": 123.4, "eval/kid": "-inf"},
+    ]
+    lines = [json.dumps(r) for r in rows] + [
+        '{"step": 4, "kimg": 0.4, "loss/D"',
+        "",
+        '{"kimg": 1}',
+        '["x"]',
+        json.dumps({"step": "nan", "loss/D": 1}),
+    ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     m = load_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in m.rows] == [1, 2, 3] and m.skipped_lines == 4
@@ -235,8 +288,13 @@ def test_report_survives_nan_strings_resumes_and_bad_lines(tmp_path):
     assert m.non_finite() == {"loss/D": (1, 3), "eval/kid": (1, 3)}
 
     r = write_report(tmp_path)
-    assert sorted(p.name for p in r.plots) == ["discriminator.png", "eval.png", "losses.png", "regularizers.png",
-                                               "throughput.png"]
+    assert sorted(p.name for p in r.plots) == [
+        "discriminator.png",
+        "eval.png",
+        "losses.png",
+        "regularizers.png",
+        "throughput.png",
+    ]
     page = r.index.read_text()
     assert "<code>loss/D</code> is NaN/Inf in 1 logged step(s), first at step 3" in page
     assert "4 line(s)" in page and "resume" in page and "No sample grids" in page
@@ -268,8 +326,18 @@ def test_report_of_one_row_and_of_grids_only(tmp_path):
 
 
 def test_fid_and_kid_are_drawn_on_a_log_axis(tmp_path):
-    rows = [{"step": s, "kimg": s / 10, "loss/D": 1.0 / s, "eval/fid": 300.0 / s**2, "eval/kid": 0.3 / s**3,
-             "eval/isc": 1.0 + s, "eval/precision": 0.1 * s} for s in range(1, 6)]
+    rows = [
+        {
+            "step": s,
+            "kimg": s / 10,
+            "loss/D": 1.0 / s,
+            "eval/fid": 300.0 / s**2,
+            "eval/kid": 0.3 / s**3,
+            "eval/isc": 1.0 + s,
+            "eval/precision": 0.1 * s,
+        }
+        for s in range(1, 6)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = load_metrics(tmp_path / "metrics.jsonl")
 
@@ -277,8 +345,13 @@ def test_fid_and_kid_are_drawn_on_a_log_axis(tmp_path):
         figures = [group_figure(metrics, g, keys) for g, keys in group_keys(metrics.keys).items()]
         return {ax.get_title(): ax.get_yscale() for fig in figures for ax in fig.axes if ax.get_visible()}
 
-    assert scales(m) == {"eval/fid": "log", "eval/kid": "log", "eval/isc": "linear", "eval/precision": "linear",
-                         "loss/D": "linear"}
+    assert scales(m) == {
+        "eval/fid": "log",
+        "eval/kid": "log",
+        "eval/isc": "linear",
+        "eval/precision": "linear",
+        "loss/D": "linear",
+    }
     # KID's unbiased estimate goes to 0 or below near the end: symlog keeps those points in view
     m.rows[-1]["eval/kid"], m.rows[-2]["eval/kid"] = -2e-5, 0.0
     fig = group_figure(m, next(g for g in GROUPS if g.stem == "eval"), ["eval/kid"])
@@ -317,15 +390,30 @@ def chromium() -> str:
                 pytest.fail(f"installing Chromium for the report test failed: {' '.join(cmd)}:\n{p.stderr[-3000:]}")
         found = shutil.which("chromium")
     if not found:
-        pytest.fail("the report test opens the page in headless Chromium, which is not installed: "
-                    "install it with `apt-get install -y chromium` (Debian/Ubuntu; as root) or set CHROMIUM=/path/to/it")
+        pytest.fail(
+            "the report test opens the page in headless Chromium, which is not installed: "
+            "install it with `apt-get install -y chromium` (Debian/Ubuntu; as root) or set CHROMIUM=/path/to/it"
+        )
     return found
 
 
 def browse(chromium: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-           f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args, page.resolve().as_uri()]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        *args,
+        page.resolve().as_uri(),
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, f"chromium failed ({p.returncode}):\n{p.stderr[-3000:]}"
     return p

@@ -1,6 +1,7 @@
 """The Run and the recipe machinery, tested piece by piece: a Run built and stepped by hand, a recipe that
 is not in the package (two generators, two discriminators) trained and resumed through the same loop,
 statistics of repeated phases, and checkpoints that stand alone."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import preset_config, tiny_config
 
-from conftest import assert_same_nets, preset_config, tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import validate_config
 from orchestrator.losses import d_loss, g_loss
@@ -25,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def dcgan_dev(shards: Path, **extra):
     """The DCGAN dev preset (configs/dev/dcgan-digits.yaml) on the 16-px test digits, without evaluation."""
-    return preset_config(ROOT / "configs/dev/dcgan-digits.yaml", shards, **{"eval.enabled": "false",
-                                                                            "train.batch_size": 16, **extra})
+    return preset_config(
+        ROOT / "configs/dev/dcgan-digits.yaml", shards, **{"eval.enabled": "false", "train.batch_size": 16, **extra}
+    )
 
 
 def test_a_run_is_built_and_stepped_by_hand(digits16, tmp_path):
@@ -110,21 +112,34 @@ def build_twins(setup: RecipeSetup) -> Recipe:
             real = m.data["img"] if k == "A" else m.data["img"].flip(-1)
             with torch.no_grad():
                 fake = ctx.raw[f"G_{k}"](m.data["z"], m.data["c"])
-            value = d_loss("nonsaturating", ctx.nets[f"D_{k}"](real, m.data["label"]),
-                           ctx.nets[f"D_{k}"](fake, m.data["c"]))
+            value = d_loss(
+                "nonsaturating", ctx.nets[f"D_{k}"](real, m.data["label"]), ctx.nets[f"D_{k}"](fake, m.data["c"])
+            )
             return value, {f"loss/D_{k}": value}
+
         return loss
 
     def g_loss_both(ctx, m):
-        total = sum(g_loss("nonsaturating", ctx.raw[f"D_{k}"](ctx.nets[f"G_{k}"](m.data["z"], m.data["c"]), m.data["c"]))
-                    for k in ("A", "B"))
+        total = sum(
+            g_loss("nonsaturating", ctx.raw[f"D_{k}"](ctx.nets[f"G_{k}"](m.data["z"], m.data["c"]), m.data["c"]))
+            for k in ("A", "B")
+        )
         return total, {"loss/G": total}
 
-    phases = [Phase("D_A", ("D_A",), d_step("A"), latents, reals="new"),
-              Phase("D_B", ("D_B",), d_step("B"), latents, reals="same"),
-              Phase("G", ("G_A", "G_B"), g_loss_both, latents, frozen=("D_A", "D_B"))]
-    return Recipe("twins", nets, phases, setup.sampler(setup.model.z_dim), ema={"G_A_ema": "G_A"},
-                  state={"count": count}, generator="G_A_ema")
+    phases = [
+        Phase("D_A", ("D_A",), d_step("A"), latents, reals="new"),
+        Phase("D_B", ("D_B",), d_step("B"), latents, reals="same"),
+        Phase("G", ("G_A", "G_B"), g_loss_both, latents, frozen=("D_A", "D_B")),
+    ]
+    return Recipe(
+        "twins",
+        nets,
+        phases,
+        setup.sampler(setup.model.z_dim),
+        ema={"G_A_ema": "G_A"},
+        state={"count": count},
+        generator="G_A_ema",
+    )
 
 
 @pytest.fixture
@@ -135,8 +150,10 @@ def twins():
 
 
 def test_a_new_recipe_trains_and_resumes_exactly_without_loop_changes(twins, digits16, tmp_path):
-    cfg = lambda **t: validate_config(tiny_config(digits16, "mlp", train={"recipe": twins, "micro_batch": 8, **t}),  # noqa: E731
-                                      "test")
+    cfg = lambda **t: validate_config(
+        tiny_config(digits16, "mlp", train={"recipe": twins, "micro_batch": 8, **t}),  # noqa: E731
+        "test",
+    )
     straight = train(cfg(), tmp_path / "straight")
     train(cfg(stop_at_step=4), tmp_path / "resumed")
     resumed = train(cfg(), tmp_path / "resumed", resume="auto")
@@ -160,8 +177,9 @@ def test_a_new_recipe_trains_and_resumes_exactly_without_loop_changes(twins, dig
 
 def ganforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, f"ganforge {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
     return p
 
@@ -180,9 +198,25 @@ def test_generate_and_eval_work_from_anywhere_without_the_training_shards(digits
     ckpt = str(result.checkpoint.resolve())
     out = ganforge("generate", ckpt, "--num", "3", "--out", "samples", cwd=elsewhere).stdout
     assert "wrote 3 images" in out and len(list((elsewhere / "samples").glob("*.png"))) == 4
-    out = ganforge("eval", ckpt, "--data", str(moved / "holdout-*.tar"), "--metrics", "fid,kid", "--num", "20",
-                   "--feature-extractor", "dataset-cnn", "--weights", str(cnn.path), "--cache-dir",
-                   str(tmp_path / "cache"), "--kid-subset-size", "10", cwd=elsewhere).stdout
+    out = ganforge(
+        "eval",
+        ckpt,
+        "--data",
+        str(moved / "holdout-*.tar"),
+        "--metrics",
+        "fid,kid",
+        "--num",
+        "20",
+        "--feature-extractor",
+        "dataset-cnn",
+        "--weights",
+        str(cnn.path),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--kid-subset-size",
+        "10",
+        cwd=elsewhere,
+    ).stdout
     fid = next(line for line in out.splitlines() if line.startswith("fid "))
     assert float(fid.split()[1]) > 0, out
 
@@ -193,8 +227,9 @@ def test_generate_and_eval_work_from_anywhere_without_the_training_shards(digits
 
 def ganforge_rc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_resume_from_a_missing_checkpoint_says_so_and_leaves_no_run_directory(digits16, tmp_path):
@@ -203,8 +238,10 @@ def test_resume_from_a_missing_checkpoint_says_so_and_leaves_no_run_directory(di
     run_dir = tmp_path / "runs" / "new"
     p = ganforge_rc("train", str(cfg), "--run-dir", str(run_dir), "--resume", "/no/such/ckpt", cwd=tmp_path)
     assert p.returncode == 2
-    assert p.stderr == ("ganforge train: error: --resume /no/such/ckpt: no such checkpoint; pass a ckpt-NNNNNNNNN "
-                        "directory of a run, or --resume auto\n")
+    assert p.stderr == (
+        "ganforge train: error: --resume /no/such/ckpt: no such checkpoint; pass a ckpt-NNNNNNNNN "
+        "directory of a run, or --resume auto\n"
+    )
     assert not run_dir.exists() and not (tmp_path / "runs").exists()
 
 
@@ -214,8 +251,16 @@ def test_the_summary_leaves_out_evaluations_of_an_abandoned_branch(digits16, tmp
     from orchestrator.eval.extractors import train_feature_extractor
 
     cnn = train_feature_extractor(str(digits16 / "train-*.tar"), tmp_path / "cnn.pt", epochs=1)
-    evaluation = {"enabled": True, "every_kimg": 0.08, "feature_extractor": "dataset-cnn", "weights_path": str(cnn.path),
-                  "metrics": ["fid"], "num_samples": 16, "holdout_num": 16, "cache_dir": str(tmp_path / "cache")}
+    evaluation = {
+        "enabled": True,
+        "every_kimg": 0.08,
+        "feature_extractor": "dataset-cnn",
+        "weights_path": str(cnn.path),
+        "metrics": ["fid"],
+        "num_samples": 16,
+        "holdout_num": 16,
+        "cache_dir": str(tmp_path / "cache"),
+    }
     cfg = lambda kimg: validate_config(tiny_config(digits16, eval=evaluation, train={"total_kimg": kimg}), "test")  # noqa: E731
     run_dir = tmp_path / "run"
     first = train(cfg(0.16), run_dir)  # evaluations at steps 0, 5 and 10; checkpoints at 5 and 10

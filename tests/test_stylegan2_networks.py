@@ -1,4 +1,5 @@
 """StyleGAN2 networks: the official parameter counts, and the math of each component on tiny nets."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 
 from architectures import layers as L
 from architectures import stylegan2 as sg
-from core.spec import ImageSpec
 from architectures.registry import REGISTRY, count_params
+from core.spec import ImageSpec
 
 torch.set_num_threads(1)
 
@@ -88,7 +89,8 @@ def naive_upfirdn(x, f, up, down, pad):
 
 
 @pytest.mark.parametrize(
-    "up, down, pad", [(1, 1, (1, 2, 0, 1)), (2, 1, (2, 1, 2, 1)), (1, 2, (1, 1, 1, 1)), (3, 2, (0, 2, 1, 0))])
+    "up, down, pad", [(1, 1, (1, 2, 0, 1)), (2, 1, (2, 1, 2, 1)), (1, 2, (1, 1, 1, 1)), (3, 2, (0, 2, 1, 0))]
+)
 def test_upfirdn2d_matches_definition(up, down, pad):
     torch.manual_seed(0)
     f = L.setup_filter([[1.0, 2.0, 0.5], [3.0, 4.0, 1.0]]).double()  # asymmetric: catches a flipped filter
@@ -231,7 +233,9 @@ def test_demodulated_filters_have_unit_norm():
     w = sg.modulate_weights(weight, styles, demodulate=True)
     assert w.shape == (4, 6, 5, 3, 3)
     torch.testing.assert_close(w.square().sum(dim=[2, 3, 4]).sqrt(), torch.ones(4, 6))
-    torch.testing.assert_close(sg.modulate_weights(weight, styles, demodulate=False)[2, :, 1], weight[:, 1] * styles[2, 1])
+    torch.testing.assert_close(
+        sg.modulate_weights(weight, styles, demodulate=False)[2, :, 1], weight[:, 1] * styles[2, 1]
+    )
 
 
 @pytest.mark.parametrize("up", [1, 2])
@@ -347,10 +351,14 @@ def test_tiny_forward_bfloat16_blocks(num_classes):
     logits32 = D(img32, c)
 
     seen = {}
-    hooks = [b.register_forward_hook(lambda m, i, o, r=b.resolution: seen.__setitem__(("G", r), o[0].dtype))
-             for b in G.synthesis.blocks]
-    hooks += [b.register_forward_hook(lambda m, i, o, r=b.resolution: seen.__setitem__(("D", r), o[0].dtype))
-              for b in D.blocks]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o, r=b.resolution: seen.__setitem__(("G", r), o[0].dtype))
+        for b in G.synthesis.blocks
+    ]
+    hooks += [
+        b.register_forward_hook(lambda m, i, o, r=b.resolution: seen.__setitem__(("D", r), o[0].dtype))
+        for b in D.blocks
+    ]
     G.reduced_dtype = D.reduced_dtype = torch.bfloat16
     assert G.synthesis.reduced_dtype is torch.bfloat16
     img16 = G(z, c, noise_mode="const")
@@ -358,8 +366,13 @@ def test_tiny_forward_bfloat16_blocks(num_classes):
     for h in hooks:
         h.remove()
     # num_fp16_res=2 at 16 px: the 16 and 8 px blocks are reduced, 4 px never.
-    assert seen == {("G", 4): torch.float32, ("G", 8): torch.bfloat16, ("G", 16): torch.bfloat16,
-                    ("D", 16): torch.bfloat16, ("D", 8): torch.bfloat16}
+    assert seen == {
+        ("G", 4): torch.float32,
+        ("G", 8): torch.bfloat16,
+        ("G", 16): torch.bfloat16,
+        ("D", 16): torch.bfloat16,
+        ("D", 8): torch.bfloat16,
+    }
     assert img16.dtype == torch.float32 and logits16.dtype == torch.float32
     assert (img16 - img32).abs().max() < 0.05 * img32.abs().max()
     assert (logits16 - logits32).abs().max() < 0.05 * logits32.abs().max() + 1e-2

@@ -1,5 +1,6 @@
 """StyleGAN2's training recipe in the loop: path length, style mixing, w_avg tracking, lazy intervals,
 the shipped presets, and the CPU dev preset (train, exact resume, truncated sampling)."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_nets, local_context, preset_config, run_d_phase, run_g_phase, tiny_config
 
 import architectures
 from architectures import ImageSpec, count_params
-from conftest import assert_same_nets, local_context, preset_config, run_d_phase, run_g_phase, tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, load_config, validate_config
 from orchestrator.losses import LossConfig, path_length_penalty
-from orchestrator.optim import AdamConfig, make_adam
 from orchestrator.recipes.noise_to_image import RegState, g_pl_phase
 from orchestrator.recipes.recipe import run_phase
 from orchestrator.train.run import train
@@ -43,8 +43,16 @@ def test_path_length_penalty_matches_a_hand_computation():
 
 def _tiny_stylegan2(num_classes=0):
     arch = architectures.get("stylegan2")
-    cfg = arch.config(z_dim=8, w_dim=8, mapping_layers=2, channel_base=64, channel_max=8, num_fp16_res=0,
-                      conv_clamp=None, mbstd_group_size=2)
+    cfg = arch.config(
+        z_dim=8,
+        w_dim=8,
+        mapping_layers=2,
+        channel_base=64,
+        channel_max=8,
+        num_fp16_res=0,
+        conv_clamp=None,
+        mbstd_group_size=2,
+    )
     spec = ImageSpec(8, 1, num_classes)
     torch.manual_seed(0)
     return arch.build_generator(cfg, spec), arch.build_discriminator(cfg, spec)
@@ -75,12 +83,15 @@ def test_recipe_needs_a_mapping_network(digits16, tmp_path):
 
 # The official networks' counts: NVlabs/stylegan2-ada-pytorch training/networks.py built as train.py's
 # cfg_specs 'stylegan2', 'paper256' and 'cifar' say (sources in tests/test_stylegan2_networks.py).
-@pytest.mark.parametrize("name, classes, g, d", [
-    pytest.param("config-f-1024", None, 30_370_060, 29_012_513, id="official-cfg-stylegan2-1024"),
-    pytest.param("paper256", None, 24_767_458, 24_001_089, id="official-cfg-paper256"),
-    pytest.param("cifar", None, 20_215_315, 23_089_664, id="official-cfg-cifar-cond"),
-    pytest.param("cifar", 0, 19_947_539, 20_720_641, id="official-cfg-cifar-uncond"),
-])
+@pytest.mark.parametrize(
+    "name, classes, g, d",
+    [
+        pytest.param("config-f-1024", None, 30_370_060, 29_012_513, id="official-cfg-stylegan2-1024"),
+        pytest.param("paper256", None, 24_767_458, 24_001_089, id="official-cfg-paper256"),
+        pytest.param("cifar", None, 20_215_315, 23_089_664, id="official-cfg-cifar-cond"),
+        pytest.param("cifar", 0, 19_947_539, 20_720_641, id="official-cfg-cifar-uncond"),
+    ],
+)
 def test_shipped_presets_have_the_official_parameter_counts(name, classes, g, d):
     cfg = load_config(CONFIGS / f"{name}.yaml", [] if classes is None else [f"data.num_classes={classes}"])
     d_cfg = cfg.data
@@ -93,10 +104,21 @@ def test_shipped_presets_have_the_official_parameter_counts(name, classes, g, d)
 
 def test_presets_follow_the_official_recipes():
     f = load_config(CONFIGS / "config-f-1024.yaml")
-    assert (f.loss.r1_gamma, f.loss.r1_interval, f.loss.pl_weight, f.loss.pl_interval, f.loss.style_mixing_prob) == (10, 16, 2, 4, 0.9)
+    assert (f.loss.r1_gamma, f.loss.r1_interval, f.loss.pl_weight, f.loss.pl_interval, f.loss.style_mixing_prob) == (
+        10,
+        16,
+        2,
+        4,
+        0.9,
+    )
     assert (f.optim.g.lr, f.optim.g.betas, f.ema.half_life_kimg, f.train.batch_size) == (0.002, (0.0, 0.99), 10, 32)
     c = load_config(CONFIGS / "cifar.yaml")
-    assert (c.loss.pl_weight, c.loss.style_mixing_prob, c.model.d_architecture, c.model.mapping_layers) == (0, 0, "orig", 2)
+    assert (c.loss.pl_weight, c.loss.style_mixing_prob, c.model.d_architecture, c.model.mapping_layers) == (
+        0,
+        0,
+        "orig",
+        2,
+    )
     assert (c.loss.r1_gamma, c.ema.half_life_kimg, c.ema.rampup, c.model.mbstd_group_size) == (0.01, 500, 0.05, 32)
 
 
@@ -114,9 +136,9 @@ def test_dev_preset_trains_resumes_exactly_and_samples_with_truncation(digits16,
     assert_same_nets(a, b)
     assert torch.equal(a["recipe.reg"]["pl_mean"], b["recipe.reg"]["pl_mean"]) and a["recipe.reg"]["pl_mean"] > 0
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert [r for r in rows(tmp_path / "straight")] and \
-        [(r["step"], r["loss/D"], r["loss/G"]) for r in rows(tmp_path / "straight")] == \
-        [(r["step"], r["loss/D"], r["loss/G"]) for r in rows(tmp_path / "resumed")]
+    assert [r for r in rows(tmp_path / "straight")] and [
+        (r["step"], r["loss/D"], r["loss/G"]) for r in rows(tmp_path / "straight")
+    ] == [(r["step"], r["loss/D"], r["loss/G"]) for r in rows(tmp_path / "resumed")]
     assert sum("reg/pl_penalty" in r for r in rows(tmp_path / "straight")) == 3
     assert sum("reg/r1" in r for r in rows(tmp_path / "straight")) == 1
 

@@ -1,4 +1,5 @@
 """The training loop: tiny runs in fp32 and bf16, exact resume, checkpoints, losses and EMA math."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import local_context, run_d_phase, run_g_phase, tiny_config
-from orchestrator.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, load_into,
-                                     mark_best, save_checkpoint)
+
+from orchestrator.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_into,
+    mark_best,
+    save_checkpoint,
+)
 from orchestrator.config import ConfigError, validate_config
 from orchestrator.ema import EMAConfig, ema_beta, update_ema
 from orchestrator.losses import LossConfig, d_loss, g_loss, gradient_penalty, r1_penalty
@@ -77,8 +85,10 @@ def test_fp16_loss_scaling_path(digits16):
     torch.manual_seed(0)
     arch = get("mlp")
     spec = ImageSpec(8, 1, 0)
-    G, D = (arch.build_generator(arch.config(z_dim=4, hidden=8, layers=1), spec),
-            arch.build_discriminator(arch.config(z_dim=4, hidden=8, layers=1), spec))
+    G, D = (
+        arch.build_generator(arch.config(z_dim=4, hidden=8, layers=1), spec),
+        arch.build_discriminator(arch.config(z_dim=4, hidden=8, layers=1), spec),
+    )
     precision = make_precision("fp16", torch.device("cpu"))
     assert precision.scaler.is_enabled() and precision.loss_scale == 65536.0
     ctx, caps = local_context(G, D, "mlp", precision="fp16", sampler_seed=0)
@@ -108,8 +118,12 @@ def test_fp16_needs_cuda(digits16, tmp_path):
 
 def test_resume_reaches_the_same_weights_and_losses(digits16, tmp_path):
     """Stopped at step N and resumed with --resume auto, a run reaches step 2N exactly as one that never stopped."""
-    sections = dict(data={"workers": 2}, train={"total_kimg": 0.32}, loss={"r1_gamma": 1.0, "r1_interval": 4},
-                    ema={"half_life_kimg": 0.05, "rampup": 0.5})
+    sections = dict(
+        data={"workers": 2},
+        train={"total_kimg": 0.32},
+        loss={"r1_gamma": 1.0, "r1_interval": 4},
+        ema={"half_life_kimg": 0.05, "rampup": 0.5},
+    )
     straight = run(digits16, tmp_path / "straight", **sections)
     assert straight.step == 20
     stopped = run(digits16, tmp_path / "resumed", **{**sections, "train": {"total_kimg": 0.32, "stop_at_step": 10}})

@@ -1,6 +1,7 @@
 """`ganforge weights get inception`: download into ganforge's cache with a progress bar, resume, sha256 check,
 offline advice; and evaluation then finds the file by itself. All traffic goes to a server on 127.0.0.1
 started here."""
+
 from __future__ import annotations
 
 import hashlib
@@ -47,7 +48,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
-        data = body[start:] if srv.cut is None else body[start:start + srv.cut]
+        data = body[start:] if srv.cut is None else body[start : start + srv.cut]
         self.wfile.write(data)
         self.close_connection = True
 

@@ -17,6 +17,7 @@ two uint8 image sets and makes the run reproducible and cheap to repeat:
 Images are handed to torch-fidelity as ``3×H×W`` uint8: grey images are repeated to three channels
 (what torch-fidelity does itself when it reads grey PNGs), and a fourth (alpha) channel is dropped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,8 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
-from pydantic import Field, field_validator
 import yaml
+from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 from webdataset import tariterators
 
@@ -54,9 +55,12 @@ Metric = Literal["fid", "kid", "isc", "prc"]
 BINARY_METRICS = ("fid", "kid", "prc")  # the ones that need the held-out images
 _FIDELITY_KEYS = {  # torch-fidelity's result keys (KEY_METRIC_*) → ours
     "frechet_inception_distance": "fid",
-    "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std",
-    "inception_score_mean": "isc", "inception_score_std": "isc_std",
-    "precision": "precision", "recall": "recall",
+    "kernel_inception_distance_mean": "kid",
+    "kernel_inception_distance_std": "kid_std",
+    "inception_score_mean": "isc",
+    "inception_score_std": "isc_std",
+    "precision": "precision",
+    "recall": "recall",
 }
 
 
@@ -67,39 +71,69 @@ class EvalError(ValueError):
 class EvalConfig(StrictConfig):
     """How a generator is evaluated against held-out data, and what the evaluator actor may use."""
 
-    enabled: bool = Field(False, description="evaluate during training: at the start, every `every_kimg`, and at the end")
-    metrics: list[Metric] = Field(["fid", "kid"], min_length=1,
-                                  description="metrics to compute: fid, kid, isc (Inception Score), prc (precision/recall)")
+    enabled: bool = Field(
+        False, description="evaluate during training: at the start, every `every_kimg`, and at the end"
+    )
+    metrics: list[Metric] = Field(
+        ["fid", "kid"],
+        min_length=1,
+        description="metrics to compute: fid, kid, isc (Inception Score), prc (precision/recall)",
+    )
     num_samples: int = Field(10000, ge=2, description="images generated from G_ema per evaluation")
     batch_size: int = Field(64, ge=1, description="images per generator and feature-extractor batch")
     seed: int = Field(0, ge=0, description="generated image i uses seed SEED+i for its latent and class label")
-    truncation_psi: float | None = Field(None, ge=0.0, le=2.0,
-                                         description="truncation ψ for generators whose forward takes truncation_psi "
-                                                     "(StyleGAN2); None: no truncation")
-    feature_extractor: str = Field(INCEPTION, pattern=r"^\S+$",
-                                   description=f"torch-fidelity feature extractor: {INCEPTION} (Inception, needs its "
-                                               f"weights file) or {DATASET_CNN} (a classifier trained on the train "
-                                               f"split by `ganforge extractor train`) or another registered name")
-    weights_path: str | None = Field(None, description=f"the feature extractor's weights file; None, for {INCEPTION}: "
-                                                       f"${INCEPTION_ENV}, else the file `ganforge weights get "
-                                                       f"inception` wrote, else the torch hub cache (required for "
-                                                       f"the others)")
-    kid_subset_size: int = Field(1000, ge=2, description="KID subset size (lowered to the smaller image count when "
-                                                         "there are fewer images)")
+    truncation_psi: float | None = Field(
+        None,
+        ge=0.0,
+        le=2.0,
+        description="truncation ψ for generators whose forward takes truncation_psi (StyleGAN2); None: no truncation",
+    )
+    feature_extractor: str = Field(
+        INCEPTION,
+        pattern=r"^\S+$",
+        description=f"torch-fidelity feature extractor: {INCEPTION} (Inception, needs its "
+        f"weights file) or {DATASET_CNN} (a classifier trained on the train "
+        f"split by `ganforge extractor train`) or another registered name",
+    )
+    weights_path: str | None = Field(
+        None,
+        description=f"the feature extractor's weights file; None, for {INCEPTION}: "
+        f"${INCEPTION_ENV}, else the file `ganforge weights get "
+        f"inception` wrote, else the torch hub cache (required for "
+        f"the others)",
+    )
+    kid_subset_size: int = Field(
+        1000, ge=2, description="KID subset size (lowered to the smaller image count when there are fewer images)"
+    )
     kid_subsets: int = Field(100, ge=1, description="number of KID subsets")
     isc_splits: int = Field(10, ge=1, description="number of Inception Score splits (at most one per image)")
     prc_neighborhood: int = Field(3, ge=1, description="k of the k-nearest-neighbour balls of precision/recall")
-    cache_dir: str = Field("~/.cache/ganforge/eval", min_length=1,
-                           description="held-out feature statistics cache (shared by runs; safe to delete)")
-    holdout: str | None = Field(None, description="held-out shards (glob, brace pattern or pipe: URLs); None: "
-                                                  "data.holdout, else holdout-*.tar beside data.shards")
-    holdout_num: int | None = Field(None, ge=2, description="use only the first N held-out images (shard order); None: all")
-    every_kimg: float | None = Field(None, gt=0, description="with `enabled`: also evaluate every this many thousand "
-                                                             "images (None: only at the start and the end)")
+    cache_dir: str = Field(
+        "~/.cache/ganforge/eval",
+        min_length=1,
+        description="held-out feature statistics cache (shared by runs; safe to delete)",
+    )
+    holdout: str | None = Field(
+        None,
+        description="held-out shards (glob, brace pattern or pipe: URLs); None: "
+        "data.holdout, else holdout-*.tar beside data.shards",
+    )
+    holdout_num: int | None = Field(
+        None, ge=2, description="use only the first N held-out images (shard order); None: all"
+    )
+    every_kimg: float | None = Field(
+        None,
+        gt=0,
+        description="with `enabled`: also evaluate every this many thousand "
+        "images (None: only at the start and the end)",
+    )
     cpus: float = Field(0.5, ge=0, description="CPUs reserved for the evaluator actor")
     gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction of one) reserved for the evaluator actor")
-    resources: dict[str, float] = Field({}, description="extra custom Ray resources for the evaluator actor, e.g. "
-                                        "{evaluator: 1} to keep it on its own worker group (k8s/)")
+    resources: dict[str, float] = Field(
+        {},
+        description="extra custom Ray resources for the evaluator actor, e.g. "
+        "{evaluator: 1} to keep it on its own worker group (k8s/)",
+    )
 
     @field_validator("metrics", mode="before")
     @classmethod
@@ -141,11 +175,13 @@ def _sha256_memo(path: Path) -> str:
 
 
 def _inception_howto() -> str:
-    return (f"ganforge never downloads at run time. Get torch-fidelity's Inception weights file {INCEPTION_FILE} once "
-            f"with `ganforge weights get inception` (it verifies the sha256 and puts the file in {cached_inception()}, "
-            f"where it is found without further settings); without internet access here, run that (or curl -L -O "
-            f"{INCEPTION_URL}) on a machine that has it, copy it to this machine, and put it in that place or point "
-            f"${INCEPTION_ENV} (or eval.weights_path, or --weights) at it")
+    return (
+        f"ganforge never downloads at run time. Get torch-fidelity's Inception weights file {INCEPTION_FILE} once "
+        f"with `ganforge weights get inception` (it verifies the sha256 and puts the file in {cached_inception()}, "
+        f"where it is found without further settings); without internet access here, run that (or curl -L -O "
+        f"{INCEPTION_URL}) on a machine that has it, copy it to this machine, and put it in that place or point "
+        f"${INCEPTION_ENV} (or eval.weights_path, or --weights) at it"
+    )
 
 
 def _weights_location(cfg: EvalConfig) -> tuple[Path | None, str]:
@@ -170,41 +206,58 @@ def check_feature_extractor(cfg: EvalConfig) -> ExtractorWeights:
     is missing or is not the right kind of file. Loads tensors only (``weights_only=True``), so a
     file that would run code when torch-fidelity unpickles it is refused here.
     """
-    from orchestrator.eval import extractors  # registers dataset-cnn with torch-fidelity
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    from orchestrator.eval import extractors  # registers dataset-cnn with torch-fidelity
 
     name = cfg.feature_extractor
     if name not in FEATURE_EXTRACTORS_REGISTRY:
-        raise EvalError(f"eval.feature_extractor: unknown feature extractor {name!r}; registered: "
-                        f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
+        raise EvalError(
+            f"eval.feature_extractor: unknown feature extractor {name!r}; registered: "
+            f"{', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}"
+        )
     path, source = _weights_location(cfg)
     if name == INCEPTION:
-        _require_file(path, source, f"no Inception weights: neither eval.weights_path nor ${INCEPTION_ENV} is set "
-                      f"and {INCEPTION_FILE} is neither in ganforge's weights cache nor in the torch hub cache. "
-                      f"{_inception_howto()}",
-                      f"the {INCEPTION} feature extractor needs {INCEPTION_FILE} there. {_inception_howto()}")
+        _require_file(
+            path,
+            source,
+            f"no Inception weights: neither eval.weights_path nor ${INCEPTION_ENV} is set "
+            f"and {INCEPTION_FILE} is neither in ganforge's weights cache nor in the torch hub cache. "
+            f"{_inception_howto()}",
+            f"the {INCEPTION} feature extractor needs {INCEPTION_FILE} there. {_inception_howto()}",
+        )
         try:
             state = _load_tensors(path)
             ok = state["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3) and state["fc.weight"].shape == (1008, 2048)
         except Exception:  # noqa: BLE001 - whatever is wrong with the file, the advice is the same
             ok = False
         if not ok:
-            raise EvalError(f"{source}: {path} is not torch-fidelity's Inception weights (a state_dict of "
-                            f"FeatureExtractorInceptionV3, {INCEPTION_FILE}). {_inception_howto()}")
+            raise EvalError(
+                f"{source}: {path} is not torch-fidelity's Inception weights (a state_dict of "
+                f"FeatureExtractorInceptionV3, {INCEPTION_FILE}). {_inception_howto()}"
+            )
     elif name == extractors.NAME:
-        howto = (f"train it once with `ganforge extractor train --data 'DIR/train-*.tar' --out DIR/{name}.pt` "
-                 f"and pass --weights DIR/{name}.pt (eval.weights_path)")
-        _require_file(path, source, f"eval.weights_path is not set: the {name} feature extractor is a classifier "
-                      f"trained on the data set's train split; {howto}",
-                      f"the {name} feature extractor needs its weights there; {howto}")
+        howto = (
+            f"train it once with `ganforge extractor train --data 'DIR/train-*.tar' --out DIR/{name}.pt` "
+            f"and pass --weights DIR/{name}.pt (eval.weights_path)"
+        )
+        _require_file(
+            path,
+            source,
+            f"eval.weights_path is not set: the {name} feature extractor is a classifier "
+            f"trained on the data set's train split; {howto}",
+            f"the {name} feature extractor needs its weights there; {howto}",
+        )
         try:
             extractors.load_classifier(path)
         except ValueError as e:
             raise EvalError(f"{source}: {e}") from None
     else:
         if path is None or not path.is_file():
-            raise EvalError(f"the {name} feature extractor needs a local weights file in eval.weights_path "
-                            f"({path or 'not set'}); ganforge never lets torch-fidelity download one")
+            raise EvalError(
+                f"the {name} feature extractor needs a local weights file in eval.weights_path "
+                f"({path or 'not set'}); ganforge never lets torch-fidelity download one"
+            )
     cache = Path(cfg.cache_dir).expanduser()
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -233,13 +286,19 @@ def _load_tensors(path: Path) -> dict:
 @contextmanager
 def _no_downloads() -> Iterator[None]:
     """Make any torch-fidelity attempt to fetch weights from the internet fail loudly instead of hanging."""
+
     def refuse(url, *args, **kwargs):
-        raise EvalError(f"torch-fidelity tried to download {url}; ganforge never downloads at run time: give the "
-                        f"feature extractor a local weights file (eval.weights_path)")
+        raise EvalError(
+            f"torch-fidelity tried to download {url}; ganforge never downloads at run time: give the "
+            f"feature extractor a local weights file (eval.weights_path)"
+        )
 
     # torch-fidelity's modules bind load_state_dict_from_url by name; others go through torch.hub
-    patched = [(m, "load_state_dict_from_url") for name, m in list(sys.modules.items())
-               if name.startswith("torch_fidelity.") and hasattr(m, "load_state_dict_from_url")]
+    patched = [
+        (m, "load_state_dict_from_url")
+        for name, m in list(sys.modules.items())
+        if name.startswith("torch_fidelity.") and hasattr(m, "load_state_dict_from_url")
+    ]
     patched += [(torch.hub, attr) for attr in ("load", "load_state_dict_from_url", "download_url_to_file")]
     saved = [(m, attr, getattr(m, attr)) for m, attr in patched]
     for m, attr in patched:
@@ -286,16 +345,25 @@ class GeneratedImages(Dataset):
     restored afterwards.
     """
 
-    def __init__(self, G: torch.nn.Module, spec: ImageSpec, num: int, seed: int = 0, batch_size: int = 64,
-                 truncation_psi: float | None = None, capabilities: Capabilities = Capabilities()):
+    def __init__(
+        self,
+        G: torch.nn.Module,
+        spec: ImageSpec,
+        num: int,
+        seed: int = 0,
+        batch_size: int = 64,
+        truncation_psi: float | None = None,
+        capabilities: Capabilities = Capabilities(),
+    ):
         self.G, self.spec, self.num, self.seed, self.batch_size = G, spec, num, seed, batch_size
         self.kwargs: dict[str, object] = {}
         if capabilities.noise_inputs:
             self.kwargs["noise_mode"] = "const"
         if truncation_psi is not None:
             if capabilities.truncation != "psi":
-                raise EvalError(f"eval.truncation_psi={truncation_psi}: {type(G).__name__} has no truncation trick; "
-                                f"leave it unset")
+                raise EvalError(
+                    f"eval.truncation_psi={truncation_psi}: {type(G).__name__} has no truncation trick; leave it unset"
+                )
             self.kwargs["truncation_psi"] = truncation_psi
         self.device = next(iter(G.parameters()), torch.zeros(())).device
         self._batch: tuple[int, torch.Tensor | None] = (-1, None)
@@ -368,8 +436,10 @@ class ShardImages(Dataset):
         sample = self._load()[i]
         decoded = decode_sample(sample, self.spec)
         if isinstance(decoded, str):
-            raise DataError(f"held-out shard {sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}: "
-                            f"{decoded}; the held-out images must match the model's image size and channels")
+            raise DataError(
+                f"held-out shard {sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}: "
+                f"{decoded}; the held-out images must match the model's image size and channels"
+            )
         self.reads += 1
         return _rgb(decoded[0].add(1).mul(127.5).round().to(torch.uint8))
 
@@ -397,8 +467,10 @@ def shard_sha256s(urls: list[str], manifest: dict | None = None, cache_dir: str 
         if url.startswith("pipe:") or "://" in url:
             name = url.rstrip("'\" ").rsplit("/", 1)[-1]
             if name not in listed:
-                raise EvalError(f"held-out shard {url} is not a local file and has no sha256 in a manifest: the "
-                                f"statistics cache needs one; copy the held-out shards to local disk or give the manifest")
+                raise EvalError(
+                    f"held-out shard {url} is not a local file and has no sha256 in a manifest: the "
+                    f"statistics cache needs one; copy the held-out shards to local disk or give the manifest"
+                )
             out.append(listed[name])
             continue
         ident = list(_file_id(Path(url)))
@@ -418,8 +490,16 @@ def shard_sha256s(urls: list[str], manifest: dict | None = None, cache_dir: str 
 def holdout_cache_key(shard_hashes: list[str], extractor: ExtractorWeights, holdout_num: int | None = None) -> str:
     """The name torch-fidelity caches the held-out side under: a hash of the shards' sha256 (in order),
     the image limit, the feature extractor's name and its weights' sha256."""
-    blob = json.dumps({"v": CACHE_KEY_VERSION, "shards": list(shard_hashes), "num": holdout_num,
-                       "extractor": extractor.name, "weights": extractor.sha256}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "v": CACHE_KEY_VERSION,
+            "shards": list(shard_hashes),
+            "num": holdout_num,
+            "extractor": extractor.name,
+            "weights": extractor.sha256,
+        },
+        sort_keys=True,
+    )
     return "ganforge-holdout-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -457,15 +537,31 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         """JSON-ready."""
-        return {"metrics": self.metrics, "cache_hit": self.cache_hit, "cache_key": self.cache_key,
-                "num_generated": self.num_generated, "num_holdout": self.num_holdout,
-                "kid_subset_size": self.kid_subset_size, "feature_extractor": self.feature_extractor,
-                "weights_sha256": self.weights_sha256, "seconds": self.seconds, "holdout_shards": self.holdout_shards}
+        return {
+            "metrics": self.metrics,
+            "cache_hit": self.cache_hit,
+            "cache_key": self.cache_key,
+            "num_generated": self.num_generated,
+            "num_holdout": self.num_holdout,
+            "kid_subset_size": self.kid_subset_size,
+            "feature_extractor": self.feature_extractor,
+            "weights_sha256": self.weights_sha256,
+            "seconds": self.seconds,
+            "holdout_shards": self.holdout_shards,
+        }
 
 
-def evaluate(G: torch.nn.Module, spec: ImageSpec, cfg: EvalConfig, holdout_urls: list[str], *,
-             extractor: ExtractorWeights | None = None, manifest: dict | None = None,
-             verbose: bool = False, capabilities: Capabilities = Capabilities()) -> EvalResult:
+def evaluate(
+    G: torch.nn.Module,
+    spec: ImageSpec,
+    cfg: EvalConfig,
+    holdout_urls: list[str],
+    *,
+    extractor: ExtractorWeights | None = None,
+    manifest: dict | None = None,
+    verbose: bool = False,
+    capabilities: Capabilities = Capabilities(),
+) -> EvalResult:
     """Compute ``cfg.metrics`` for ``G`` (G_ema) against the held-out shards with torch-fidelity.
 
     ``extractor`` is what :func:`check_feature_extractor` returned at start (checked again if
@@ -497,17 +593,32 @@ def evaluate(G: torch.nn.Module, spec: ImageSpec, cfg: EvalConfig, holdout_urls:
     counts = [cfg.num_samples] + ([num_holdout] if binary else [])
     kid_subset = min([cfg.kid_subset_size] + counts) if "kid" in cfg.metrics else None
     if "prc" in cfg.metrics and min(counts) <= cfg.prc_neighborhood:
-        raise EvalError(f"precision/recall with prc_neighborhood={cfg.prc_neighborhood} needs more than "
-                        f"{cfg.prc_neighborhood} images per side (have {counts})")
+        raise EvalError(
+            f"precision/recall with prc_neighborhood={cfg.prc_neighborhood} needs more than "
+            f"{cfg.prc_neighborhood} images per side (have {counts})"
+        )
     cuda = generated.device.type == "cuda"
     kwargs = dict(
-        input1=generated, input2=held, input2_cache_name=key, cache_root=str(cache_dir), cache=True,
-        cuda=cuda, batch_size=cfg.batch_size, save_cpu_ram=True, verbose=verbose,
-        feature_extractor=extractor.name, feature_extractor_weights_path=str(extractor.path),
-        fid="fid" in cfg.metrics, kid="kid" in cfg.metrics, isc="isc" in cfg.metrics, prc="prc" in cfg.metrics,
-        kid_subset_size=kid_subset or cfg.kid_subset_size, kid_subsets=cfg.kid_subsets,
+        input1=generated,
+        input2=held,
+        input2_cache_name=key,
+        cache_root=str(cache_dir),
+        cache=True,
+        cuda=cuda,
+        batch_size=cfg.batch_size,
+        save_cpu_ram=True,
+        verbose=verbose,
+        feature_extractor=extractor.name,
+        feature_extractor_weights_path=str(extractor.path),
+        fid="fid" in cfg.metrics,
+        kid="kid" in cfg.metrics,
+        isc="isc" in cfg.metrics,
+        prc="prc" in cfg.metrics,
+        kid_subset_size=kid_subset or cfg.kid_subset_size,
+        kid_subsets=cfg.kid_subsets,
         isc_splits=min(cfg.isc_splits, cfg.num_samples),
-        prc_neighborhood=cfg.prc_neighborhood)
+        prc_neighborhood=cfg.prc_neighborhood,
+    )
     with _no_downloads():
         raw = torch_fidelity.calculate_metrics(**kwargs)
     metrics = {ours: float(raw[theirs]) for theirs, ours in _FIDELITY_KEYS.items() if theirs in raw}
@@ -515,22 +626,53 @@ def evaluate(G: torch.nn.Module, spec: ImageSpec, cfg: EvalConfig, holdout_urls:
     if binary:
         cache_hit = held.reads == 0
         if not sidecar.exists():
-            _write_json(sidecar, {"key": key, "num_holdout": num_holdout, "holdout_num": cfg.holdout_num,
-                                  "shards": [{"url": u, "sha256": h} for u, h in zip(holdout_urls, hashes)],
-                                  "feature_extractor": extractor.name, "weights_path": str(extractor.path),
-                                  "weights_sha256": extractor.sha256, "created": time.time()})
-    return EvalResult(metrics, cache_hit, key, cfg.num_samples, num_holdout, kid_subset, extractor.name,
-                      extractor.sha256, time.perf_counter() - t0, list(holdout_urls) if binary else [])
+            _write_json(
+                sidecar,
+                {
+                    "key": key,
+                    "num_holdout": num_holdout,
+                    "holdout_num": cfg.holdout_num,
+                    "shards": [{"url": u, "sha256": h} for u, h in zip(holdout_urls, hashes)],
+                    "feature_extractor": extractor.name,
+                    "weights_path": str(extractor.path),
+                    "weights_sha256": extractor.sha256,
+                    "created": time.time(),
+                },
+            )
+    return EvalResult(
+        metrics,
+        cache_hit,
+        key,
+        cfg.num_samples,
+        num_holdout,
+        kid_subset,
+        extractor.name,
+        extractor.sha256,
+        time.perf_counter() - t0,
+        list(holdout_urls) if binary else [],
+    )
 
 
-def compute_metrics(G: torch.nn.Module, spec: ImageSpec, cfg: EvalConfig, holdout_urls: list[str], *,
-                    extractor: ExtractorWeights | None = None, manifest: dict | None = None) -> dict[str, float]:
+def compute_metrics(
+    G: torch.nn.Module,
+    spec: ImageSpec,
+    cfg: EvalConfig,
+    holdout_urls: list[str],
+    *,
+    extractor: ExtractorWeights | None = None,
+    manifest: dict | None = None,
+) -> dict[str, float]:
     """Just the metrics of :func:`evaluate`, e.g. ``{"fid": 12.3, "kid": 0.004, "kid_std": 0.001}``."""
     return evaluate(G, spec, cfg, holdout_urls, extractor=extractor, manifest=manifest).metrics
 
 
-def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig, holdout: str | None = None,
-                        device: str | torch.device = "cpu", verbose: bool = False) -> EvalResult:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    cfg: EvalConfig,
+    holdout: str | None = None,
+    device: str | torch.device = "cpu",
+    verbose: bool = False,
+) -> EvalResult:
     """Evaluate a checkpoint's G_ema; ``holdout`` (a shard pattern) overrides :func:`resolve_holdout`.
 
     The checkpoint carries its generator's description, so only the held-out shards are read. The weights
@@ -540,9 +682,11 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig, holdout: str | 
     loaded = load_generator(checkpoint, device)
     level = loaded.checkpoint.meta.get("level")
     if level and (level[0] != loaded.spec.resolution or level[1] < 1):
-        raise EvalError(f"{checkpoint}: G has grown to {level[0]}×{level[0]} of "
-                        f"{loaded.spec.resolution}×{loaded.spec.resolution} only; evaluate a checkpoint written after "
-                        f"growth completed")
+        raise EvalError(
+            f"{checkpoint}: G has grown to {level[0]}×{level[0]} of "
+            f"{loaded.spec.resolution}×{loaded.spec.resolution} only; evaluate a checkpoint written after "
+            f"growth completed"
+        )
     data = DataConfig.model_validate((yaml.safe_load(loaded.checkpoint.meta["config"]) or {})["data"])
     urls = expand_shards(holdout) if holdout else resolve_holdout(cfg, data)
     manifest = None
@@ -551,8 +695,16 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig, holdout: str | 
             manifest = load_manifest(data)
         except DataError:
             pass
-    return evaluate(loaded.G, loaded.spec, cfg, urls, extractor=extractor, manifest=manifest, verbose=verbose,
-                    capabilities=loaded.arch.capabilities)
+    return evaluate(
+        loaded.G,
+        loaded.spec,
+        cfg,
+        urls,
+        extractor=extractor,
+        manifest=manifest,
+        verbose=verbose,
+        capabilities=loaded.arch.capabilities,
+    )
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -578,5 +730,7 @@ def eval_config_for(checkpoint: str | Path | None = None, **overrides) -> EvalCo
     try:
         return EvalConfig.model_validate({**base, **{k: v for k, v in overrides.items() if v is not None}})
     except ValidationError as e:
-        lines = [f"eval.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()]
+        lines = [
+            f"eval.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()
+        ]
         raise EvalError("invalid evaluation settings:\n  " + "\n  ".join(lines)) from None

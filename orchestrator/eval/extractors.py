@@ -12,6 +12,7 @@ and precision/recall, the class logits (``logits``) for the Inception Score.
 The weights file holds tensors only (the architecture's sizes are a buffer in it) and is read with
 ``torch.load(weights_only=True)``.
 """
+
 from __future__ import annotations
 
 import random
@@ -46,11 +47,19 @@ class SmallCNN(nn.Module):
         self.register_buffer("arch", torch.tensor([in_channels, resolution, num_classes, feature_dim, width]))
         w = width
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-            nn.Linear(2 * w * 16, feature_dim), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(2 * w * 16, feature_dim),
+            nn.ReLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -74,8 +83,9 @@ class SmallCNN(nn.Module):
             else:
                 x = x[:, :want]
         if x.shape[-2:] != (self.resolution, self.resolution):
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False,
-                              antialias=True)
+            x = F.interpolate(
+                x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=True
+            )
         return x / 127.5 - 1.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +104,9 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable or foreign file gets the same advice
-        raise ValueError(f"{path} is not a {NAME} weights file ({type(e).__name__}: {e}); "
-                         f"train one with `ganforge extractor train`") from None
+        raise ValueError(
+            f"{path} is not a {NAME} weights file ({type(e).__name__}: {e}); train one with `ganforge extractor train`"
+        ) from None
     return net.to(map_location).eval().requires_grad_(False)
 
 
@@ -108,8 +119,10 @@ class DatasetCNNFeatureExtractor(FeatureExtractorBase):
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
         if not feature_extractor_weights_path:
-            raise ValueError(f"the {NAME} feature extractor needs feature_extractor_weights_path: a file written by "
-                             f"`ganforge extractor train`")
+            raise ValueError(
+                f"the {NAME} feature extractor needs feature_extractor_weights_path: a file written by "
+                f"`ganforge extractor train`"
+            )
         self.net = load_classifier(feature_extractor_weights_path)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -171,8 +184,8 @@ def classifier_accuracy(net: SmallCNN, images: torch.Tensor, labels: torch.Tenso
     net.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
-        _, logits = net(net.prepare(images[i:i + batch_size]))
-        correct += int((logits.argmax(1) == labels[i:i + batch_size]).sum())
+        _, logits = net(net.prepare(images[i : i + batch_size]))
+        correct += int((logits.argmax(1) == labels[i : i + batch_size]).sum())
     return correct / len(images)
 
 
@@ -189,10 +202,20 @@ class ExtractorTrainResult:
     seconds: float
 
 
-def train_feature_extractor(train_shards: str, out_path: str | Path, epochs: int = 8, *,
-                            holdout_shards: str | None = None, batch_size: int = 64, lr: float = 2e-3,
-                            feature_dim: int = 64, width: int = 32, seed: int = 0, device: str = "cpu",
-                            log: Callable[[str], None] | None = None) -> ExtractorTrainResult:
+def train_feature_extractor(
+    train_shards: str,
+    out_path: str | Path,
+    epochs: int = 8,
+    *,
+    holdout_shards: str | None = None,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    feature_dim: int = 64,
+    width: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> ExtractorTrainResult:
     """Train a :class:`SmallCNN` classifier on labelled shards and save its ``state_dict`` to ``out_path``.
 
     ``holdout_shards`` (e.g. ``DIR/holdout-*.tar``) are only used to report accuracy. Training is
@@ -201,8 +224,10 @@ def train_feature_extractor(train_shards: str, out_path: str | Path, epochs: int
     t0 = time.perf_counter()
     spec = shards_spec(train_shards)
     if spec.num_classes < 2:
-        raise DataError(f"{train_shards}: the {NAME} feature extractor is a classifier and needs labelled shards "
-                        f"(the manifest says {spec.num_classes} classes); use inception-v3-compat instead")
+        raise DataError(
+            f"{train_shards}: the {NAME} feature extractor is a classifier and needs labelled shards "
+            f"(the manifest says {spec.num_classes} classes); use inception-v3-compat instead"
+        )
     x, y = read_labelled_images(expand_shards(train_shards), spec)
     hx = hy = None
     if holdout_shards:
@@ -220,7 +245,7 @@ def train_feature_extractor(train_shards: str, out_path: str | Path, epochs: int
             rng.shuffle(order)
             total, n = 0.0, 0
             for i in range(0, len(order), batch_size):
-                idx = torch.tensor(order[i:i + batch_size])
+                idx = torch.tensor(order[i : i + batch_size])
                 _, logits = net(net.prepare(x[idx].to(dev)))
                 loss = F.cross_entropy(logits, y[idx].to(dev))
                 opt.zero_grad(set_to_none=True)
@@ -238,5 +263,6 @@ def train_feature_extractor(train_shards: str, out_path: str | Path, epochs: int
     tmp = out_path.with_name(out_path.name + ".tmp")
     torch.save(net.state_dict(), tmp)
     tmp.replace(out_path)
-    return ExtractorTrainResult(out_path, train_acc, hold_acc, len(x), 0 if hx is None else len(hx),
-                                spec.num_classes, time.perf_counter() - t0)
+    return ExtractorTrainResult(
+        out_path, train_acc, hold_acc, len(x), 0 if hx is None else len(hx), spec.num_classes, time.perf_counter() - t0
+    )

@@ -15,6 +15,7 @@ task, so the feature extractor and the held-out statistics would be reloaded eve
 cache helps only partly), it offers no "drop stale requests" policy, and its API is alpha. A named
 actor keeps everything warm and gives exactly the semantics above.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,11 +64,26 @@ class Evaluator:
         """Evaluate one set of G_ema weights now; append and return the result row."""
         started = time.time()
         self.G.load_state_dict(g_ema_state)
-        result = evaluate(self.G, self.spec, self.cfg, self.holdout, extractor=self.extractor, manifest=self.manifest,
-                          capabilities=self.capabilities)
-        row = {"step": step, "kimg": kimg, "checkpoint": checkpoint, "started": started, "finished": time.time(),
-               **{f"eval/{k}": v for k, v in result.metrics.items()}, "eval/seconds": result.seconds,
-               "eval/cache_hit": result.cache_hit, "feature_extractor": result.feature_extractor}
+        result = evaluate(
+            self.G,
+            self.spec,
+            self.cfg,
+            self.holdout,
+            extractor=self.extractor,
+            manifest=self.manifest,
+            capabilities=self.capabilities,
+        )
+        row = {
+            "step": step,
+            "kimg": kimg,
+            "checkpoint": checkpoint,
+            "started": started,
+            "finished": time.time(),
+            **{f"eval/{k}": v for k, v in result.metrics.items()},
+            "eval/seconds": result.seconds,
+            "eval/cache_hit": result.cache_hit,
+            "feature_extractor": result.feature_extractor,
+        }
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / EVAL_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -108,8 +124,12 @@ class EvaluatorActor(Evaluator):
 
     def status(self) -> dict:
         with self._wake:
-            return {"pending": self._pending is not None, "busy": self._busy, "dropped": self.dropped,
-                    "failures": list(self.failures)}
+            return {
+                "pending": self._pending is not None,
+                "busy": self._busy,
+                "dropped": self.dropped,
+                "failures": list(self.failures),
+            }
 
     def _loop(self) -> None:
         while True:

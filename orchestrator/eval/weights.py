@@ -12,6 +12,7 @@ The expected sha256 of ``weights-inception-2015-12-05-6726825d.pth``: torch-fide
 loads the file with ``check_hash=False``); the file name carries its first eight hex digits (torch hub's
 convention), and the full digest is the one recorded for this file in public projects that pin it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,9 @@ from http.client import HTTPException
 from pathlib import Path
 
 # torch-fidelity 0.4's URL_INCEPTION_V3 (a test checks they agree)
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[-1]
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 CACHE_ENV = "GANFORGE_CACHE"
@@ -67,8 +69,9 @@ class Download:
     already_there: bool = False
 
 
-def download(url: str, dest: str | Path, sha256: str, *, progress: bool = True, timeout: float = 60.0,
-             howto: str = "") -> Download:
+def download(
+    url: str, dest: str | Path, sha256: str, *, progress: bool = True, timeout: float = 60.0, howto: str = ""
+) -> Download:
     """Fetch ``url`` to ``dest``, resuming ``dest.part`` if an earlier attempt left one; keep it only if its
     sha256 is ``sha256``.
 
@@ -103,31 +106,48 @@ def download(url: str, dest: str | Path, sha256: str, *, progress: bool = True, 
         with response:
             start = _range_start(response) if response.status == 206 else 0
             if start not in (0, have):
-                raise WeightsError(f"{url}: the server sent bytes from {start}, not {have}; delete {part} and "
-                                   f"run again")
+                raise WeightsError(
+                    f"{url}: the server sent bytes from {start}, not {have}; delete {part} and run again"
+                )
             have = start
             length = response.headers.get("Content-Length")
             total = have + int(length) if length and length.isdigit() else None
             try:
-                with open(part, "ab" if have else "wb") as f, \
-                        tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=dest.name, disable=not progress, leave=True) as bar:
+                with (
+                    open(part, "ab" if have else "wb") as f,
+                    tqdm(
+                        total=total,
+                        initial=have,
+                        unit="B",
+                        unit_scale=True,
+                        unit_divisor=1024,
+                        desc=dest.name,
+                        disable=not progress,
+                        leave=True,
+                    ) as bar,
+                ):
                     while block := response.read(1 << 16):
                         f.write(block)
                         fetched += len(block)
                         bar.update(len(block))
             except (HTTPException, OSError) as e:
-                raise WeightsError(f"the download of {url} broke off after {have + fetched:,} bytes ({e}); "
-                                   f"{part} is kept: run the same command again to resume") from None
+                raise WeightsError(
+                    f"the download of {url} broke off after {have + fetched:,} bytes ({e}); "
+                    f"{part} is kept: run the same command again to resume"
+                ) from None
             if total is not None and have + fetched < total:
-                raise WeightsError(f"the download of {url} ended after {have + fetched:,} of {total:,} bytes; "
-                                   f"{part} is kept: run the same command again to resume")
+                raise WeightsError(
+                    f"the download of {url} ended after {have + fetched:,} of {total:,} bytes; "
+                    f"{part} is kept: run the same command again to resume"
+                )
     digest = sha256_of(part)
     if digest != sha256:
         part.unlink()
-        raise WeightsError(f"{url}: the downloaded file's sha256 is {digest}, not {sha256}; it was deleted (a "
-                           f"corrupted or tampered download). Run again; if this repeats, fetch it elsewhere and "
-                           f"check: sha256sum {dest.name}")
+        raise WeightsError(
+            f"{url}: the downloaded file's sha256 is {digest}, not {sha256}; it was deleted (a "
+            f"corrupted or tampered download). Run again; if this repeats, fetch it elsewhere and "
+            f"check: sha256sum {dest.name}"
+        )
     os.replace(part, dest)
     return Download(dest, digest, fetched, have)
 
@@ -138,8 +158,10 @@ def _range_start(response) -> int:
 
 
 def _elsewhere(url: str, dest: Path, howto: str) -> str:
-    return (f"The file goes to {dest}: on a machine with internet access, {howto or 'fetch it'} (or curl -L -o "
-            f"{dest.name} {url}) and copy it there")
+    return (
+        f"The file goes to {dest}: on a machine with internet access, {howto or 'fetch it'} (or curl -L -o "
+        f"{dest.name} {url}) and copy it there"
+    )
 
 
 def get(name: str, url: str | None = None, sha256: str | None = None, progress: bool = True) -> Download:
@@ -149,5 +171,6 @@ def get(name: str, url: str | None = None, sha256: str | None = None, progress: 
         raise WeightsError(f"unknown weights {name!r}; known: {', '.join(KNOWN)}")
     official_url, official_sha = KNOWN[name]
     dest = cache_dir() / official_url.rsplit("/", 1)[-1]
-    return download(url or official_url, dest, sha256 or official_sha, progress=progress,
-                    howto=f"run `ganforge weights get {name}`")
+    return download(
+        url or official_url, dest, sha256 or official_sha, progress=progress, howto=f"run `ganforge weights get {name}`"
+    )

@@ -13,6 +13,7 @@ ProGAN's drift term and AC-GAN term are part of the D phase.
 Regularizers take input gradients through the raw modules and anchor their loss through the wrapper
 (see :mod:`orchestrator.dist.strategy`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,16 @@ import torch.nn as nn
 from architectures.registry import Capabilities
 from core.config import ConfigError
 from orchestrator.ema import make_ema
-from orchestrator.losses import (LossConfig, class_loss, d_loss, g_loss, gradient_penalty, orthogonal_penalty,
-                                 path_length_penalty, r1_penalty)
+from orchestrator.losses import (
+    LossConfig,
+    class_loss,
+    d_loss,
+    g_loss,
+    gradient_penalty,
+    orthogonal_penalty,
+    path_length_penalty,
+    r1_penalty,
+)
 from orchestrator.recipes.recipe import Micro, Network, Phase, Recipe, RecipeSetup, StepContext, register_recipe
 
 
@@ -41,8 +50,9 @@ class RegState:
         self.pl_mean = state["pl_mean"].to(self.pl_mean.device)
 
 
-def run_generator(G: nn.Module, z: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig, mapping: bool,
-                  update_emas: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def run_generator(
+    G: nn.Module, z: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig, mapping: bool, update_emas: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fake images and, for mapping-network generators, the ws they came from (after style mixing)."""
     if mapping:
         ws = G.mapping_with_style_mixing(z, c, cfg.style_mixing_prob, update_emas=update_emas)
@@ -50,7 +60,9 @@ def run_generator(G: nn.Module, z: torch.Tensor, c: torch.Tensor | None, cfg: Lo
     return G(z, c), None
 
 
-def scores(D: nn.Module, img: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+def scores(
+    D: nn.Module, img: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """D's real/fake logits (fp32) and, when the AC-GAN term is on, its class logits (else None)."""
     if cfg.ac_weight:
         logits, class_logits = D(img, c, return_class_logits=True)
@@ -81,19 +93,27 @@ def check(setup: RecipeSetup, caps: Capabilities) -> None:
     cfg, arch = setup.loss, setup.arch.name
     classifies = bool(setup.spec.num_classes) and caps.class_logits
     if cfg.ac_weight > 0 and not classifies:
-        raise ConfigError(f"loss.ac_weight: {cfg.ac_weight} needs a class-conditional D with an auxiliary "
-                          f"classifier (conditional progan); set it to 0")
+        raise ConfigError(
+            f"loss.ac_weight: {cfg.ac_weight} needs a class-conditional D with an auxiliary "
+            f"classifier (conditional progan); set it to 0"
+        )
     if classifies and cfg.ac_weight == 0:
-        raise ConfigError(f"loss.ac_weight: 0, but the {arch} D only learns labels through the AC-GAN "
-                          f"term, so G would ignore them: set loss.ac_weight (official: 1.0)")
+        raise ConfigError(
+            f"loss.ac_weight: 0, but the {arch} D only learns labels through the AC-GAN "
+            f"term, so G would ignore them: set loss.ac_weight (official: 1.0)"
+        )
     for key in ("pl_weight", "style_mixing_prob"):
         if getattr(cfg, key) > 0 and not caps.mapping:
-            raise ConfigError(f"loss.{key}: {getattr(cfg, key)} needs a generator with a mapping network "
-                              f"(stylegan2); the {arch} generator has none: set it to 0")
+            raise ConfigError(
+                f"loss.{key}: {getattr(cfg, key)} needs a generator with a mapping network "
+                f"(stylegan2); the {arch} generator has none: set it to 0"
+            )
     if cfg.ortho_beta > 0 and not caps.ortho_parameters:
-        raise ConfigError(f"loss.ortho_beta: {cfg.ortho_beta} needs a generator that names its orthogonally "
-                          f"regularized weights (biggan's ortho_parameters); the {arch} generator does not: "
-                          f"set it to 0")
+        raise ConfigError(
+            f"loss.ortho_beta: {cfg.ortho_beta} needs a generator that names its orthogonally "
+            f"regularized weights (biggan's ortho_parameters); the {arch} generator does not: "
+            f"set it to 0"
+        )
 
 
 def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
@@ -114,9 +134,12 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
             real_logits, real_classes = scores(ctx.nets["D"], real_in, c_real, cfg)
             fake_logits, fake_classes = scores(ctx.nets["D"], fake.detach(), c_fake, cfg)
         total = d_loss(cfg.kind, real_logits, fake_logits)
-        stats = {"loss/D": total, "D/real": torch.sigmoid(real_logits).mean(),
-                 "D/fake": torch.sigmoid(fake_logits).mean(),
-                 "D/accuracy": 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())}
+        stats = {
+            "loss/D": total,
+            "D/real": torch.sigmoid(real_logits).mean(),
+            "D/fake": torch.sigmoid(fake_logits).mean(),
+            "D/accuracy": 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()),
+        }
         if cfg.ac_weight:
             stats["loss/D_ac"] = class_loss(real_classes, c_real) + class_loss(fake_classes, c_fake)
             total = total + cfg.ac_weight * stats["loss/D_ac"]
@@ -128,8 +151,9 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
                 stats["reg/gp"] = gradient_penalty(lambda x: raw_D(x, c_real), real, fake, eps).mean()
             total = total + cfg.gp_weight * stats["reg/gp"]
         if with_r1:
-            r1 = r1_through_raw(ctx, real, c_real)[0] if own_r1_pass else r1_penalty(real_in, real_logits,
-                                                                                       st.loss_scale)
+            r1 = (
+                r1_through_raw(ctx, real, c_real)[0] if own_r1_pass else r1_penalty(real_in, real_logits, st.loss_scale)
+            )
             stats["reg/r1"] = r1.mean()
             total = total + stats["reg/r1"] * (cfg.r1_gamma / 2)
         return total, stats
@@ -146,8 +170,9 @@ def d_reg_phase(cfg: LossConfig) -> Phase:
         total = r1.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval + 0 * anchor(ctx, "D", logits, real, c)
         return total, {"reg/r1": r1.mean()}
 
-    return Phase("Dreg", steps=("D",), loss=loss, inputs=lambda ctx, reals, n: reals, reals="same",
-                 interval=cfg.r1_interval)
+    return Phase(
+        "Dreg", steps=("D",), loss=loss, inputs=lambda ctx, reals, n: reals, reals="same", interval=cfg.r1_interval
+    )
 
 
 def g_phase(cfg: LossConfig, caps: Capabilities) -> Phase:
@@ -203,8 +228,7 @@ def g_pl_phase(cfg: LossConfig, caps: Capabilities, reg: RegState) -> Phase:
             stats["reg/pl_mean"] = reg.pl_mean.detach() * m.count
         return total, stats
 
-    return Phase("Greg", steps=("G",), loss=loss, inputs=inputs, interval=cfg.pl_interval,
-                 shrink=cfg.pl_batch_shrink)
+    return Phase("Greg", steps=("G",), loss=loss, inputs=inputs, interval=cfg.pl_interval, shrink=cfg.pl_batch_shrink)
 
 
 def build(setup: RecipeSetup) -> Recipe:
@@ -227,9 +251,11 @@ def build(setup: RecipeSetup) -> Recipe:
     phases.append(g_phase(cfg, caps))
     if cfg.pl_weight > 0:
         phases.append(g_pl_phase(cfg, caps, reg))
-    networks = {"G": Network(G, setup.optim.g, cfg.pl_interval if lazy_pl else 1),
-                "D": Network(D, setup.optim.d, cfg.r1_interval if lazy_r1 else 1),
-                "G_ema": Network(make_ema(G))}
+    networks = {
+        "G": Network(G, setup.optim.g, cfg.pl_interval if lazy_pl else 1),
+        "D": Network(D, setup.optim.d, cfg.r1_interval if lazy_r1 else 1),
+        "G_ema": Network(make_ema(G)),
+    }
     return Recipe("noise_to_image", networks, phases, setup.sampler(G.z_dim), ema={"G_ema": "G"}, state={"reg": reg})
 
 

@@ -14,6 +14,7 @@ synchronisation only on the last one, then step each optimizer once.
 Adding a GAN kind means writing a builder ``(RecipeSetup) -> Recipe`` and registering it under a name
 (``train.recipe``); the Run's loop does not change.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Callable, Literal, Protocol
 import torch
 import torch.nn as nn
 
-from architectures.registry import Architecture, ArchConfig
+from architectures.registry import ArchConfig, Architecture
 from core.config import ConfigError
 from core.spec import ImageSpec
 from orchestrator.dist.strategy import Strategy
@@ -53,15 +54,17 @@ class Sampler:
     world_size: int = 1
 
     def _mine(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        return x[self.rank * n:(self.rank + 1) * n].to(self.device)
+        return x[self.rank * n : (self.rank + 1) * n].to(self.device)
 
     def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``n`` latents of this rank and their random labels (None when unconditional)."""
         z = torch.randn(n * self.world_size, self.z_dim, generator=self.rng, device=self.rng.device)
         c = None
         if self.num_classes:
-            c = self._mine(torch.randint(0, self.num_classes, (n * self.world_size,), generator=self.rng,
-                                         device=self.rng.device), n)
+            c = self._mine(
+                torch.randint(0, self.num_classes, (n * self.world_size,), generator=self.rng, device=self.rng.device),
+                n,
+            )
         return self._mine(z, n), c
 
     def uniform(self, n: int) -> torch.Tensor:
@@ -170,8 +173,14 @@ class RecipeSetup:
 
     def sampler(self, z_dim: int) -> Sampler:
         """The recipe's latent sampler: seeded from ``train.seed``, the same stream on every rank."""
-        return Sampler(z_dim, self.spec.num_classes, self.device, torch.Generator().manual_seed(self.seed + 1),
-                       self.rank, self.world_size)
+        return Sampler(
+            z_dim,
+            self.spec.num_classes,
+            self.device,
+            torch.Generator().manual_seed(self.seed + 1),
+            self.rank,
+            self.world_size,
+        )
 
 
 RecipeBuilder = Callable[[RecipeSetup], Recipe]
@@ -216,8 +225,9 @@ class PhaseResult:
     skipped: int = 0
 
 
-def run_phase(phase: Phase, ctx: StepContext, data: dict[str, torch.Tensor | None], sizes: list[int],
-              grad_norms: bool = False) -> PhaseResult:
+def run_phase(
+    phase: Phase, ctx: StepContext, data: dict[str, torch.Tensor | None], sizes: list[int], grad_norms: bool = False
+) -> PhaseResult:
     """zero_grad → per micro-batch: loss, backward (synchronised on the last) → one step per network.
     With ``grad_norms`` the statistics include ``grad/<network>`` just before the step."""
     st = ctx.strategy

@@ -12,6 +12,7 @@ flagged, unreadable lines (a crash mid-write) are skipped and counted, and rows 
 resume from an earlier checkpoint, or evaluator rows at a training step) are merged key by key, the last
 value winning.
 """
+
 from __future__ import annotations
 
 import base64
@@ -138,11 +139,27 @@ GROUPS = (  # in page order; "other" last, it takes what the others leave
 )
 
 # Within a group, these first (in this order), then the rest by name.
-ORDER = ("loss/D", "loss/G", "D/real", "D/fake", "D/accuracy", "perf/img_per_s", "perf/data_wait", "perf/peak_mem_mb",
-         "eval/fid", "eval/kid", "lr/G", "lr/D", "ema/beta")
+ORDER = (
+    "loss/D",
+    "loss/G",
+    "D/real",
+    "D/fake",
+    "D/accuracy",
+    "perf/img_per_s",
+    "perf/data_wait",
+    "perf/peak_mem_mb",
+    "eval/fid",
+    "eval/kid",
+    "lr/G",
+    "lr/D",
+    "ema/beta",
+)
 
-UNITS = {"perf/img_per_s": "images / s", "perf/data_wait": "fraction of wall time waiting for data",
-         "perf/peak_mem_mb": "MiB"}
+UNITS = {
+    "perf/img_per_s": "images / s",
+    "perf/data_wait": "fraction of wall time waiting for data",
+    "perf/peak_mem_mb": "MiB",
+}
 
 # Drawn on a log axis: they fall by orders of magnitude over a run. KID's unbiased estimate can be 0 or
 # negative once the sets are close; then the axis is symlog, linear within the smallest |value| of 0.
@@ -183,8 +200,17 @@ def _plot_series(ax, x: list[float], y: list[float], label: str, color) -> None:
         ax.plot(x, finite, color=color, lw=1.4, marker="o", ms=3.5, label=label)
     bad = [xi for xi, v in zip(x, y) if not math.isfinite(v)]
     if bad:  # at the bottom edge, whatever the y range, so a divergence cannot hide off-axis
-        ax.plot(bad, [0.02] * len(bad), "x", color="red", ms=7, mew=2, transform=ax.get_xaxis_transform(),
-                label=f"{label}: {len(bad)} NaN/Inf", clip_on=False)
+        ax.plot(
+            bad,
+            [0.02] * len(bad),
+            "x",
+            color="red",
+            ms=7,
+            mew=2,
+            transform=ax.get_xaxis_transform(),
+            label=f"{label}: {len(bad)} NaN/Inf",
+            clip_on=False,
+        )
 
 
 def log_scale(ax, y: list[float]) -> None:
@@ -227,7 +253,7 @@ def group_figure(metrics: Metrics, group: Group, keys: list[str], x: str = "kimg
                 log_scale(ax, metrics.series(ks[0], x)[1])
         if len(ax.get_legend_handles_labels()[1]) > 1:
             ax.legend(fontsize=8, loc="best")
-    for ax in axes[len(per_axes):]:
+    for ax in axes[len(per_axes) :]:
         ax.set_visible(False)
     return fig
 
@@ -252,8 +278,9 @@ class Grid:
 
 def find_grids(run_dir: Path) -> list[Grid]:
     """``samples/grid-<kimg>kimg.png`` of a run (``grid-000025.600kimg.png``), by kimg."""
-    grids = [Grid(p, float(m.group(1))) for p in (run_dir / "samples").glob("grid-*.png")
-             if (m := GRID_NAME.search(p.name))]
+    grids = [
+        Grid(p, float(m.group(1))) for p in (run_dir / "samples").glob("grid-*.png") if (m := GRID_NAME.search(p.name))
+    ]
     return sorted(grids, key=lambda g: g.kimg)
 
 
@@ -347,8 +374,9 @@ window.addEventListener("load", function () {
 """
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: int = 24,
-                 grid_max_px: int = 1024) -> Report:
+def write_report(
+    run_dir: str | Path, out: str | Path | None = None, max_grids: int = 24, grid_max_px: int = 1024
+) -> Report:
     """Write the plots and ``index.html`` of a run to ``out`` (default ``<run_dir>/report``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -364,15 +392,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
         raise ReportError(f"{run_dir} has no {METRICS_FILE}, sample grids or config.yaml: is it a run directory?")
     out.mkdir(parents=True, exist_ok=True)
 
-    x = "kimg" if metrics.rows and all("kimg" in r for r in metrics.rows) else "step"
-    groups = group_keys(metrics.keys)
-    plots = []
-    for g in GROUPS:
-        path = out / f"{g.stem}.png"
-        if g in groups:
-            plots.append((g, plot_group(metrics, g, groups[g], path, x)))
-        elif path.exists():  # left by an earlier report of this run
-            path.unlink()
+    plots = _plots(metrics, out)
     grids = pick_evenly(all_grids, max_grids)
 
     parts = [_header(run_dir, metrics, all_grids), _warnings(metrics, metrics_path, all_grids, real)]
@@ -384,31 +404,31 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
     if plots:
         parts.append('<h2 id="plots">Plots</h2>')
         for g, p in plots:
-            parts.append(f'<div class="card plot"><img src="{data_uri(p.read_bytes())}" '
-                         f'alt="{html.escape(g.title)}" title="{html.escape(p.name)}"></div>')
+            parts.append(
+                f'<div class="card plot"><img src="{data_uri(p.read_bytes())}" '
+                f'alt="{html.escape(g.title)}" title="{html.escape(p.name)}"></div>'
+            )
     if grids or real:
-        shown = f"{len(grids)} of {len(all_grids)}, evenly spaced" if len(grids) < len(all_grids) else str(len(grids))
-        parts.append(f'<h2 id="samples">Real images and fixed-seed samples over training ({shown})</h2>'
-                     f'<p class="sub">First (green frame) real training images, <code>samples/{REAL_GRID}</code>; '
-                     f'then G_ema on the same latents every time, from <code>samples/</code>.</p><div class="grids">')
-        if real:
-            parts.append(_figure(real, grid_max_px, "real training images", "real images", "real"))
-        for gr in grids:
-            parts.append(_figure(gr.path, grid_max_px, f"sample grid at {gr.kimg} kimg", f"{gr.kimg:,.3g} kimg"))
-        parts.append("</div>")
+        parts.append(_samples(grids, len(all_grids), real, grid_max_px))
     if evals:
         parts.append('<h2 id="eval">Evaluator metrics by step</h2>' + _table(metrics, evals))
     if metrics.keys:
         parts.append('<h2 id="latest">Latest values</h2>' + _latest(metrics))
-    config = config_path.read_text(errors="replace") if config_path.exists() else "(no config.yaml in the run directory)"
+    config = (
+        config_path.read_text(errors="replace") if config_path.exists() else "(no config.yaml in the run directory)"
+    )
     parts.append(f'<h2 id="config">Resolved config</h2><pre>{html.escape(config)}</pre>')
-    parts.append(f'<p class="sub">Written by <code>ganforge report</code> on '
-                 f'{time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}.</p>')
+    parts.append(
+        f'<p class="sub">Written by <code>ganforge report</code> on '
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>"
+    )
 
-    page = ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            '<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>ganforge report: {html.escape(run_dir.resolve().name)}</title><style>{STYLE}</style></head>"
-            f"<body><main>{''.join(parts)}</main><script>{CHECK_IMAGES}</script></body></html>\n")
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>ganforge report: {html.escape(run_dir.resolve().name)}</title><style>{STYLE}</style></head>"
+        f"<body><main>{''.join(parts)}</main><script>{CHECK_IMAGES}</script></body></html>\n"
+    )
     index = out / "index.html"
     tmp = index.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -416,13 +436,44 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_grids: 
     return Report(index, [p for _, p in plots], grids, len(all_grids), len(metrics.rows), real)
 
 
+def _plots(metrics: Metrics, out: Path) -> list[tuple[Group, Path]]:
+    """One PNG per group of metrics the run logged (against kimg when every row has it); stale ones removed."""
+    x = "kimg" if metrics.rows and all("kimg" in r for r in metrics.rows) else "step"
+    groups = group_keys(metrics.keys)
+    plots = []
+    for g in GROUPS:
+        path = out / f"{g.stem}.png"
+        if g in groups:
+            plots.append((g, plot_group(metrics, g, groups[g], path, x)))
+        elif path.exists():  # left by an earlier report of this run
+            path.unlink()
+    return plots
+
+
+def _samples(grids: list[Grid], total: int, real: Path | None, grid_max_px: int) -> str:
+    """The samples section: the real-image grid first (green frame), then the picked G_ema grids."""
+    shown = f"{len(grids)} of {total}, evenly spaced" if len(grids) < total else str(len(grids))
+    parts = [
+        f'<h2 id="samples">Real images and fixed-seed samples over training ({shown})</h2>'
+        f'<p class="sub">First (green frame) real training images, <code>samples/{REAL_GRID}</code>; '
+        f'then G_ema on the same latents every time, from <code>samples/</code>.</p><div class="grids">'
+    ]
+    if real:
+        parts.append(_figure(real, grid_max_px, "real training images", "real images", "real"))
+    for gr in grids:
+        parts.append(_figure(gr.path, grid_max_px, f"sample grid at {gr.kimg} kimg", f"{gr.kimg:,.3g} kimg"))
+    return "".join(parts) + "</div>"
+
+
 def _figure(path: Path, max_px: int, alt: str, caption: str, css_class: str = "") -> str:
     png, w, h = _grid_png(path, max_px)
     scale = max(1, round(320 / max(w, h, 1)))  # tiny grids (16 px digits) are blown up, pixelated
     cls = f' class="{css_class}"' if css_class else ""
-    return (f'<figure{cls}><img src="{data_uri(png)}" width="{w * scale}" height="{h * scale}" '
-            f'alt="{html.escape(alt)}" title="{html.escape(path.name)}"><figcaption>{html.escape(caption)}'
-            f"</figcaption></figure>")
+    return (
+        f'<figure{cls}><img src="{data_uri(png)}" width="{w * scale}" height="{h * scale}" '
+        f'alt="{html.escape(alt)}" title="{html.escape(path.name)}"><figcaption>{html.escape(caption)}'
+        f"</figcaption></figure>"
+    )
 
 
 def _header(run_dir: Path, m: Metrics, grids: list[Grid]) -> str:
@@ -430,19 +481,31 @@ def _header(run_dir: Path, m: Metrics, grids: list[Grid]) -> str:
     facts = [("Run directory", f"<code>{html.escape(str(run_dir.resolve()))}</code>")]
     if m.rows:
         last = m.rows[-1]
-        facts.append(("Logged", f"{len(m.rows)} steps, up to step {int(last['step']):,}"
-                      + (f" ({last['kimg']:,.2f} kimg)" if "kimg" in last else "")))
+        facts.append(
+            (
+                "Logged",
+                f"{len(m.rows)} steps, up to step {int(last['step']):,}"
+                + (f" ({last['kimg']:,.2f} kimg)" if "kimg" in last else ""),
+            )
+        )
         times = [r["time"] for r in m.rows if "time" in r and math.isfinite(r["time"])]
         if times:
             span = max(times) - min(times)
-            facts.append(("Wall clock", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(min(times)))} → "
-                          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(max(times)))} "
-                          f"({span / 3600:.2f} h between the first and last log)"))
+            facts.append(
+                (
+                    "Wall clock",
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(min(times)))} → "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(max(times)))} "
+                    f"({span / 3600:.2f} h between the first and last log)",
+                )
+            )
     facts.append(("Sample grids", str(len(grids))))
     rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in facts)
-    return (f"<h1>Training report: {name}</h1><p class=sub>ganforge run summary, from "
-            f'<code>{METRICS_FILE}</code>, <code>samples/</code> and <code>config.yaml</code>.</p>'
-            f'<table class="facts card">{rows}</table>')
+    return (
+        f"<h1>Training report: {name}</h1><p class=sub>ganforge run summary, from "
+        f"<code>{METRICS_FILE}</code>, <code>samples/</code> and <code>config.yaml</code>.</p>"
+        f'<table class="facts card">{rows}</table>'
+    )
 
 
 def _warnings(m: Metrics, metrics_path: Path, all_grids: list[Grid], real: Path | None) -> str:
@@ -452,14 +515,20 @@ def _warnings(m: Metrics, metrics_path: Path, all_grids: list[Grid], real: Path 
     elif not m.rows:
         notes.append(f"<code>{METRICS_FILE}</code> has no readable rows yet: no plots.")
     for k, (n, first) in sorted(m.non_finite().items()):
-        notes.append(f"<code>{html.escape(k)}</code> is NaN/Inf in {n} logged step(s), first at step {first:,} "
-                     f"(red × on the plots).")
+        notes.append(
+            f"<code>{html.escape(k)}</code> is NaN/Inf in {n} logged step(s), first at step {first:,} "
+            f"(red × on the plots)."
+        )
     if m.skipped_lines:
-        notes.append(f"{m.skipped_lines} line(s) of <code>{METRICS_FILE}</code> could not be read and were skipped "
-                     f"(a line cut short by a crash, or being written right now).")
+        notes.append(
+            f"{m.skipped_lines} line(s) of <code>{METRICS_FILE}</code> could not be read and were skipped "
+            f"(a line cut short by a crash, or being written right now)."
+        )
     if m.overwritten:
-        notes.append(f"{m.overwritten} value(s) were logged again for a step already in the log (a resume from an "
-                     f"earlier checkpoint): the last one is shown.")
+        notes.append(
+            f"{m.overwritten} value(s) were logged again for a step already in the log (a resume from an "
+            f"earlier checkpoint): the last one is shown."
+        )
     if not all_grids:
         notes.append("No sample grids in <code>samples/</code> yet.")
     elif real is None:
@@ -471,8 +540,11 @@ def _table(m: Metrics, keys: list[str]) -> str:
     head = "<tr><th>step</th><th>kimg</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"
     body = "".join(
         f"<tr><td>{int(r['step']):,}</td><td>{_fmt(r.get('kimg'))}</td>"
-        + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys) + "</tr>"
-        for r in m.rows if any(k in r for k in keys))
+        + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in keys)
+        + "</tr>"
+        for r in m.rows
+        if any(k in r for k in keys)
+    )
     return f'<table class="card">{head}{body}</table>'
 
 
@@ -482,6 +554,7 @@ def _latest(m: Metrics) -> str:
         for k in m.keys:
             if k in r:
                 latest[k] = (r[k], int(r["step"]))
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td><td>{s:,}</td></tr>"
-                   for k, (v, s) in sorted(latest.items()))
+    body = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td><td>{s:,}</td></tr>" for k, (v, s) in sorted(latest.items())
+    )
     return f'<table class="card"><tr><th>metric</th><th>value</th><th>at step</th></tr>{body}</table>'

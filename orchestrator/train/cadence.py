@@ -1,4 +1,5 @@
 """What is due after a step, decided in one place from the images seen (and the step, for logs)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,5 +38,9 @@ class Cadence:
         """What step ``step``, which moved the image count from ``before`` to ``after``, calls for. Evaluated
         weights always get a checkpoint, so the best one can be kept."""
         evaluate = self.eval_kimg is not None and crossed(before, after, self.eval_kimg)
-        return Due(log=self.log_due(step), grid=crossed(before, after, self.grid_kimg),
-                   checkpoint=evaluate or crossed(before, after, self.checkpoint_kimg), evaluate=evaluate)
+        return Due(
+            log=self.log_due(step),
+            grid=crossed(before, after, self.grid_kimg),
+            checkpoint=evaluate or crossed(before, after, self.checkpoint_kimg),
+            evaluate=evaluate,
+        )

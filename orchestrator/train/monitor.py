@@ -4,6 +4,7 @@ The Run hands the :class:`Monitor` its statistics and the images seen; the Monit
 (console, ``metrics.jsonl``, W&B), the fixed latents of the grids, the health monitor and the evaluator
 client. On other ranks a Monitor is inactive: every call returns at once.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,7 +46,7 @@ def save_grid(G: nn.Module, z: torch.Tensor, c: torch.Tensor | None, ncol: int, 
     import torchvision  # imported here: it costs ~1.5 s of start-up (torch._dynamo)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = torch.cat([G(z[i:i + 256], None if c is None else c[i:i + 256]).float() for i in range(0, len(z), 256)])
+    img = torch.cat([G(z[i : i + 256], None if c is None else c[i : i + 256]).float() for i in range(0, len(z), 256)])
     torchvision.utils.save_image(img.clamp(-1, 1), path, nrow=ncol, normalize=True, value_range=(-1, 1), padding=1)
     return path
 
@@ -55,7 +56,9 @@ def grid_path(samples_dir: Path, nimg: int) -> Path:
     return samples_dir / f"grid-{nimg / 1000:010.3f}kimg.png"
 
 
-def real_images(cfg: JobConfig, spec: ImageSpec, grid_size: int, max_batches: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+def real_images(
+    cfg: JobConfig, spec: ImageSpec, grid_size: int, max_batches: int = 50
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Real images for the real grid (``(rows × grid_size, C, H, W)``, one row per class when conditional,
     black where a class ran out) and, in reading order, a batch for the real data's diversity. Read by
     a loader of their own, so training's data order is untouched."""
@@ -77,17 +80,26 @@ def real_images(cfg: JobConfig, spec: ImageSpec, grid_size: int, max_batches: in
             break
     every = torch.cat(seen)
     if not per_class_rows:
-        return every[:grid_size * rows], every[:cfg.health.diversity_samples]
+        return every[: grid_size * rows], every[: cfg.health.diversity_samples]
     blank = torch.full_like(every[0], -1.0)
     grid = [(per_class.get(k, []) + [blank] * grid_size)[:grid_size] for k in range(rows)]
-    return torch.stack([img for row in grid for img in row]), every[:cfg.health.diversity_samples]
+    return torch.stack([img for row in grid for img in row]), every[: cfg.health.diversity_samples]
 
 
 class Monitor:
     """Rank 0's logging, grids, health checks and evaluation requests for one Run."""
 
-    def __init__(self, cfg: JobConfig, spec: ImageSpec, run_dir: Path, device: torch.device, z_dim: int,
-                 tracker: Tracker, evaluator: EvalClient | None, active: bool):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        spec: ImageSpec,
+        run_dir: Path,
+        device: torch.device,
+        z_dim: int,
+        tracker: Tracker,
+        evaluator: EvalClient | None,
+        active: bool,
+    ):
         self.cfg, self.spec, self.device, self.active = cfg, spec, device, active
         self.tracker, self.evaluator = tracker, evaluator
         self.samples_dir = Path(run_dir) / "samples"
@@ -114,8 +126,14 @@ class Monitor:
             import torchvision
 
             self.samples_dir.mkdir(parents=True, exist_ok=True)
-            torchvision.utils.save_image(real_grid, self.samples_dir / "real.png", nrow=cfg.tracking.grid_size,
-                                         normalize=True, value_range=(-1, 1), padding=1)
+            torchvision.utils.save_image(
+                real_grid,
+                self.samples_dir / "real.png",
+                nrow=cfg.tracking.grid_size,
+                normalize=True,
+                value_range=(-1, 1),
+                padding=1,
+            )
             self.tracker.log_image("samples/real", self.samples_dir / "real.png", step, "real images")
 
     def observe_real(self, prepare) -> None:
@@ -129,13 +147,21 @@ class Monitor:
             return stats
         now = time.perf_counter()
         img_per_s = (nimg - self._img) / max(now - self._t, 1e-9)
-        metrics = {**stats, "perf/img_per_s": img_per_s, "perf/kimg_per_h": img_per_s * 3.6,
-                   "perf/data_wait": self.data_wait / max(now - self._t, 1e-9),
-                   "perf/peak_mem_mb": peak_memory_mb(self.device), **extra}
+        metrics = {
+            **stats,
+            "perf/img_per_s": img_per_s,
+            "perf/kimg_per_h": img_per_s * 3.6,
+            "perf/data_wait": self.data_wait / max(now - self._t, 1e-9),
+            "perf/peak_mem_mb": peak_memory_mb(self.device),
+            **extra,
+        }
         if self.health is not None:
             samples = None
             if self.health.diversity_due(step // self.cfg.tracking.log_every, nimg):
-                with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                with (
+                    torch.no_grad(),
+                    torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
+                ):
                     samples = G_ema(self.health_z, self.health_c).float()
             metrics.update(self.health.check(metrics, step, samples))
         self.tracker.log(metrics, step, nimg)
@@ -150,8 +176,9 @@ class Monitor:
         is_level = path is not None
         path = path or grid_path(self.samples_dir, nimg)
         save_grid(G_ema, self.grid_z, self.grid_c, self.cfg.tracking.grid_size, path)
-        self.tracker.log_image("samples/level" if is_level else "samples/grid", path, step,
-                               caption or f"G_ema at {nimg / 1000:.1f} kimg")
+        self.tracker.log_image(
+            "samples/level" if is_level else "samples/grid", path, step, caption or f"G_ema at {nimg / 1000:.1f} kimg"
+        )
         if not is_level:
             self.last_grid = path
         return path
@@ -187,8 +214,9 @@ class Monitor:
         self.poll_evaluations()
 
 
-def make_eval_client(cfg: JobConfig, spec: ImageSpec, actor_name: str | None, run_dir: Path, note,
-                     resume_step: int | None) -> EvalClient:
+def make_eval_client(
+    cfg: JobConfig, spec: ImageSpec, actor_name: str | None, run_dir: Path, note, resume_step: int | None
+) -> EvalClient:
     """Rank 0's evaluator: the named Ray actor when the launcher made one, else one in this process."""
     if actor_name:
         import ray

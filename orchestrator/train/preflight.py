@@ -1,5 +1,6 @@
 """Checks and resolutions made before any work starts: device, batch split, resume point, run directory,
 and the distributed rules a network family imposes. Each failure is a config error that says what to do."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ def resolve_device(name: str, precision: str, local_rank: int = 0) -> torch.devi
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     if precision == "fp16" and name != "cuda":
-        raise ConfigError("train.precision: 'fp16' (with loss scaling) is a CUDA path; on CPU use 'fp32' "
-                          "(fast here) or 'bf16'")
+        raise ConfigError(
+            "train.precision: 'fp16' (with loss scaling) is a CUDA path; on CPU use 'fp32' (fast here) or 'bf16'"
+        )
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
 
 
@@ -30,9 +32,11 @@ def batch_split(batch: int, micro_batch: int | None, world_size: int) -> tuple[i
     or the growth level's); ``micro_batch`` (``train.micro_batch``) caps the images per forward pass."""
     micro = min(micro_batch, batch // world_size) if micro_batch else batch // world_size
     if micro < 1 or batch % (world_size * micro):
-        raise ConfigError(f"global batch {batch} (train.batch_size or growth.batch_size) must be divisible by "
-                          f"workers ({world_size}) × train.micro_batch ({micro_batch or 'batch / workers'}); "
-                          f"e.g. use a batch of {max(1, batch // world_size) * world_size}")
+        raise ConfigError(
+            f"global batch {batch} (train.batch_size or growth.batch_size) must be divisible by "
+            f"workers ({world_size}) × train.micro_batch ({micro_batch or 'batch / workers'}); "
+            f"e.g. use a batch of {max(1, batch // world_size) * world_size}"
+        )
     return micro, batch // (world_size * micro)
 
 
@@ -46,14 +50,20 @@ def check_batches(cfg: JobConfig, world_size: int) -> None:
 def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
     """Growth settings the family cannot honour, and strategies that cannot follow a growing network."""
     if cfg.growth != type(cfg.growth)() and not caps.growth:
-        raise ConfigError(f"growth: progressive growing needs a growing architecture (progan); "
-                          f"model.arch is {cfg.model.arch}: remove the growth section")
+        raise ConfigError(
+            f"growth: progressive growing needs a growing architecture (progan); "
+            f"model.arch is {cfg.model.arch}: remove the growth section"
+        )
     if caps.growth and cfg.distributed.strategy == "deepspeed":
-        raise ConfigError("distributed.strategy: deepspeed cannot follow progressive growing (its batch sizes are "
-                          "fixed at start and its sharded Adam state cannot be reset per level); use ddp")
+        raise ConfigError(
+            "distributed.strategy: deepspeed cannot follow progressive growing (its batch sizes are "
+            "fixed at start and its sharded Adam state cannot be reset per level); use ddp"
+        )
     if caps.growth and cfg.distributed.strategy == "ddp" and not cfg.distributed.find_unused_parameters:
-        raise ConfigError("distributed.find_unused_parameters: must be true for progan under ddp (the blocks of "
-                          "levels not yet grown get no gradient)")
+        raise ConfigError(
+            "distributed.find_unused_parameters: must be true for progan under ddp (the blocks of "
+            "levels not yet grown get no gradient)"
+        )
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
@@ -61,15 +71,18 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     must exist. Nothing is created: a failed resume leaves no directory behind."""
     if resume is None:
         if list_checkpoints(run_dir):
-            raise CheckpointError(f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
-                                  f"or choose another --run-dir")
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
+                f"or choose another --run-dir"
+            )
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
     path = Path(resume)
     if not path.exists():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint; pass a ckpt-NNNNNNNNN directory of a run, "
-                              f"or --resume auto")
+        raise CheckpointError(
+            f"--resume {resume}: no such checkpoint; pass a ckpt-NNNNNNNNN directory of a run, or --resume auto"
+        )
     return path
 
 
@@ -81,5 +94,7 @@ def ensure_writable(run_dir: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}): choose another --run-dir or "
-                          f"fix the path or its permissions") from None
+        raise ConfigError(
+            f"run directory {run_dir} is not writable ({e.strerror}): choose another --run-dir or "
+            f"fix the path or its permissions"
+        ) from None

@@ -10,6 +10,7 @@ loop: step, then do what the cadence says is due. Side effects (logs, grids, che
 rank 0; every rank takes part in the collective calls (statistics, checkpoint state, Ray's report) the
 same number of times.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,8 +24,16 @@ import torch.distributed as dist
 
 import architectures
 from orchestrator import recipes  # noqa: F401  (registers the built-in recipes)
-from orchestrator.checkpoint import (META, Checkpoint, ModuleState, StateRegistry, checkpoint_dir, latest_checkpoint,
-                                     read_checkpoint, save_checkpoint)
+from orchestrator.checkpoint import (
+    META,
+    Checkpoint,
+    ModuleState,
+    StateRegistry,
+    checkpoint_dir,
+    latest_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from orchestrator.config import JobConfig, config_diff, config_from_yaml_text
 from orchestrator.data.shards import ShardLoader, image_spec, load_manifest
 from orchestrator.dist.strategy import make_strategy
@@ -37,8 +46,14 @@ from orchestrator.recipes.recipe import RecipeSetup, StepContext, get_recipe, ru
 from orchestrator.tracking import Tracker
 from orchestrator.train.cadence import Cadence
 from orchestrator.train.monitor import Monitor, make_eval_client
-from orchestrator.train.preflight import (batch_split, check_batches, check_distributed, ensure_writable,
-                                          resolve_device, resolve_resume)
+from orchestrator.train.preflight import (
+    batch_split,
+    check_batches,
+    check_distributed,
+    ensure_writable,
+    resolve_device,
+    resolve_resume,
+)
 
 
 @dataclass
@@ -105,8 +120,11 @@ class RankState:
 
     def load_state_dict(self, ranks: list[dict]) -> None:
         if len(ranks) != self.ctx.world_size:  # another worker count: its other split restarts the data epoch
-            print(f"note: the checkpoint was written by {len(ranks)} worker(s), this run has {self.ctx.world_size}; "
-                  f"data order and noise restart, weights and counters continue", flush=True)
+            print(
+                f"note: the checkpoint was written by {len(ranks)} worker(s), this run has {self.ctx.world_size}; "
+                f"data order and noise restart, weights and counters continue",
+                flush=True,
+            )
             self.loader.load_state_dict(ranks[0]["data"])
             return
         mine = ranks[self.ctx.rank]
@@ -151,9 +169,15 @@ class RunDescription:
 
     def state_dict(self) -> dict:
         run, cfg = self.run, self.run.cfg
-        return {"spec": run.spec.to_dict(), "arch": cfg.model.arch, "model": cfg.model.model_dump(mode="json"),
-                "recipe": cfg.train.recipe, "generator": run.recipe.generator, "config": run.config_yaml,
-                "level": [run.growth.resolution, run.growth.alpha] if run.growth else None}
+        return {
+            "spec": run.spec.to_dict(),
+            "arch": cfg.model.arch,
+            "model": cfg.model.model_dump(mode="json"),
+            "recipe": cfg.train.recipe,
+            "generator": run.recipe.generator,
+            "config": run.config_yaml,
+            "level": [run.growth.resolution, run.growth.alpha] if run.growth else None,
+        }
 
     def load_state_dict(self, meta: dict) -> None:
         """Say which settings differ from the checkpoint's (its weights are loaded all the same)."""
@@ -167,8 +191,9 @@ class Run:
     """One worker's training job; see the module docstring. Build it with :meth:`build`."""
 
     @classmethod
-    def build(cls, cfg: JobConfig, run_dir: str | Path, resume: str | None = None,
-              ctx: WorkerContext | None = None) -> Run:
+    def build(
+        cls, cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: WorkerContext | None = None
+    ) -> Run:
         """Check, build every component, restore when resuming (``None``, ``"auto"`` or a checkpoint path)."""
         run = cls()
         run.cfg, run.ctx, run.run_dir = cfg, ctx or WorkerContext(), Path(run_dir)
@@ -198,41 +223,55 @@ class Run:
     def _build_recipe(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(cfg.train.seed)  # the same initial networks on every rank
-        setup = RecipeSetup(cfg.model, self.arch, self.spec, cfg.loss, cfg.optim, self.device, cfg.train.seed,
-                            ctx.rank, ctx.world_size)
+        setup = RecipeSetup(
+            cfg.model, self.arch, self.spec, cfg.loss, cfg.optim, self.device, cfg.train.seed, ctx.rank, ctx.world_size
+        )
         self.recipe = get_recipe(cfg.train.recipe)(setup)
         trained = self.recipe.trained
         if cfg.distributed.sync_batchnorm and ctx.world_size > 1:
             for name in trained:
                 module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trained[name].module)
-                self.recipe.networks[name] = type(trained[name])(module, trained[name].optimizer,
-                                                                 trained[name].reg_interval)
+                self.recipe.networks[name] = type(trained[name])(
+                    module, trained[name].optimizer, trained[name].reg_interval
+                )
             trained = self.recipe.trained
         torch.manual_seed(cfg.train.seed + 7919 * (ctx.rank + 1))  # noise inputs and style mixing differ per rank
-        self.growth = (Growth(cfg.growth, cfg.model.start_resolution, self.spec.resolution)
-                       if self.arch.capabilities.growth else None)
+        self.growth = (
+            Growth(cfg.growth, cfg.model.start_resolution, self.spec.resolution)
+            if self.arch.capabilities.growth
+            else None
+        )
         self.global_batch = self.growth.batch_size(cfg.train.batch_size) if self.growth else cfg.train.batch_size
         self.micro_batch, self.num_micro = batch_split(self.global_batch, cfg.train.micro_batch, ctx.world_size)
         own_dtype = set(self.recipe.networks) if self.arch.capabilities.reduced_dtype else set()
         precision = make_precision(cfg.train.precision, self.device)
-        self.strategy = make_strategy(cfg.distributed, precision, own_dtype & set(trained),
-                                      cfg.faults.skip_nonfinite and cfg.train.precision != "fp16",
-                                      self.micro_batch, self.num_micro, ctx.world_size)
-        optimizers = {name: make_adam(net.module.parameters(), net.optimizer, net.reg_interval)
-                      for name, net in trained.items()}
+        self.strategy = make_strategy(
+            cfg.distributed,
+            precision,
+            own_dtype & set(trained),
+            cfg.faults.skip_nonfinite and cfg.train.precision != "fp16",
+            self.micro_batch,
+            self.num_micro,
+            ctx.world_size,
+        )
+        optimizers = {
+            name: make_adam(net.module.parameters(), net.optimizer, net.reg_interval) for name, net in trained.items()
+        }
         wrapped = self.strategy.prepare({name: net.module for name, net in trained.items()}, optimizers)
         copies = {name: net.module for name, net in self.recipe.networks.items() if name not in trained}
         for name in own_dtype & set(copies):
             precision.adopt(copies[name])
         raw = {**{name: self.strategy.unwrap(name) for name in trained}, **copies}
         self.step_ctx = StepContext({**wrapped, **copies}, raw, self.strategy, self.recipe.sampler)
-        self.loader = ShardLoader(cfg.data, self.spec, self.micro_batch, seed=cfg.train.seed, rank=ctx.rank,
-                                  world_size=ctx.world_size)
+        self.loader = ShardLoader(
+            cfg.data, self.spec, self.micro_batch, seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size
+        )
         self.progress, self.guard = Progress(), FaultGuard(cfg.faults)
         self.config_yaml = cfg.to_yaml()
         eval_kimg = cfg.eval.every_kimg if cfg.eval.enabled and cfg.eval.every_kimg else None
-        self.cadence = Cadence(cfg.tracking.log_every, cfg.tracking.sample_every_kimg, cfg.checkpoint.every_kimg,
-                               eval_kimg)
+        self.cadence = Cadence(
+            cfg.tracking.log_every, cfg.tracking.sample_every_kimg, cfg.checkpoint.every_kimg, eval_kimg
+        )
 
     @property
     def G_ema(self) -> torch.nn.Module:
@@ -267,17 +306,31 @@ class Run:
 
     def _start_monitoring(self, start_from: Path | None) -> None:
         cfg, p = self.cfg, self.progress
-        self.tracker = Tracker(cfg.tracking, self.run_dir, cfg.model_dump(mode="json"),
-                               int(cfg.train.total_kimg * 1000), self.tracking.run_id, p.nimg, active=self.lead)
+        self.tracker = Tracker(
+            cfg.tracking,
+            self.run_dir,
+            cfg.model_dump(mode="json"),
+            int(cfg.train.total_kimg * 1000),
+            self.tracking.run_id,
+            p.nimg,
+            active=self.lead,
+        )
         self.tracking.run_id = self.tracker.run_id
         if start_from is not None:
             self.tracker.note(f"resumed from {start_from} at step {p.step}, {p.nimg / 1000:.1f} kimg")
         evaluator = None
         if self.lead and cfg.eval.enabled:
-            evaluator = make_eval_client(cfg, self.spec, self.ctx.evaluator, self.run_dir, self.tracker.note,
-                                         p.step if start_from is not None else -1)
-        self.monitor = Monitor(cfg, self.spec, self.run_dir, self.device, self.recipe.sampler.z_dim, self.tracker,
-                               evaluator, self.lead)
+            evaluator = make_eval_client(
+                cfg,
+                self.spec,
+                self.ctx.evaluator,
+                self.run_dir,
+                self.tracker.note,
+                p.step if start_from is not None else -1,
+            )
+        self.monitor = Monitor(
+            cfg, self.spec, self.run_dir, self.device, self.recipe.sampler.z_dim, self.tracker, evaluator, self.lead
+        )
         self.monitor.start(p.step, p.nimg)
         self.last_checkpoint: Path | None = None
         self.last_beta = 0.0
@@ -300,8 +353,10 @@ class Run:
             update_ema(self.step_ctx.raw[copy], self.step_ctx.raw[source], self.last_beta)
         self.tracker.advance(p.nimg)
         if skipped:
-            self.tracker.note(f"warning: NaN/Inf gradients at step {p.step}: {skipped} update(s) skipped "
-                              f"({self.guard.state.skipped_steps + 1} bad steps so far)")
+            self.tracker.note(
+                f"warning: NaN/Inf gradients at step {p.step}: {skipped} update(s) skipped "
+                f"({self.guard.state.skipped_steps + 1} bad steps so far)"
+            )
         if self.guard.record(skipped):
             self.rollback()
             return None
@@ -354,9 +409,11 @@ class Run:
         if self.growth is not None:
             self._enter_level()
         self._apply_fault_state()
-        text = (f"{why}: rolled back to {target.name} (step {self.progress.step}); learning rates × "
-                f"{self.guard.state.lr_scale:g}" + ("; reduced-precision blocks now run in fp32"
-                                                    if self.guard.state.fp32 else ""))
+        text = (
+            f"{why}: rolled back to {target.name} (step {self.progress.step}); learning rates × "
+            f"{self.guard.state.lr_scale:g}"
+            + ("; reduced-precision blocks now run in fp32" if self.guard.state.fp32 else "")
+        )
         self.tracker.note(f"warning: {text}")
         self.tracker.alert("Rolled back after NaN/Inf", text)
 
@@ -378,8 +435,9 @@ class Run:
     def _enter_level(self) -> None:
         """The batch size, learning rates and real-image reference of the growth level the run is at."""
         self.global_batch = self.growth.batch_size(self.cfg.train.batch_size)
-        self.micro_batch, self.num_micro = batch_split(self.global_batch, self.cfg.train.micro_batch,
-                                                       self.ctx.world_size)
+        self.micro_batch, self.num_micro = batch_split(
+            self.global_batch, self.cfg.train.micro_batch, self.ctx.world_size
+        )
         self.loader.set_batch_size(self.micro_batch)
         self._apply_lr()
         self.monitor.observe_real(self.growth.reals)
@@ -392,11 +450,18 @@ class Run:
             for name in self.recipe.trained:
                 self.strategy.reset_optimizer(name)
         if self.growth.resolution != level:
-            self.monitor.grid(self.G_ema, self.progress.step, self.progress.nimg,
-                              self.monitor.samples_dir / f"level-{level:04d}px.png", f"G_ema at {level}×{level}")
+            self.monitor.grid(
+                self.G_ema,
+                self.progress.step,
+                self.progress.nimg,
+                self.monitor.samples_dir / f"level-{level:04d}px.png",
+                f"G_ema at {level}×{level}",
+            )
             self._enter_level()
-            self.tracker.note(f"growing to {self.growth.resolution}×{self.growth.resolution} at "
-                              f"{self.progress.nimg / 1000:.1f} kimg (step {self.progress.step})")
+            self.tracker.note(
+                f"growing to {self.growth.resolution}×{self.growth.resolution} at "
+                f"{self.progress.nimg / 1000:.1f} kimg (step {self.progress.step})"
+            )
 
     # -------------------------------------------------------------------------------------------------
     # Saving, the loop, the end.
@@ -418,8 +483,10 @@ class Run:
         self._barrier()
         self.last_checkpoint = checkpoint_dir(self.run_dir) / f"ckpt-{step:09d}"
         if self.ctx.report is not None:
-            self.ctx.report({"step": step, "kimg": self.progress.nimg / 1000, **self.metrics},
-                            self.last_checkpoint if self.lead else None)
+            self.ctx.report(
+                {"step": step, "kimg": self.progress.nimg / 1000, **self.metrics},
+                self.last_checkpoint if self.lead else None,
+            )
         return self.last_checkpoint
 
     def done(self) -> bool:
@@ -450,8 +517,9 @@ class Run:
                     continue
                 due = self.cadence.due(p.step, before, p.nimg)
                 if due.log:
-                    self.metrics = monitor.log(self._mean_across_ranks(stats), self._extra_metrics(), self.G_ema,
-                                               p.step, p.nimg)
+                    self.metrics = monitor.log(
+                        self._mean_across_ranks(stats), self._extra_metrics(), self.G_ema, p.step, p.nimg
+                    )
                 if due.grid:
                     monitor.grid(self.G_ema, p.step, p.nimg)
                 if due.checkpoint:
@@ -467,8 +535,17 @@ class Run:
             stop.uninstall()
             self.tracker.close()
         history = monitor.evaluator.history if monitor.evaluator is not None else []
-        return TrainResult(self.run_dir, self.last_checkpoint if self.lead else None, monitor.last_grid,
-                           self.run_dir / "config.yaml", wandb_dir, p.step, p.nimg, preempted, history)
+        return TrainResult(
+            self.run_dir,
+            self.last_checkpoint if self.lead else None,
+            monitor.last_grid,
+            self.run_dir / "config.yaml",
+            wandb_dir,
+            p.step,
+            p.nimg,
+            preempted,
+            history,
+        )
 
     def _finish(self, stop: StopRequest, preempted: bool) -> None:
         p = self.progress
@@ -476,21 +553,32 @@ class Run:
             self.save()
         if preempted:
             stop.served()
-            self.tracker.note(f"stopped on request at step {p.step} with checkpoint {self.last_checkpoint}; "
-                              f"continue with --resume auto")
+            self.tracker.note(
+                f"stopped on request at step {p.step} with checkpoint {self.last_checkpoint}; "
+                f"continue with --resume auto"
+            )
         else:
             self.monitor.finish_evaluations(self.G_ema, p.step, p.nimg, self.last_checkpoint, self.full_size)
         if self.growth is not None:
             self.growth.set_lod(*self.step_ctx.raw.values())
-            self.monitor.grid(self.G_ema, p.step, p.nimg,
-                              self.monitor.samples_dir / f"level-{self.growth.resolution:04d}px.png",
-                              f"G_ema at {self.growth.resolution}×{self.growth.resolution}")
+            self.monitor.grid(
+                self.G_ema,
+                p.step,
+                p.nimg,
+                self.monitor.samples_dir / f"level-{self.growth.resolution:04d}px.png",
+                f"G_ema at {self.growth.resolution}×{self.growth.resolution}",
+            )
         self.monitor.final_grid(self.G_ema, p.step, p.nimg)
 
     def _extra_metrics(self) -> dict[str, float]:
         lrs = {f"lr/{name}": self.strategy.lr(name) for name in self.recipe.trained}
-        return {"ema/beta": self.last_beta, "data/bad_samples": self.loader.health.bad, **lrs,
-                **self.guard.metrics(), **(self.growth.metrics() if self.growth else {})}
+        return {
+            "ema/beta": self.last_beta,
+            "data/bad_samples": self.loader.health.bad,
+            **lrs,
+            **self.guard.metrics(),
+            **(self.growth.metrics() if self.growth else {}),
+        }
 
     def _mean_across_ranks(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
         keys = sorted(stats)
@@ -513,6 +601,8 @@ class Run:
             dist.barrier()
 
 
-def train(cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: WorkerContext | None = None) -> TrainResult:
+def train(
+    cfg: JobConfig, run_dir: str | Path, resume: str | None = None, ctx: WorkerContext | None = None
+) -> TrainResult:
     """Train (or continue training) the GAN described by ``cfg`` in ``run_dir``, as worker ``ctx``."""
     return Run.build(cfg, run_dir, resume, ctx).train()

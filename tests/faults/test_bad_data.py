@@ -6,6 +6,7 @@ out of range or unreadable, a sample without an image, a tar file cut short mid-
 sample is skipped, counted and reported with its shard and key; past ``data.max_bad_fraction`` the run
 stops naming the worst shards; a shard glob that matches nothing fails before any training step.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from conftest import tiny_config
 from PIL import Image
 
 from core.spec import ImageSpec
-from conftest import tiny_config
 from orchestrator.config import validate_config
-from orchestrator.data.shards import DataConfig, DataError, ShardLoader, ShardStream, expand_shards
+from orchestrator.data.shards import DataConfig, DataError, ShardLoader, ShardStream
 from orchestrator.train.run import train
 
 pytestmark = pytest.mark.faults
@@ -102,7 +103,7 @@ def test_each_bad_kind_is_skipped_and_reported_with_shard_and_key(digits16, tmp_
     keys, bad = one_epoch([str(shard)])
     assert sorted(keys) == sorted(s["__key__"] for s in good)  # every good sample, none of the bad one
     assert len(bad) == 1
-    (where, key, reason), = bad
+    ((where, key, reason),) = bad
     assert where == str(shard) and key == next(iter(bad_keys))
     assert re.search(BAD_KINDS[kind][1], reason), reason
 
@@ -116,10 +117,14 @@ def _member_offsets(path: Path) -> list[tarfile.TarInfo]:
 def test_truncated_tar_names_its_shard_and_the_next_shard_is_read(digits16, tmp_path, where):
     shard = write_tar(tmp_path / "train-000000.tar", good_samples(digits16, 30))
     members = _member_offsets(shard)
-    m = next(x for x in members[len(members) // 2:] if x.size > 100)  # a PNG member
+    m = next(x for x in members[len(members) // 2 :] if x.size > 100)  # a PNG member
     # Python's tarfile takes a cut at or inside a header for a clean end: those two need ganforge's own check
-    cut = {"mid-data": m.offset_data + m.size // 2, "mid-header": m.offset + 200, "at-member-boundary": m.offset,
-           "first-member": members[0].offset_data + members[0].size // 2}[where]
+    cut = {
+        "mid-data": m.offset_data + m.size // 2,
+        "mid-header": m.offset + 200,
+        "at-member-boundary": m.offset,
+        "first-member": members[0].offset_data + members[0].size // 2,
+    }[where]
     data = shard.read_bytes()
     shard.write_bytes(data[:cut])
     other = write_tar(tmp_path / "train-000001.tar", good_samples(digits16, 16, "train-000001.tar"))
@@ -136,16 +141,20 @@ def test_truncated_tar_names_its_shard_and_the_next_shard_is_read(digits16, tmp_
 
 def test_bad_samples_are_counted_per_shard_and_stop_the_loader_naming_the_worst(digits16, tmp_path):
     good = good_samples(digits16, 48)
-    crafted_shard(tmp_path / "train-000000.tar", good[:16], ["garbage"])                     # 1 bad
-    crafted_shard(tmp_path / "train-000001.tar", good[16:32], sorted(BAD_KINDS))             # 9 bad
+    crafted_shard(tmp_path / "train-000000.tar", good[:16], ["garbage"])  # 1 bad
+    crafted_shard(tmp_path / "train-000001.tar", good[16:32], sorted(BAD_KINDS))  # 9 bad
     crafted_shard(tmp_path / "train-000002.tar", good[32:], ["wrongmode", "label10", "nolabel"])  # 3 bad
     pattern = str(tmp_path / "train-*.tar")
     per_epoch_bad = {"train-000000.tar": 1, "train-000001.tar": len(BAD_KINDS), "train-000002.tar": 3}
 
     # under the threshold: skipped and counted, shard by shard, and the loader keeps going
     # (13 bad of 61 samples an epoch: 21 %; judged from 60 samples read on, it never passes 30 %)
-    lenient = ShardLoader(DataConfig(shards=pattern, workers=0, shuffle_buffer=1, max_bad_fraction=0.3,
-                                     min_samples_for_bad_check=60), SPEC, 8, seed=0)
+    lenient = ShardLoader(
+        DataConfig(shards=pattern, workers=0, shuffle_buffer=1, max_bad_fraction=0.3, min_samples_for_bad_check=60),
+        SPEC,
+        8,
+        seed=0,
+    )
     for _ in range(12):  # 96 good samples: two epochs of 48
         assert len(lenient.next().keys) == 8
     h = lenient.health
@@ -154,8 +163,12 @@ def test_bad_samples_are_counted_per_shard_and_stop_the_loader_naming_the_worst(
     assert lenient.state_dict()["health"]["bad_by_shard"] == dict(h.bad_by_shard)  # checkpointed with the position
 
     # over it: a DataError that names the worst shards, worst first, with their counts
-    strict = ShardLoader(DataConfig(shards=pattern, workers=0, shuffle_buffer=1, max_bad_fraction=0.05,
-                                    min_samples_for_bad_check=40), SPEC, 8, seed=0)
+    strict = ShardLoader(
+        DataConfig(shards=pattern, workers=0, shuffle_buffer=1, max_bad_fraction=0.05, min_samples_for_bad_check=40),
+        SPEC,
+        8,
+        seed=0,
+    )
     with pytest.raises(DataError) as err:
         for _ in range(20):
             strict.next()
@@ -185,8 +198,9 @@ def bad_shards(digits16, tmp_path) -> tuple[Path, dict[str, str]]:
 
 
 def run_cfg(shards: Path, **data):
-    return validate_config(tiny_config(shards, data=data, train={"total_kimg": 0.048},
-                                       tracking={"sample_every_kimg": 1.0}), source="test")
+    return validate_config(
+        tiny_config(shards, data=data, train={"total_kimg": 0.048}, tracking={"sample_every_kimg": 1.0}), source="test"
+    )
 
 
 def test_training_skips_logs_and_counts_bad_samples_and_continues(bad_shards, tmp_path, capsys):
@@ -207,8 +221,11 @@ def test_training_skips_logs_and_counts_bad_samples_and_continues(bad_shards, tm
 
 def test_training_stops_over_the_bad_fraction_naming_the_worst_shard(bad_shards, tmp_path):
     shards, _ = bad_shards
-    with pytest.raises(DataError, match=r"samples were bad \(> data.max_bad_fraction=0.1\); worst shards: "
-                                        r"\S+/train-00000[01].tar \(\d+\), \S+/train-00000[01].tar \(\d+\)"):
+    with pytest.raises(
+        DataError,
+        match=r"samples were bad \(> data.max_bad_fraction=0.1\); worst shards: "
+        r"\S+/train-00000[01].tar \(\d+\), \S+/train-00000[01].tar \(\d+\)",
+    ):
         train(run_cfg(shards, max_bad_fraction=0.1, min_samples_for_bad_check=16), tmp_path / "run")
 
 

@@ -1,5 +1,6 @@
 """Checkpoint writes under fire: SIGKILL at any point of a save, a full disk, an unwritable run directory.
 The previous checkpoint always stays intact and is the one ``--resume auto`` picks."""
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_config
-from orchestrator.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                     save_checkpoint, verify)
+
+from orchestrator.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify,
+)
 from orchestrator.data.shards import sha256_file
 
 pytestmark = pytest.mark.faults
@@ -50,8 +57,9 @@ def test_sigkill_at_any_point_of_a_save_never_leaves_a_pickable_broken_checkpoin
     for trial in range(8):
         before = latest_checkpoint(run)
         before_files = fingerprint(before)
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(run), str(first)], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(run), str(first)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout.readline() == "saving\n"
         time.sleep(rng.uniform(0.0, 1.0))  # somewhere inside one of the saves (or between two)
         proc.send_signal(signal.SIGKILL)
@@ -114,11 +122,17 @@ def test_training_on_a_full_disk_stops_with_the_path_and_keeps_the_last_checkpoi
     """Through ``ganforge train``: checkpoints fit at first, then the disk is filled by something else."""
     run = small_disk / "run"
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(digits16, train={"total_kimg": 1},
-                                                 checkpoint={"every_kimg": 0.064, "keep_last": 2})))
+    config.write_text(
+        yaml.safe_dump(tiny_config(digits16, train={"total_kimg": 1}, checkpoint={"every_kimg": 0.064, "keep_last": 2}))
+    )
     ganforge = str(Path(sys.executable).parent / "ganforge")
-    proc = subprocess.Popen([ganforge, "train", str(config), "--run-dir", str(run)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [ganforge, "train", str(config), "--run-dir", str(run)],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     while not list_checkpoints(run):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.1)
@@ -143,11 +157,21 @@ def test_an_unwritable_run_directory_fails_before_any_work(digits16, small_disk,
     config.write_text(yaml.safe_dump(tiny_config(digits16)))
     ganforge = str(Path(sys.executable).parent / "ganforge")
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    p = subprocess.run([ganforge, "train", str(config), "--run-dir", str(small_disk / "run")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [ganforge, "train", str(config), "--run-dir", str(small_disk / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert f"run directory {small_disk / 'run'} is not writable (Read-only file system)" in p.stderr
     (tmp_path / "a-file").write_text("")
-    p = subprocess.run([ganforge, "train", str(config), "--run-dir", str(tmp_path / "a-file" / "run")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [ganforge, "train", str(config), "--run-dir", str(tmp_path / "a-file" / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "is not writable (Not a directory)" in p.stderr

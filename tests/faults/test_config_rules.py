@@ -1,13 +1,14 @@
 """Bad configuration: cross-field rules are checked before any work starts (no run directory, no Ray
 workers), and each error names the field, the value and what would be valid."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from orchestrator.config import ConfigError, validate_config
 from orchestrator.data.shards import DataError, write_shards
 from orchestrator.train.run import WorkerContext, train
@@ -61,12 +62,15 @@ def test_the_ray_driver_refuses_before_starting_workers(digits16, tmp_path, caps
     assert "global batch 30" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override, expected", [
-    ({"train": {"batch_sise": 8}}, "unknown key 'train.batch_sise'; did you mean 'batch_size'?"),
-    ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1 (got 0)"),
-    ({"faults": {"lr_factor": 2}}, "faults.lr_factor: Input should be less than or equal to 1 (got 2)"),
-    ({"growth": {"batch_size": {12: 8}}}, "growth.batch_size: Value error, keys must be resolutions"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"train": {"batch_sise": 8}}, "unknown key 'train.batch_sise'; did you mean 'batch_size'?"),
+        ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1 (got 0)"),
+        ({"faults": {"lr_factor": 2}}, "faults.lr_factor: Input should be less than or equal to 1 (got 2)"),
+        ({"growth": {"batch_size": {12: 8}}}, "growth.batch_size: Value error, keys must be resolutions"),
+    ],
+)
 def test_field_errors_name_the_field_value_and_the_valid_range(digits16, override, expected):
     raw = tiny_config(digits16)
     for section, values in override.items():

@@ -6,6 +6,7 @@ checksums match; a file cut short or altered after writing is refused with an er
 checkpoint of another architecture or config is refused with the mismatched keys and shapes, and
 nothing of the run being resumed is overwritten.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,13 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 
 import architectures
 from core.spec import ImageSpec
-from conftest import tiny_config
-from orchestrator.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_into
+from orchestrator.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_generator, load_into
 from orchestrator.config import validate_config
-from orchestrator.checkpoint import load_generator
 from orchestrator.train.run import train
 
 pytestmark = pytest.mark.faults
@@ -59,8 +59,11 @@ def rewrite_checksums(path: Path) -> None:
 
 
 def digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 class Payload:
@@ -186,8 +189,11 @@ def expected_mismatches(a_model, b_model) -> tuple[list[str], list[str], list[st
     spec = ImageSpec(16, 1, 10)
     a = architectures.get(a_model.arch).build_generator(a_model, spec).state_dict()
     b = architectures.get(b_model.arch).build_generator(b_model, spec).state_dict()
-    shapes = [f"{k}: checkpoint {tuple(a[k].shape)} vs model {tuple(b[k].shape)}"
-              for k in sorted(set(a) & set(b)) if a[k].shape != b[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(a[k].shape)} vs model {tuple(b[k].shape)}"
+        for k in sorted(set(a) & set(b))
+        if a[k].shape != b[k].shape
+    ]
     return sorted(set(b) - set(a)), sorted(set(a) - set(b)), shapes
 
 
@@ -229,8 +235,11 @@ def test_a_checkpoint_whose_weights_do_not_match_its_own_config(runs, ckpt):
     state["G_ema"] = torch.load(runs["mlp"] / "state.pt", weights_only=True)["G_ema"]
     torch.save(state, ckpt / "state.pt")
     rewrite_checksums(ckpt)
-    with pytest.raises(CheckpointError, match=r"^G_ema in the checkpoint does not fit this config's network: "
-                                              r"missing \[.*\]; unexpected \[.*\]; shape mismatch \[") as err:
+    with pytest.raises(
+        CheckpointError,
+        match=r"^G_ema in the checkpoint does not fit this config's network: "
+        r"missing \[.*\]; unexpected \[.*\]; shape mismatch \[",
+    ) as err:
         load_generator(ckpt)
     model = lambda path: validate_config(yaml.safe_load((path / "config.yaml").read_text()), source="saved").model
     missing, unexpected, shapes = expected_mismatches(model(runs["mlp"]), model(ckpt))

@@ -1,6 +1,7 @@
 """Numerical faults: NaN/Inf in a step's gradients. The step is skipped and counted; after K bad steps in a
 row the run rolls back to the last good checkpoint with a lower learning rate (or stops, as configured)
 and says so. The fault is injected for real: G's output is turned to NaN for chosen forward passes."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from architectures.mlp import MLPGenerator
-from conftest import tiny_config
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import validate_config
 from orchestrator.faults import NonfiniteError
@@ -39,8 +40,13 @@ def poison(monkeypatch):
 
 
 def run(shards: Path, run_dir: Path, **faults):
-    raw = tiny_config(shards, "mlp", train={"total_kimg": 100, "stop_at_step": 12},
-                      checkpoint={"every_kimg": 0.064, "keep_last": 5}, faults=faults)
+    raw = tiny_config(
+        shards,
+        "mlp",
+        train={"total_kimg": 100, "stop_at_step": 12},
+        checkpoint={"every_kimg": 0.064, "keep_last": 5},
+        faults=faults,
+    )
     return train(validate_config(raw, "nonfinite"), run_dir)
 
 
@@ -49,8 +55,12 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def finite(state: dict) -> bool:
-    return all(torch.isfinite(v).all() for net in ("G", "D", "G_ema") for v in state[net].values()
-               if torch.is_floating_point(v))
+    return all(
+        torch.isfinite(v).all()
+        for net in ("G", "D", "G_ema")
+        for v in state[net].values()
+        if torch.is_floating_point(v)
+    )
 
 
 def test_a_few_bad_steps_are_skipped_and_counted_and_weights_stay_finite(digits16, tmp_path, poison, capsys):
@@ -86,8 +96,13 @@ def test_k_bad_steps_in_a_row_roll_back_with_a_lower_learning_rate(digits16, tmp
 def test_a_resumed_run_keeps_the_lowered_learning_rate(digits16, tmp_path, poison):
     poison({10, 11, 12})
     run(digits16, tmp_path / "r", nonfinite_patience=3, lr_factor=0.25)
-    raw = tiny_config(digits16, "mlp", train={"total_kimg": 100, "stop_at_step": 14},
-                      checkpoint={"every_kimg": 0.064, "keep_last": 5}, faults={"nonfinite_patience": 3})
+    raw = tiny_config(
+        digits16,
+        "mlp",
+        train={"total_kimg": 100, "stop_at_step": 14},
+        checkpoint={"every_kimg": 0.064, "keep_last": 5},
+        faults={"nonfinite_patience": 3},
+    )
     again = train(validate_config(raw, "resumed"), tmp_path / "r", resume="auto")
     state = load_checkpoint(again.checkpoint)
     assert state["optimizers"]["G"]["param_groups"][0]["lr"] == pytest.approx(2e-4 * 0.25)
@@ -95,8 +110,9 @@ def test_a_resumed_run_keeps_the_lowered_learning_rate(digits16, tmp_path, poiso
 
 def test_on_nonfinite_stop_ends_the_run_with_a_clear_error(digits16, tmp_path, poison):
     poison({10, 11, 12})
-    with pytest.raises(NonfiniteError, match="3 consecutive steps with NaN/Inf gradients at step 12; "
-                                             "faults.on_nonfinite is stop"):
+    with pytest.raises(
+        NonfiniteError, match="3 consecutive steps with NaN/Inf gradients at step 12; faults.on_nonfinite is stop"
+    ):
         run(digits16, tmp_path / "r", nonfinite_patience=3, on_nonfinite="stop")
 
 
@@ -114,8 +130,12 @@ def test_rollbacks_are_bounded(digits16, tmp_path, poison):
 
 def test_fp32_fallback_is_remembered(digits16, tmp_path, poison):
     poison({10, 11})
-    raw = tiny_config(digits16, "mlp", train={"total_kimg": 100, "stop_at_step": 12, "precision": "bf16"},
-                      checkpoint={"every_kimg": 0.064, "keep_last": 5},
-                      faults={"nonfinite_patience": 2, "fp32_fallback": True})
+    raw = tiny_config(
+        digits16,
+        "mlp",
+        train={"total_kimg": 100, "stop_at_step": 12, "precision": "bf16"},
+        checkpoint={"every_kimg": 0.064, "keep_last": 5},
+        faults={"nonfinite_patience": 2, "fp32_fallback": True},
+    )
     result = train(validate_config(raw, "fp32"), tmp_path / "r")
     assert load_checkpoint(result.checkpoint)["faults"]["fp32"] is True

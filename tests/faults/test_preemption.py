@@ -1,5 +1,6 @@
 """Preemption: SIGTERM (or a STOP file) makes every worker finish its step, rank 0 checkpoint and the
 process exit 0 within the grace period; the next start resumes exactly."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import assert_same_nets, tiny_config
+
 from orchestrator.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from orchestrator.config import validate_config
 from orchestrator.faults import GRACE_EXIT_CODE, STOP_FILE
@@ -41,10 +42,24 @@ def job(shards: Path, tmp: Path, **sections) -> Path:
 
 
 def start(config: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [GANFORGE, "train", str(config), "--run-dir", str(run_dir), "--resume", "auto",
-           *[x for o in overrides for x in ("--set", o)]]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        GANFORGE,
+        "train",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        "--resume",
+        "auto",
+        *[x for o in overrides for x in ("--set", o)],
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
@@ -126,14 +141,24 @@ def test_sigterm_to_one_of_two_ddp_workers_stops_both_with_one_checkpoint(digits
     at the same step, rank 0 writes the checkpoint, and torchrun exits 0."""
     config = job(digits16, tmp_path, distributed={"strategy": "ddp"}, train={"threads": 1})
     run = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
-           "launch.worker", str(config), "--run-dir", str(run)]
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "launch.worker",
+        str(config),
+        "--run-dir",
+        str(run),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_checkpoint(proc, run, timeout=300)
         time.sleep(1.0)
-        workers = subprocess.run(["pgrep", "-f", f"launch.worker {config}"], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(
+            ["pgrep", "-f", f"launch.worker {config}"], capture_output=True, text=True
+        ).stdout.split()
         workers = [w for w in workers if int(w) != proc.pid]
         assert len(workers) == 2, workers
         os.kill(int(max(workers, key=int)), signal.SIGTERM)  # the younger process: rank 1

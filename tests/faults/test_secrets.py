@@ -5,6 +5,7 @@ so nothing goes online: every file of the run directory (W&B's own run files inc
 bytes) and everything printed are searched for the secrets. The Ray job that ``ganforge submit``
 builds (entrypoint, runtime_env, metadata) is checked the same way without starting Ray.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_config
+
 from orchestrator.config import validate_config
 from orchestrator.train.run import train
 
@@ -62,7 +63,9 @@ def scan_tree(root: Path) -> dict[str, list[str]]:
 
 def test_self_check_the_scanner_finds_a_planted_secret(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"\x00\x01" + SECRETS["AWS_SECRET_ACCESS_KEY"].encode() + b"\xff")
-    (tmp_path / "b.json").write_text('{"k": "' + SECRETS["WANDB_API_KEY"][:20] + '\\n' + SECRETS["WANDB_API_KEY"][20:] + '"}')
+    (tmp_path / "b.json").write_text(
+        '{"k": "' + SECRETS["WANDB_API_KEY"][:20] + "\\n" + SECRETS["WANDB_API_KEY"][20:] + '"}'
+    )
     assert scan_tree(tmp_path) == {"a.bin": ["AWS_SECRET_ACCESS_KEY"], "b.json": ["WANDB_API_KEY"]}
 
 
@@ -73,15 +76,22 @@ def secret_run(digits16, tmp_path_factory):
     set_secrets(mp)
     mp.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path_factory.mktemp("secrets") / "run"
-    raw = tiny_config(digits16, train={"total_kimg": 0.032, "stop_at_step": 1},
-                      checkpoint={"every_kimg": 0.016},
-                      tracking={"sample_every_kimg": 0.016, "wandb": {"mode": "offline", "tags": ["faults"]}})
+    raw = tiny_config(
+        digits16,
+        train={"total_kimg": 0.032, "stop_at_step": 1},
+        checkpoint={"every_kimg": 0.016},
+        tracking={"sample_every_kimg": 0.016, "wandb": {"mode": "offline", "tags": ["faults"]}},
+    )
     log = run_dir.parent / "printed.log"  # a file, not a pipe: W&B's service process inherits the descriptors
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     try:
         # capture at the file-descriptor level: W&B's service process and tqdm write there too
-        with open(log, "wb", buffering=0) as w, open(log.with_suffix(".py.log"), "w") as text, \
-                contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):  # pytest's own capture too
+        with (
+            open(log, "wb", buffering=0) as w,
+            open(log.with_suffix(".py.log"), "w") as text,
+            contextlib.redirect_stdout(text),
+            contextlib.redirect_stderr(text),
+        ):  # pytest's own capture too
             sys.stdout.flush(), sys.stderr.flush()
             for fd in (1, 2):
                 os.dup2(w.fileno(), fd)
@@ -166,8 +176,17 @@ def test_submitted_job_carries_no_secrets(monkeypatch, tmp_path, digits16, capsy
     cfg.write_text(yaml.safe_dump(tiny_config(digits16)))
     FakeJobClient.submitted = []
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeJobClient)
-    assert submit.submit(str(cfg), "http://127.0.0.1:8265", ["train.seed=3"], str(tmp_path / "run"),
-                         working_dir=str(tmp_path), follow=False) == 0
+    assert (
+        submit.submit(
+            str(cfg),
+            "http://127.0.0.1:8265",
+            ["train.seed=3"],
+            str(tmp_path / "run"),
+            working_dir=str(tmp_path),
+            follow=False,
+        )
+        == 0
+    )
     (job,) = FakeJobClient.submitted
     assert job["entrypoint"].startswith("python -m launch.ray_job")
     assert leaks_in(repr(job).encode()) == []
