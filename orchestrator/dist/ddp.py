@@ -1,5 +1,6 @@
 """DistributedDataParallel through Accelerate, which also places the networks on the device and owns
 mixed precision (autocast) and fp16 loss scaling."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from orchestrator.dist.strategy import DistributedConfig, nonfinite, set_lr
+from orchestrator.dist.strategy import DistributedConfig, Optimizers
 from orchestrator.precision import Precision
 
 
@@ -30,15 +31,15 @@ class DDPStrategy:
         ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=True)
         self.accelerator = Accelerator(mixed_precision=mp, cpu=precision.device.type == "cpu", kwargs_handlers=[ddp])
         self.nets: dict[str, nn.Module] = {}
-        self.opts: dict[str, torch.optim.Optimizer] = {}
+        self.opts = Optimizers({}, skip_nonfinite)
 
     def prepare(self, nets, optimizers):
         names = list(nets)
         for name in self.own_dtype & set(names):
             self.precision.adopt(nets[name])
         prepared = self.accelerator.prepare(*(nets[n] for n in names), *(optimizers[n] for n in names))
-        self.nets = dict(zip(names, prepared[:len(names)]))
-        self.opts = dict(zip(names, prepared[len(names):]))
+        self.nets = dict(zip(names, prepared[: len(names)]))
+        self.opts = Optimizers(dict(zip(names, prepared[len(names) :])), self.skip_nonfinite)
         return dict(self.nets)
 
     def unwrap(self, name: str) -> nn.Module:
@@ -55,7 +56,7 @@ class DDPStrategy:
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def zero_grad(self, name: str) -> None:
-        self.opts[name].zero_grad(set_to_none=True)
+        self.opts.zero_grad(name)
 
     def sync(self, names: Sequence[str], last: bool):
         stack = contextlib.ExitStack()
@@ -68,20 +69,19 @@ class DDPStrategy:
         self.accelerator.backward(loss / num_micro)
 
     def step(self, name: str) -> bool:
-        if self.skip_nonfinite and nonfinite(self.opts[name]):
-            self.zero_grad(name)
+        if self.opts.skip(name):
             return False
-        self.opts[name].step()  # an AcceleratedOptimizer: unscales, skips inf steps, updates the scale
+        self.opts.by_name[name].step()  # an AcceleratedOptimizer: unscales, skips inf steps, updates the scale
         return True
 
     def lr(self, name: str) -> float:
-        return self.opts[name].param_groups[0]["lr"]
+        return self.opts.lr(name)
 
     def set_lr(self, name: str, lr: float) -> None:
-        set_lr(self.opts[name], lr)
+        self.opts.set_lr(name, lr)
 
     def reset_optimizer(self, name: str) -> None:
-        self.opts[name].optimizer.state.clear()
+        self.opts.reset(name)
 
     def use_fp32(self) -> None:
         self.fp32 = True
@@ -90,14 +90,12 @@ class DDPStrategy:
 
     def state_dict(self) -> dict:
         scaler = self.accelerator.scaler
-        return {"scaler": scaler.state_dict() if scaler is not None else {},
-                **{name: opt.state_dict() for name, opt in self.opts.items()}}
+        return {"scaler": scaler.state_dict() if scaler is not None else {}, **self.opts.state_dict()}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
         if state["scaler"] and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        for name, opt in self.opts.items():
-            opt.load_state_dict(state[name])
+        self.opts.load_state_dict(state)
 
     def save_sharded(self, directory: Path) -> None:
         pass

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO (stages 0-2): one engine per trained network, each owning its optimizer step and its
 gradient accumulation (``engine.step()`` after every micro-batch updates at the accumulation boundary)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,12 +35,15 @@ class DeepSpeedStrategy:
         for name, net in nets.items():
             scalars = [n for n, p in net.named_parameters() if p.dim() == 0]
             if scalars:
-                raise ValueError(f"{name} has 0-dim parameters {scalars[:5]}: DeepSpeed cannot broadcast them; "
-                                 f"give them shape [1] in the architecture")
+                raise ValueError(
+                    f"{name} has 0-dim parameters {scalars[:5]}: DeepSpeed cannot broadcast them; "
+                    f"give them shape [1] in the architecture"
+                )
             if name in self.own_dtype:
                 self.precision.adopt(net)
-            engine, _, _, _ = deepspeed.initialize(model=net, optimizer=optimizers[name], config=dict(self.ds_config),
-                                                   dist_init_required=False)
+            engine, _, _, _ = deepspeed.initialize(
+                model=net, optimizer=optimizers[name], config=dict(self.ds_config), dist_init_required=False
+            )
             self.engines[name] = engine
         return dict(self.engines)
 
@@ -76,8 +80,10 @@ class DeepSpeedStrategy:
         set_lr(self.engines[name].optimizer, lr)
 
     def reset_optimizer(self, name: str) -> None:
-        raise NotImplementedError("DeepSpeed shards the optimizer state; resetting it is not supported "
-                                  "(progressive growing runs with distributed.strategy single or ddp)")
+        raise NotImplementedError(
+            "DeepSpeed shards the optimizer state; resetting it is not supported "
+            "(progressive growing runs with distributed.strategy single or ddp)"
+        )
 
     def use_fp32(self) -> None:
         self.fp32 = True
@@ -95,8 +101,10 @@ class DeepSpeedStrategy:
         for name, engine in self.engines.items():
             path, _ = engine.load_checkpoint(str(directory / f"deepspeed_{name}"), tag="state")
             if path is None:
-                raise FileNotFoundError(f"{directory / f'deepspeed_{name}'} holds no DeepSpeed state (tag 'state'): "
-                                        f"was this checkpoint written with distributed.strategy: deepspeed?")
+                raise FileNotFoundError(
+                    f"{directory / f'deepspeed_{name}'} holds no DeepSpeed state (tag 'state'): "
+                    f"was this checkpoint written with distributed.strategy: deepspeed?"
+                )
 
 
 def deepspeed_config(cfg: DistributedConfig, precision: str, micro_batch: int, num_micro: int, world_size: int) -> dict:
@@ -106,12 +114,19 @@ def deepspeed_config(cfg: DistributedConfig, precision: str, micro_batch: int, n
         raise FileNotFoundError(f"distributed.deepspeed_config: {path} does not exist (see configs/deepspeed/)")
     text = path.read_text()
     ds = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    ds.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": num_micro,
-               "train_batch_size": micro_batch * num_micro * world_size})
+    ds.update(
+        {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": num_micro,
+            "train_batch_size": micro_batch * num_micro * world_size,
+        }
+    )
     if cfg.zero_stage is not None:
         ds.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
     # Weights stay fp32 (master copies); forward passes run under torch autocast, as in the other strategies.
-    ds["torch_autocast"] = {"enabled": precision != "fp32",
-                            "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]}
+    ds["torch_autocast"] = {
+        "enabled": precision != "fp32",
+        "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision],
+    }
     ds.setdefault("steps_per_print", 10**9)
     return ds

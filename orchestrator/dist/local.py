@@ -1,4 +1,5 @@
 """One process: autocast and an fp16 GradScaler from :class:`~orchestrator.precision.Precision`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from orchestrator.dist.strategy import nonfinite, set_lr
+from orchestrator.dist.strategy import Optimizers
 from orchestrator.precision import Precision
 
 
@@ -22,10 +23,10 @@ class LocalStrategy:
         self.precision, self.own_dtype, self.skip_nonfinite = precision, set(own_dtype), skip_nonfinite
         self.fp32 = False
         self.nets: dict[str, nn.Module] = {}
-        self.opts: dict[str, torch.optim.Optimizer] = {}
+        self.opts = Optimizers({}, skip_nonfinite)
 
     def prepare(self, nets, optimizers):
-        self.nets, self.opts = dict(nets), dict(optimizers)
+        self.nets, self.opts = dict(nets), Optimizers(optimizers, self.skip_nonfinite)
         for name in self.own_dtype & set(self.nets):
             self.precision.adopt(self.nets[name])
         return dict(self.nets)
@@ -41,7 +42,7 @@ class LocalStrategy:
         return self.precision.loss_scale
 
     def zero_grad(self, name: str) -> None:
-        self.opts[name].zero_grad(set_to_none=True)
+        self.opts.zero_grad(name)
 
     def sync(self, names: Sequence[str], last: bool):
         return contextlib.nullcontext()
@@ -50,21 +51,20 @@ class LocalStrategy:
         self.precision.scaler.scale(loss / num_micro).backward()
 
     def step(self, name: str) -> bool:
-        if self.skip_nonfinite and nonfinite(self.opts[name]):
-            self.zero_grad(name)
+        if self.opts.skip(name):
             return False
-        self.precision.scaler.step(self.opts[name])
+        self.precision.scaler.step(self.opts.by_name[name])
         self.precision.scaler.update()
         return True
 
     def lr(self, name: str) -> float:
-        return self.opts[name].param_groups[0]["lr"]
+        return self.opts.lr(name)
 
     def set_lr(self, name: str, lr: float) -> None:
-        set_lr(self.opts[name], lr)
+        self.opts.set_lr(name, lr)
 
     def reset_optimizer(self, name: str) -> None:
-        self.opts[name].state.clear()
+        self.opts.reset(name)
 
     def use_fp32(self) -> None:
         self.fp32 = True
@@ -72,14 +72,12 @@ class LocalStrategy:
             self.unwrap(name).reduced_dtype = None
 
     def state_dict(self) -> dict:
-        return {"scaler": self.precision.scaler.state_dict(),
-                **{name: opt.state_dict() for name, opt in self.opts.items()}}
+        return {"scaler": self.precision.scaler.state_dict(), **self.opts.state_dict()}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
         if state["scaler"]:
             self.precision.scaler.load_state_dict(state["scaler"])
-        for name, opt in self.opts.items():
-            opt.load_state_dict(state[name])
+        self.opts.load_state_dict(state)
 
     def save_sharded(self, directory: Path) -> None:
         pass

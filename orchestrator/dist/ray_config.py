@@ -1,4 +1,5 @@
 """The ``ray`` config section: the Ray Train worker group that ``launch/ray_job.py`` builds."""
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -10,12 +11,16 @@ class RayConfig(StrictConfig):
     """The Ray Train worker group and run settings (used by ``python -m launch.ray_job``)."""
 
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each)")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves (below 1 leaves room for the "
-                                   "evaluator on small machines)")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs each worker reserves (below 1 leaves room for the evaluator on small machines)"
+    )
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each worker reserves (0: CPU training with gloo)")
     resources_per_worker: dict[str, float] = Field({}, description="extra custom resources per worker")
     name: str | None = Field(None, description="Ray Train run name (default: the run directory's name)")
-    storage_path: str | None = Field(None, description="where Ray keeps reported checkpoints: a local path or a "
-                                     "cloud URI such as s3://bucket/ganforge (default: RUN_DIR/ray)")
+    storage_path: str | None = Field(
+        None,
+        description="where Ray keeps reported checkpoints: a local path or a "
+        "cloud URI such as s3://bucket/ganforge (default: RUN_DIR/ray)",
+    )
     max_failures: int = Field(3, ge=-1, description="worker-group restarts after a failure (-1: unlimited)")
     num_to_keep: int = Field(2, ge=1, description="checkpoints Ray keeps in its storage")

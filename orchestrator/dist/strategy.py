@@ -14,6 +14,7 @@ order terms together, exactly once (``Strategy.wrapped`` tells a recipe whether 
 DeepSpeed ≥ 0.18 runs its ZeRO epilogue on any backward through an engine's outputs, including
 ``autograd.grad``; DDP would sync nothing for a graph that never went through its forward.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,9 +33,13 @@ StrategyName = Literal["single", "ddp", "deepspeed"]
 class DistributedConfig(StrictConfig):
     """Which strategy the workers use, and its settings."""
 
-    strategy: StrategyName = Field("single", description="single | ddp (DistributedDataParallel via Accelerate) | deepspeed")
-    deepspeed_config: str = Field("configs/deepspeed/zero2.yaml", description="DeepSpeed config (JSON or YAML); "
-                                  "batch sizes and precision are filled in from train.*")
+    strategy: StrategyName = Field(
+        "single", description="single | ddp (DistributedDataParallel via Accelerate) | deepspeed"
+    )
+    deepspeed_config: str = Field(
+        "configs/deepspeed/zero2.yaml",
+        description="DeepSpeed config (JSON or YAML); batch sizes and precision are filled in from train.*",
+    )
     zero_stage: int | None = Field(None, ge=0, le=2, description="override the DeepSpeed config's ZeRO stage")
     sync_batchnorm: bool = Field(False, description="synchronise BatchNorm statistics across workers (BigGAN)")
     find_unused_parameters: bool = Field(False, description="DDP: allow parameters without gradients (ProGAN)")
@@ -105,8 +110,49 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def make_strategy(cfg: DistributedConfig, precision: Precision, own_dtype: set[str], skip_nonfinite: bool,
-                  micro_batch: int, num_micro: int, world_size: int) -> Strategy:
+class Optimizers:
+    """The optimizers a strategy steps itself (single, DDP), by network name: zeroing, the NaN/Inf guard,
+    learning rates, resets and their state."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer], skip_nonfinite: bool):
+        self.by_name, self.skip_nonfinite = dict(optimizers), skip_nonfinite
+
+    def zero_grad(self, name: str) -> None:
+        self.by_name[name].zero_grad(set_to_none=True)
+
+    def skip(self, name: str) -> bool:
+        """True (and the gradients cleared) when guarding and a gradient of ``name`` is NaN/Inf."""
+        if self.skip_nonfinite and nonfinite(self.by_name[name]):
+            self.zero_grad(name)
+            return True
+        return False
+
+    def lr(self, name: str) -> float:
+        return self.by_name[name].param_groups[0]["lr"]
+
+    def set_lr(self, name: str, lr: float) -> None:
+        set_lr(self.by_name[name], lr)
+
+    def reset(self, name: str) -> None:
+        self.by_name[name].state.clear()
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.by_name.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.by_name.items():
+            opt.load_state_dict(state[name])
+
+
+def make_strategy(
+    cfg: DistributedConfig,
+    precision: Precision,
+    own_dtype: set[str],
+    skip_nonfinite: bool,
+    micro_batch: int,
+    num_micro: int,
+    world_size: int,
+) -> Strategy:
     """The strategy of ``cfg.strategy``. ``own_dtype``: networks that choose their own per-block precision;
     ``skip_nonfinite``: skip (and report) updates whose gradients hold NaN/Inf (single and DDP)."""
     if cfg.strategy == "single":
@@ -119,5 +165,6 @@ def make_strategy(cfg: DistributedConfig, precision: Precision, own_dtype: set[s
         return DDPStrategy(precision, own_dtype, skip_nonfinite, cfg)
     from orchestrator.dist.deepspeed import DeepSpeedStrategy, deepspeed_config
 
-    return DeepSpeedStrategy(precision, own_dtype, deepspeed_config(cfg, precision.name, micro_batch, num_micro,
-                                                                    world_size))
+    return DeepSpeedStrategy(
+        precision, own_dtype, deepspeed_config(cfg, precision.name, micro_batch, num_micro, world_size)
+    )
