@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -221,20 +221,17 @@ class Run:
         return run
 
     def _build_recipe(self) -> None:
+        """The recipe's networks (the same initial weights on every rank), synchronised BatchNorm if asked."""
         cfg, ctx = self.cfg, self.ctx
-        torch.manual_seed(cfg.train.seed)  # the same initial networks on every rank
+        torch.manual_seed(cfg.train.seed)
         setup = RecipeSetup(
             cfg.model, self.arch, self.spec, cfg.loss, cfg.optim, self.device, cfg.train.seed, ctx.rank, ctx.world_size
         )
         self.recipe = get_recipe(cfg.train.recipe)(setup)
-        trained = self.recipe.trained
         if cfg.distributed.sync_batchnorm and ctx.world_size > 1:
-            for name in trained:
-                module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trained[name].module)
-                self.recipe.networks[name] = type(trained[name])(
-                    module, trained[name].optimizer, trained[name].reg_interval
-                )
-            trained = self.recipe.trained
+            for name, net in self.recipe.trained.items():
+                module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net.module)
+                self.recipe.networks[name] = replace(net, module=module)
         torch.manual_seed(cfg.train.seed + 7919 * (ctx.rank + 1))  # noise inputs and style mixing differ per rank
         self.growth = (
             Growth(cfg.growth, cfg.model.start_resolution, self.spec.resolution)
@@ -243,26 +240,7 @@ class Run:
         )
         self.global_batch = self.growth.batch_size(cfg.train.batch_size) if self.growth else cfg.train.batch_size
         self.micro_batch, self.num_micro = batch_split(self.global_batch, cfg.train.micro_batch, ctx.world_size)
-        own_dtype = set(self.recipe.networks) if self.arch.capabilities.reduced_dtype else set()
-        precision = make_precision(cfg.train.precision, self.device)
-        self.strategy = make_strategy(
-            cfg.distributed,
-            precision,
-            own_dtype & set(trained),
-            cfg.faults.skip_nonfinite and cfg.train.precision != "fp16",
-            self.micro_batch,
-            self.num_micro,
-            ctx.world_size,
-        )
-        optimizers = {
-            name: make_adam(net.module.parameters(), net.optimizer, net.reg_interval) for name, net in trained.items()
-        }
-        wrapped = self.strategy.prepare({name: net.module for name, net in trained.items()}, optimizers)
-        copies = {name: net.module for name, net in self.recipe.networks.items() if name not in trained}
-        for name in own_dtype & set(copies):
-            precision.adopt(copies[name])
-        raw = {**{name: self.strategy.unwrap(name) for name in trained}, **copies}
-        self.step_ctx = StepContext({**wrapped, **copies}, raw, self.strategy, self.recipe.sampler)
+        self._build_strategy()
         self.loader = ShardLoader(
             cfg.data, self.spec, self.micro_batch, seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size
         )
@@ -272,6 +250,26 @@ class Run:
         self.cadence = Cadence(
             cfg.tracking.log_every, cfg.tracking.sample_every_kimg, cfg.checkpoint.every_kimg, eval_kimg
         )
+
+    def _build_strategy(self) -> None:
+        """Optimizers for the trained networks, the strategy that wraps them, and the phases' StepContext."""
+        cfg, trained = self.cfg, self.recipe.trained
+        own_dtype = set(self.recipe.networks) if self.arch.capabilities.reduced_dtype else set()
+        precision = make_precision(cfg.train.precision, self.device)
+        skip_nonfinite = cfg.faults.skip_nonfinite and cfg.train.precision != "fp16"  # fp16: the scaler's job
+        self.strategy = make_strategy(
+            cfg.distributed, precision, own_dtype & set(trained), skip_nonfinite, self.micro_batch, self.num_micro,
+            self.ctx.world_size,
+        )  # fmt: skip
+        optimizers = {
+            name: make_adam(n.module.parameters(), n.optimizer, n.reg_interval) for name, n in trained.items()
+        }
+        wrapped = self.strategy.prepare({name: net.module for name, net in trained.items()}, optimizers)
+        copies = {name: net.module for name, net in self.recipe.networks.items() if name not in trained}
+        for name in own_dtype & set(copies):
+            precision.adopt(copies[name])
+        raw = {**{name: self.strategy.unwrap(name) for name in trained}, **copies}
+        self.step_ctx = StepContext({**wrapped, **copies}, raw, self.strategy, self.recipe.sampler)
 
     @property
     def G_ema(self) -> torch.nn.Module:
