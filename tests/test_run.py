@@ -272,3 +272,21 @@ def test_the_summary_leaves_out_evaluations_of_an_abandoned_branch(digits16, tmp
     assert second.evaluations[-1]["finished"] > abandoned["finished"]
     rows = [__import__("json").loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 5, 10, 10]  # the file keeps history; the run's line is the last 10
+
+
+def test_a_checkpoint_missing_a_registered_piece_is_refused_naming_it(tmp_path):
+    from orchestrator.checkpoint import CheckpointError, StateRegistry, read_checkpoint, save_checkpoint
+
+    registry = StateRegistry()
+    a, b = CallCount(), CallCount()
+    registry.register("a", a)
+    registry.register("b", b)
+    with pytest.raises(ValueError, match="state 'a' is registered twice"):
+        registry.register("a", a)
+    with pytest.raises(CheckpointError, match=r"ckpt holds no state for \['b'\]"):
+        registry.load_state_dict({"a": {"calls": 3}}, Path("ckpt"))
+    registry.load_state_dict({"a": {"calls": 3}, "b": {"calls": 4}}, Path("ckpt"))
+    assert (a.calls, b.calls) == (3, 4)
+    old = save_checkpoint(tmp_path, 1, {"G": {}}, "model: {}\n", keep_last=1)  # the layout before `meta`
+    with pytest.raises(CheckpointError, match="carries no run description .* older ganforge"):
+        read_checkpoint(old)
