@@ -123,4 +123,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.path.insert(0, str(ROOT))
+    from launch.worker import exit_now
+
+    exit_now(main(sys.argv[1:]))
