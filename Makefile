@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo demo-stylegan2 demo-progan test test-fast test-faults bench clean
+.PHONY: install demo demo-stylegan2 demo-progan test test-fast test-faults mutants bench clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-fast: $(BIN)/ganforge
 
 test-faults: $(BIN)/ganforge
 	$(BIN)/python -m pytest -m faults tests/faults
+
+# Remove each protection in a temporary copy of the tree and check that its tests fail (docs/reliability.md).
+mutants: $(BIN)/ganforge
+	$(BIN)/python tests/mutants.py
 
 bench: $(BIN)/ganforge
 	$(BIN)/python -m benchmarks.run
