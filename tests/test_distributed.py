@@ -135,7 +135,7 @@ def test_two_workers_apply_the_gradient_of_one(digit_shards, tmp_path, strategy,
     a, b = weights(tmp_path / "single"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{strategy} {k}: {m}")
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{strategy} {k}: {m}")
 
 
 def test_micro_batches_accumulate_to_the_global_batch(digit_shards, tmp_path):
