@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo demo-stylegan2 demo-progan test test-fast test-faults lint format bench clean
+.PHONY: install demo demo-stylegan2 demo-progan test test-fast test-faults lint format mutants bench clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,6 +54,10 @@ lint: $(BIN)/ganforge
 format: $(BIN)/ganforge
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Remove each protection in a temporary copy of the tree and check that its tests fail (docs/reliability.md).
+mutants: $(BIN)/ganforge
+	$(BIN)/python tests/mutants.py
 
 bench: $(BIN)/ganforge
 	$(BIN)/python -m benchmarks.run

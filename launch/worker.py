@@ -10,6 +10,7 @@ Reads RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_ADDR/PORT) from the launcher, joi
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -48,5 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the process without interpreter finalization, once everything is written and closed.
+
+    A gloo worker thread may still hold the last reference to a tensor of the last collective call when
+    Python finalizes; dropping it then needs the GIL, and the thread aborts the whole process (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#179291), now and then on a busy machine,
+    after a run that succeeded. Unreachable objects are collected first, while the interpreter is alive."""
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

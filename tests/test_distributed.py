@@ -1,5 +1,7 @@
 """Multi-process training without Ray: torchrun workers (gloo on CPU), DDP through Accelerate and
-DeepSpeed ZeRO. The global batch, not the worker count, decides what a step computes."""
+DeepSpeed ZeRO. The global batch, not the worker count, decides what a step computes: checked on the
+gradients each optimizer step applies (Adam would hide a gradient scaled by the worker or micro-batch
+count), on different real images per worker, and on the number of gradient synchronisations."""
 
 from __future__ import annotations
 
@@ -7,13 +9,16 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import assert_same_nets, tiny_config
+from gradient_probe import probe, zero_gradients
 
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import validate_config
@@ -23,6 +28,7 @@ from orchestrator.train.run import train
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+PROBE = str(Path(__file__).parent / "gradient_probe.py")
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +49,34 @@ def same_image_shards(tmp_path_factory) -> Path:
     return out / "shards"
 
 
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory) -> Path:
+    """64 different real digits (10 classes) in 16 shards of 4. Every rank reads every world_size-th shard
+    of one seeded shard order, so with a shuffle buffer of 1 a step of 8 images takes one shard on each of
+    2 workers, and the two shards one worker takes for its whole batch, in the same order."""
+    from sklearn.datasets import load_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    d = load_digits()
+    images = np.round(d.images[:64] * 255 / 16).astype(np.uint8)
+    assert len({x.tobytes() for x in images}) == 64
+    np.savez(out / "digits.npz", images=images, labels=d.target[:64], class_names=np.array([str(i) for i in range(10)]))
+    write_shards(str(out / "digits.npz"), out / "shards", resolution=8, holdout=0.0, shard_size=4)
+    return out / "shards"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_config(shards: Path, tmp: Path, **sections) -> Path:
+def run_config(shards: Path, tmp: Path, train: dict | None = None, **sections) -> Path:
     sections.setdefault("loss", {"r1_gamma": 1.0})
     raw = tiny_config(
         shards,
         "mlp",
-        train={"batch_size": 8, "total_kimg": 1, "stop_at_step": 2, "threads": 1},
+        train={"batch_size": 8, "total_kimg": 1, "stop_at_step": 2, "threads": 1, **(train or {})},
         data={"workers": 0, "shuffle_buffer": 1},
         **sections,
     )
@@ -64,13 +86,14 @@ def run_config(shards: Path, tmp: Path, **sections) -> Path:
     return path
 
 
-def torchrun(config: Path, run_dir: Path, nproc: int, *overrides: str) -> None:
+def torchrun(config: Path, run_dir: Path, nproc: int, *overrides: str, probe_dir: Path | None = None) -> None:
+    """``nproc`` workers of ``launch.worker``; with ``probe_dir``, under the gradient probe writing there."""
+    entry = ["-m", "launch.worker"] if probe_dir is None else [PROBE, str(probe_dir)]
     cmd = [
         TORCHRUN,
         f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}",
-        "-m",
-        "launch.worker",
+        *entry,
         str(config),
         "--run-dir",
         str(run_dir),
@@ -86,35 +109,107 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {f"{net}.{k}": v for net in ("G", "D") for k, v in state[net].items()}
 
 
+def assert_same_gradients(got: list, want: list, what: str) -> None:
+    """The same networks stepped in the same order, each with the same gradient (float32 sums in another
+    order: relative 1e-4; a gradient scaled by 2 or by the micro-batch count is far outside)."""
+    assert [n for n, _ in got] == [n for n, _ in want], what
+    for i, ((name, g), (_, w)) in enumerate(zip(got, want)):
+        assert w.abs().max() > 0, f"{what}: optimizer step {i} ({name}) applied a zero gradient"
+        torch.testing.assert_close(
+            g,
+            w,
+            rtol=1e-4,
+            atol=1e-6 * w.abs().max().item(),
+            msg=lambda m, i=i, name=name: f"{what}, optimizer step {i} ({name}): {m}",
+        )
+
+
 @pytest.mark.parametrize("strategy, r1_interval", [("ddp", 1), ("deepspeed", 2)])
-def test_two_workers_match_one(same_image_shards, tmp_path, strategy, r1_interval):
-    """With the same seed and global batch, two workers reach the weights one worker reaches."""
-    config = run_config(same_image_shards, tmp_path, loss={"r1_gamma": 1.0, "r1_interval": r1_interval})
-    reference = train(validate_config(yaml.safe_load(config.read_text()), "ref"), tmp_path / "single")
-    assert reference.step == 2
-    ds = (
-        ["distributed.deepspeed_config=" + str(ROOT / "configs/deepspeed/zero2.yaml")]
-        if strategy == "deepspeed"
-        else []
+def test_two_workers_apply_the_gradient_of_one(digit_shards, tmp_path, strategy, r1_interval):
+    """Two workers, each accumulating 2 micro-batches of 2 real digits (different on each worker), apply at
+    every optimizer step the gradient one worker computes on the whole batch of 8 in one pass: averaged over
+    the workers, not summed, and divided by the micro-batch count. DDP synchronises once per optimizer step
+    (``no_sync`` before the last micro-batch; a sync per micro-batch gives the same sum, so it is counted).
+    Both end with the same weights."""
+    config = run_config(
+        digit_shards, tmp_path, train={"micro_batch": 2}, loss={"r1_gamma": 1.0, "r1_interval": r1_interval}
     )
-    torchrun(config, tmp_path / "two", 2, f"distributed.strategy={strategy}", *ds)
-    one, two = weights(tmp_path / "single"), weights(tmp_path / "two")
-    assert one.keys() == two.keys()
-    for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{strategy} {k}: {m}")
-
-
-def test_micro_batches_accumulate_to_the_global_batch(same_image_shards, tmp_path):
-    """One worker with 4 micro-batches of 2 reaches what one batch of 8 reaches (no BatchNorm here)."""
-    config = run_config(same_image_shards, tmp_path)
     raw = yaml.safe_load(config.read_text())
-    whole = train(validate_config(raw, "whole"), tmp_path / "whole")
+    raw["train"]["micro_batch"] = 8
+    with probe() as one:
+        reference = train(validate_config(raw, "ref"), tmp_path / "single")
+    assert reference.step == 2
+    ds = [f"distributed.deepspeed_config={ROOT / 'configs/deepspeed/zero2.yaml'}"] if strategy == "deepspeed" else []
+    torchrun(config, tmp_path / "two", 2, f"distributed.strategy={strategy}", *ds, probe_dir=tmp_path / "probe")
+    ranks = [torch.load(tmp_path / "probe" / f"probe-rank{r}.pt") for r in (0, 1)]
+
+    for step, batch in enumerate(one["keys"]):  # the data: different digits per rank, together the same batch
+        mine = [list(chain(*r["keys"][2 * step : 2 * step + 2])) for r in ranks]
+        assert len(set(batch)) == 8 and not set(mine[0]) & set(mine[1]), (batch, mine)
+        assert mine[0] + mine[1] == batch, (batch, mine)
+    assert Counter(n for n, _ in one["grads"]) == {"D": 2 + (r1_interval > 1), "G": 2}
+    if strategy == "ddp":
+        for r, got in enumerate(ranks):
+            assert_same_gradients(got["grads"], one["grads"], f"ddp rank {r}")
+            assert got["syncs"] == Counter(n for n, _ in got["grads"]), f"rank {r}: syncs per network vs steps"
+    else:
+        whole = zero_gradients([r["grads"] for r in ranks], [g.numel() for _, g in one["grads"]])
+        assert_same_gradients(whole, one["grads"], "deepspeed")
+
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{strategy} {k}: {m}")
+
+
+def test_micro_batches_accumulate_to_the_global_batch(digit_shards, tmp_path):
+    """One worker with 4 micro-batches of 2 real digits applies the gradient of one batch of 8 at every
+    optimizer step (each micro-batch's loss divided by 4) and reaches its weights (no BatchNorm here)."""
+    config = run_config(digit_shards, tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    with probe() as whole_grads:
+        whole = train(validate_config(raw, "whole"), tmp_path / "whole")
     raw["train"]["micro_batch"] = 2
-    micro = train(validate_config(raw, "micro"), tmp_path / "micro")
+    with probe() as micro_grads:
+        micro = train(validate_config(raw, "micro"), tmp_path / "micro")
     assert whole.step == micro.step == 2
+    assert [list(chain(*micro_grads["keys"][4 * s : 4 * s + 4])) for s in range(2)] == whole_grads["keys"]
+    assert_same_gradients(micro_grads["grads"], whole_grads["grads"], "4 micro-batches")
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "micro")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_two_stylegan2_workers_resume_exactly(digit_shards, tmp_path):
+    """Two DDP workers, StyleGAN2 with noise inputs, style mixing, lazy R1 and path length: stopped after step 3
+    and resumed by new processes, the run ends at step 6 bit-identical to an uninterrupted one. Each rank gets
+    its own RNG state, data position and path-length mean back (each rank keeps its own, as the official code)."""
+    raw = tiny_config(
+        digit_shards,
+        train={"batch_size": 8, "total_kimg": 1, "stop_at_step": 6, "threads": 1},
+        data={"workers": 0, "shuffle_buffer": 4},
+        checkpoint={"every_kimg": 0.008, "keep_last": 10},
+        loss={"r1_gamma": 1.0, "r1_interval": 2, "pl_weight": 2.0, "pl_interval": 2, "style_mixing_prob": 0.9},
+    )
+    raw["model"] = {
+        "arch": "stylegan2",
+        "z_dim": 8,
+        "w_dim": 8,
+        "mapping_layers": 1,
+        "channel_base": 64,
+        "channel_max": 8,
+        "num_fp16_res": 0,
+        "mbstd_group_size": 2,
+    }
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    torchrun(config, tmp_path / "straight", 2, "distributed.strategy=ddp")
+    torchrun(config, tmp_path / "resumed", 2, "distributed.strategy=ddp", "train.stop_at_step=3")
+    torchrun(config, tmp_path / "resumed", 2, "distributed.strategy=ddp")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "ckpt-000000006") for d in ("straight", "resumed"))
+    assert a["progress"] == b["progress"] and b["progress"]["step"] == 6
+    assert_same_nets(a, b)
+    assert torch.equal(a["recipe.reg"]["pl_mean_per_rank"][1], b["recipe.reg"]["pl_mean_per_rank"][1])
 
 
 def test_progan_growing_on_two_ddp_workers_matches_one(same_image_shards, tmp_path):

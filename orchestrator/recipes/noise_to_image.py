@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from architectures.registry import Capabilities
@@ -39,15 +40,26 @@ from orchestrator.recipes.recipe import Micro, Network, Phase, Recipe, RecipeSet
 
 @dataclass
 class RegState:
-    """Running statistics of the regularizers (checkpointed): the path-length mean ``a``."""
+    """Running statistics of the regularizers (checkpointed): the path-length mean ``a``.
+
+    Each rank keeps its own ``a`` (from its own images, as the official code does), so with several workers
+    ``state_dict`` gathers every rank's (a collective call, made on every rank) and a resume with as many
+    workers gives each rank its own back; otherwise every rank continues from rank 0's."""
 
     pl_mean: torch.Tensor
 
     def state_dict(self) -> dict:
-        return {"pl_mean": self.pl_mean}
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return {"pl_mean": self.pl_mean}
+        ranks = [torch.zeros_like(self.pl_mean) for _ in range(dist.get_world_size())]
+        dist.all_gather(ranks, self.pl_mean.detach().contiguous())
+        return {"pl_mean": ranks[0], "pl_mean_per_rank": ranks}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pl_mean = state["pl_mean"].to(self.pl_mean.device)
+        ranks = state.get("pl_mean_per_rank")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = ranks[dist.get_rank()] if ranks is not None and len(ranks) == world else state["pl_mean"]
+        self.pl_mean = mine.to(self.pl_mean.device)
 
 
 def run_generator(

@@ -1,0 +1,313 @@
+"""Mutation check: remove each protection and watch its test fail (``make mutants``).
+
+Each :class:`Mutant` names a file, a piece of its text (which must occur exactly once), what replaces it
+(the protection removed or broken) and the few tests that must then fail. The script copies the working
+tree (tracked and untracked, not ignored files) into a temporary directory, runs every selected test there
+once unmutated (they must pass: a test that fails anyway proves nothing), then applies one mutant at a time,
+runs its tests with ``pytest -x`` and restores the file. A mutant is *caught* when pytest reports failing
+tests (exit code 1); a collection error, a timeout or passing tests count as *missed*. Exit status 1 when
+any mutant is missed or the baseline fails.
+
+    python tests/mutants.py [--only NAME ...] [--list] [--no-baseline] [--keep]
+
+Tests run with ``PYTHONPATH`` set to the copy (the editable install would import the original tree) and
+without bytecode files (a restored file must never run as its mutant's cached bytecode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DDP_GRADS = "tests/test_distributed.py::test_two_workers_apply_the_gradient_of_one[ddp-1]"
+DS_GRADS = "tests/test_distributed.py::test_two_workers_apply_the_gradient_of_one[deepspeed-2]"
+MICRO_GRADS = "tests/test_distributed.py::test_micro_batches_accumulate_to_the_global_batch"
+SG2_RESUME = "tests/test_distributed.py::test_two_stylegan2_workers_resume_exactly"
+HOSTILE = "tests/faults/test_hostile_checkpoints.py"
+NONFINITE = "tests/faults/test_nonfinite.py"
+TRUNCATED = "tests/faults/test_bad_data.py::test_truncated_tar_names_its_shard_and_the_next_shard_is_read"
+BAD_KIND = "tests/faults/test_bad_data.py::test_each_bad_kind_is_skipped_and_reported_with_shard_and_key"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One protection removed: ``original`` (exactly once in ``file``) becomes ``mutated``; ``tests`` must fail."""
+
+    name: str
+    what: str
+    file: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant(
+        "ddp-sum-not-mean",
+        "DDP sums the workers' gradients (loss × world size) instead of averaging them",
+        "orchestrator/dist/ddp.py",
+        "self.accelerator.backward(loss / num_micro)",
+        "self.accelerator.backward(loss * self.accelerator.num_processes / num_micro)",
+        (DDP_GRADS,),
+    ),
+    Mutant(
+        "ddp-micro-division",
+        "DDP backward without the division by the number of micro-batches",
+        "orchestrator/dist/ddp.py",
+        "self.accelerator.backward(loss / num_micro)",
+        "self.accelerator.backward(loss)",
+        (DDP_GRADS,),
+    ),
+    Mutant(
+        "local-micro-division",
+        "single-process backward without the division by the number of micro-batches",
+        "orchestrator/dist/local.py",
+        "self.precision.scaler.scale(loss / num_micro).backward()",
+        "self.precision.scaler.scale(loss).backward()",
+        (MICRO_GRADS,),
+    ),
+    Mutant(
+        "ddp-sync-every-micro-batch",
+        "DDP synchronises on every micro-batch (sync() ignores `last`)",
+        "orchestrator/dist/ddp.py",
+        "        if not last:\n",
+        "        if False:\n",
+        (DDP_GRADS,),
+    ),
+    Mutant(
+        "deepspeed-accumulation-scale",
+        "DeepSpeed backward scales the loss by the micro-batch count",
+        "orchestrator/dist/deepspeed.py",
+        "engine.backward(loss)  #",
+        "engine.backward(loss * num_micro)  #",
+        (DS_GRADS,),
+    ),
+    Mutant(
+        "checkpoint-checksum",
+        "checkpoint files are loaded without comparing their sha256 with COMPLETE.json",
+        "orchestrator/checkpoint.py",
+        "if not f.exists() or sha256_file(f) != want:",
+        "if not f.exists():",
+        (f"{HOSTILE}::test_files_changed_after_writing_are_refused_naming_them",),
+    ),
+    Mutant(
+        "complete-json-entries",
+        "a COMPLETE.json that does not list state.pt and config.yaml is accepted",
+        "orchestrator/checkpoint.py",
+        "if not isinstance(sums, dict) or STATE not in sums or CONFIG not in sums:",
+        "if not isinstance(sums, dict):",
+        (f"{HOSTILE}::test_a_broken_completion_marker_is_refused_naming_it",),
+    ),
+    Mutant(
+        "holdout-train-dedup",
+        "images equal to a held-out image stay in the training split",
+        "orchestrator/data/shards.py",
+        "train_idx = [i for i in order[n_hold:] if encoded[i][1] not in held_hashes]",
+        "train_idx = list(order[n_hold:])",
+        ("tests/test_data.py::test_duplicates_never_cross_the_split",),
+    ),
+    Mutant(
+        "truncated-tar-check",
+        "a shard cut at or inside a member header passes for a complete one",
+        "orchestrator/data/shards.py",
+        "if url not in reported and not _ends_like_a_tar(url):",
+        "if False:",
+        (f"{TRUNCATED}[mid-header]", f"{TRUNCATED}[at-member-boundary]"),
+    ),
+    Mutant(
+        "rng-restore-on-resume",
+        "a resumed worker does not restore its global RNG state (noise, style mixing)",
+        "orchestrator/train/run.py",
+        '        torch.set_rng_state(mine["torch_rng"])\n',
+        "",
+        (SG2_RESUME,),
+    ),
+    Mutant(
+        "pl-mean-per-rank",
+        "a resumed worker continues from rank 0's path-length mean instead of its own",
+        "orchestrator/recipes/noise_to_image.py",
+        'mine = ranks[dist.get_rank()] if ranks is not None and len(ranks) == world else state["pl_mean"]',
+        'mine = state["pl_mean"]',
+        (SG2_RESUME,),
+    ),
+    Mutant(
+        "nan-guard",
+        "gradients holding NaN/Inf are applied (the non-finite check always says finite)",
+        "orchestrator/dist/strategy.py",
+        "return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())",
+        "return False",
+        (f"{NONFINITE}::test_a_few_bad_steps_are_skipped_and_counted_and_weights_stay_finite",),
+    ),
+    Mutant(
+        "fp32-fallback-autocast",
+        "after a rollback with fp32_fallback, autocast stays on",
+        "orchestrator/dist/local.py",
+        "    def use_fp32(self) -> None:\n        self.fp32 = True",
+        "    def use_fp32(self) -> None:\n        self.fp32 = False",
+        (f"{NONFINITE}::test_fp32_fallback_runs_the_forward_passes_in_fp32_and_is_remembered",),
+    ),
+    Mutant(
+        "fp32-fallback-blocks",
+        "after a rollback with fp32_fallback, StyleGAN2's reduced-precision blocks stay",
+        "orchestrator/dist/local.py",
+        "            self.unwrap(name).reduced_dtype = None\n",
+        "            pass\n",
+        (f"{NONFINITE}::test_fp32_fallback_turns_off_stylegan2_reduced_precision_blocks",),
+    ),
+    Mutant(
+        "rollback-lowers-lr",
+        "a NaN/Inf rollback keeps the learning rate",
+        "orchestrator/faults.py",
+        "self.state.lr_scale *= self.cfg.lr_factor",
+        "self.state.lr_scale *= 1.0",
+        (f"{NONFINITE}::test_k_bad_steps_in_a_row_roll_back_with_a_lower_learning_rate",),
+    ),
+    Mutant(
+        "checkpoint-weights-only",
+        "state.pt is unpickled with weights_only=False (pickled code runs)",
+        "orchestrator/checkpoint.py",
+        "torch.load(path / STATE, map_location=map_location, weights_only=True)",
+        "torch.load(path / STATE, map_location=map_location, weights_only=False)",
+        (
+            f"{HOSTILE}::test_pickled_code_never_runs[load_checkpoint-nested]",
+            f"{HOSTILE}::test_pickled_code_never_runs[resume-whole]",
+        ),
+    ),
+    Mutant(
+        "label-range",
+        "labels outside [0, num_classes) are accepted",
+        "orchestrator/data/shards.py",
+        "if not 0 <= label < spec.num_classes:",
+        "if False:",
+        (f"{BAD_KIND}[label10]", f"{BAD_KIND}[labelneg]"),
+    ),
+    Mutant(
+        "bad-fraction-stop",
+        "the loader never stops on too many bad samples",
+        "orchestrator/data/shards.py",
+        "if self.read >= self.min_samples and self.bad > self.max_bad_fraction * self.read:",
+        "if False:",
+        ("tests/faults/test_bad_data.py::test_training_stops_over_the_bad_fraction_naming_the_worst_shard",),
+    ),
+    Mutant(
+        "stale-stop-file",
+        "a STOP file left from an earlier stop is not removed at start",
+        "orchestrator/faults.py",
+        "self.stop_file.unlink(missing_ok=True)  # a request",
+        "pass  # a request",
+        ("tests/faults/test_preemption.py::test_a_stale_stop_file_does_not_stop_the_next_start",),
+    ),
+    Mutant(
+        "batch-split-check",
+        "a global batch that does not split into workers × micro-batches is accepted",
+        "orchestrator/train/preflight.py",
+        "if micro < 1 or batch % (world_size * micro):",
+        "if micro < 1:",
+        ("tests/faults/test_config_rules.py::test_global_batch_must_split_into_workers_and_micro_batches",),
+    ),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    """The working tree's tracked and untracked (not ignored) files, as they are now, into ``dest``."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, out.split("\0")):
+        src = ROOT / name
+        if src.is_file() and not src.is_symlink():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run_tests(root: Path, tests: list[str], timeout: int) -> tuple[int | None, float, str]:
+    """``pytest -x`` on ``tests`` in ``root``: exit code (None on timeout), seconds, the end of its output."""
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return None, time.monotonic() - t0, str(e.stdout or "")[-2000:]
+    return p.returncode, time.monotonic() - t0, (p.stdout + p.stderr)[-2000:]
+
+
+def check(root: Path, mutant: Mutant, timeout: int) -> tuple[str, float, str]:
+    """Apply ``mutant`` in ``root``, run its tests, restore the file: ``(caught|missed|timeout|error, s, output)``."""
+    path = root / mutant.file
+    text = path.read_text()
+    if text.count(mutant.original) != 1:
+        return "error", 0.0, f"{mutant.file}: the original text occurs {text.count(mutant.original)} times, not once"
+    path.write_text(text.replace(mutant.original, mutant.mutated))
+    try:
+        code, seconds, output = run_tests(root, list(mutant.tests), timeout)
+    finally:
+        path.write_text(text)
+    verdict = {1: "caught", 0: "missed", None: "timeout"}.get(code, "error")
+    return verdict, seconds, output
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the mutants (all, or ``--only`` some) and print caught/missed for each."""
+    p = argparse.ArgumentParser(
+        prog="python tests/mutants.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
+    p.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
+    p.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per pytest run (default 600)")
+    a = p.parse_args(argv)
+    known = {m.name: m for m in MUTANTS}
+    unknown = sorted(set(a.only or []) - set(known))
+    if unknown:
+        p.error(f"unknown mutant(s) {unknown}; known: {', '.join(known)}")
+    mutants = [known[n] for n in a.only] if a.only else MUTANTS
+    if a.list:
+        for m in mutants:
+            print(f"{m.name}: {m.what}\n    {m.file}\n    " + "\n    ".join(m.tests))
+        return 0
+
+    start = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="ganforge-mutants-"))
+    try:
+        copy_tree(root)
+        print(f"copy of {ROOT} in {root}", flush=True)
+        if not a.no_baseline:
+            tests = list(dict.fromkeys(t for m in mutants for t in m.tests))
+            code, seconds, output = run_tests(root, tests, a.timeout * 2)
+            print(f"baseline: {len(tests)} test selection(s), unmutated: exit {code} in {seconds:.0f} s", flush=True)
+            if code != 0:
+                print(output)
+                print("the unmutated tests must pass first; nothing was mutated")
+                return 1
+        results = []
+        for m in mutants:
+            verdict, seconds, output = check(root, m, a.timeout)
+            results.append((m, verdict, seconds))
+            print(f"{verdict:8} {m.name:30} {seconds:6.0f} s  {m.what}", flush=True)
+            if verdict != "caught":
+                print("    " + output.replace("\n", "\n    "))
+    finally:
+        if a.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    caught = sum(v == "caught" for _, v, _ in results)
+    print(f"{caught}/{len(results)} mutants caught in {time.monotonic() - start:.0f} s")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
