@@ -6,6 +6,11 @@ EMA, scaler, counters, RNG states, data position), ``config.yaml`` (the resolved
 renamed into place, so a crash mid-write leaves the previous checkpoints as they were and no
 half-written directory is ever picked: only directories with a ``COMPLETE.json`` count, and their
 checksums are verified before loading. ``state.pt`` is read with ``torch.load(weights_only=True)``.
+
+What ``state.pt`` holds is exactly what the run registered in its :class:`StateRegistry` (name → object
+with ``state_dict``/``load_state_dict``), including ``meta``: the image spec, model and recipe, so that
+:func:`load_generator` rebuilds the sampling network from the checkpoint alone. :func:`read_checkpoint`
+is the one reader; the Run, ``generate``, ``eval`` and the Ray glue all go through it.
 """
 
 from __future__ import annotations
@@ -245,9 +250,6 @@ class StateRegistry:
         if name in self._items:
             raise ValueError(f"state {name!r} is registered twice")
         self._items[name] = obj
-
-    def names(self) -> list[str]:
-        return list(self._items)
 
     def state_dict(self) -> dict[str, Any]:
         """Every registered object's state (a collective call when an object gathers across ranks)."""

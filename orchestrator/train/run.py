@@ -299,7 +299,6 @@ class Run:
         ckpt = read_checkpoint(path, map_location=self.device)
         self.optimizer_state.directory = ckpt.path
         self.state.load_state_dict(ckpt.states, ckpt.path)
-        self.resumed_from = ckpt.path
         return ckpt
 
     def _start_monitoring(self, start_from: Path | None) -> None:
