@@ -290,6 +290,27 @@ def nonfinite_guard_overhead(steps: int = 300, repeats: int = 2) -> None:
     print(f"\non / off: {rates[True] / rates[False]:.3f}")
 
 
+def compile_demo(steps: int = 400) -> None:
+    """The demo's DCGAN eager, then with ``train.compile``, in one process: median img/s after warm-up."""
+    from orchestrator.config import load_config
+    from orchestrator.train.run import train
+
+    fixed = ["eval.enabled=false", "tracking.progress_bar=false", "tracking.log_every=50", "tracking.wandb.mode=disabled",
+             f"train.stop_at_step={steps}", "checkpoint.every_kimg=1000", "tracking.sample_every_kimg=1000"]  # fmt: skip
+    speed = {}
+    for compiled in (False, True):
+        run_dir = Path(tempfile.mkdtemp()) / "run"
+        cfg = load_config(ROOT / "configs/dev/dcgan-digits.yaml", fixed + [f"train.compile={str(compiled).lower()}"])
+        t0 = time.time()
+        train(cfg, run_dir)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steady = sorted(r["perf/img_per_s"] for r in rows if "perf/img_per_s" in r)[2:]
+        speed[compiled] = steady[len(steady) // 2]
+        print(f"compile={compiled}: wall {time.time() - t0:.1f} s, median {speed[compiled]:.0f} img/s", flush=True)
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
+    print(f"compiled / eager: {speed[True] / speed[False]:.2f}")
+
+
 BENCHMARKS = {
     "dev_loader_settings": dev_loader_settings,
     "stylegan2_1024_forward": stylegan2_1024_forward,
@@ -297,6 +318,7 @@ BENCHMARKS = {
     "strategy_memory": strategy_memory,
     "evaluator_overhead": evaluator_overhead,
     "nonfinite_guard_overhead": nonfinite_guard_overhead,
+    "compile_demo": compile_demo,
 }
 
 

@@ -76,6 +76,11 @@ class TrainConfig(StrictConfig):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: torch's choice)")
+    compile: bool = Field(
+        False,
+        description="torch.compile the trained networks for the phases' main passes; regularizers that need double "
+        "backward (R1, path length, gradient penalty) run the same parameters eagerly (single and ddp strategies)",
+    )
     recipe: str = Field(
         "noise_to_image",
         description="the GAN kind's recipe: its networks and phases "

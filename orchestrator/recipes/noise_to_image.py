@@ -140,7 +140,8 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
         real, c_real, c_fake = m.data["img"], m.data["label"], m.data["c_fake"]
         with torch.no_grad(), st.autocast("G"):
             fake, _ = run_generator(ctx.raw["G"], m.data["z"], c_fake, cfg, caps.mapping, update_emas=True)
-        own_r1_pass = with_r1 and st.wrapped  # input gradients via the raw module (see the strategy module)
+        # input gradients via the raw module when D runs wrapped (see the strategy module) or compiled
+        own_r1_pass = with_r1 and (st.wrapped or ctx.compiled)
         real_in = real.detach().requires_grad_(with_r1 and not own_r1_pass)
         with st.autocast("D"):
             real_logits, real_classes = scores(ctx.nets["D"], real_in, c_real, cfg)

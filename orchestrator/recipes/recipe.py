@@ -104,13 +104,15 @@ class Micro:
 @dataclass
 class StepContext:
     """What a phase's functions see: the networks as the phases call them (``nets``: wrapped by the strategy
-    when trained) and unwrapped (``raw``: for state, input gradients and passes that must not synchronise),
-    the strategy and the sampler."""
+    when trained, and compiled with ``train.compile``) and unwrapped (``raw``: for state, input gradients and
+    passes that must not synchronise), the strategy and the sampler. ``compiled``: ``nets`` are compiled, so a
+    loss that needs a second backward takes it through ``raw`` (compiled autograd has no double backward)."""
 
     nets: dict[str, nn.Module]
     raw: dict[str, nn.Module]
     strategy: Strategy
     sampler: Sampler
+    compiled: bool = False
 
 
 Reals = Literal["new", "same", "none"]

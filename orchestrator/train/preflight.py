@@ -48,7 +48,7 @@ def check_batches(cfg: JobConfig, world_size: int) -> None:
 
 
 def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
-    """Growth settings the family cannot honour, and strategies that cannot follow a growing network."""
+    """Growth settings the family cannot honour, and strategies that cannot follow a growing network or compile."""
     if cfg.growth != type(cfg.growth)() and not caps.growth:
         raise ConfigError(
             f"growth: progressive growing needs a growing architecture (progan); "
@@ -58,6 +58,11 @@ def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
         raise ConfigError(
             "distributed.strategy: deepspeed cannot follow progressive growing (its batch sizes are "
             "fixed at start and its sharded Adam state cannot be reset per level); use ddp"
+        )
+    if cfg.train.compile and cfg.distributed.strategy == "deepspeed":
+        raise ConfigError(
+            "train.compile: not supported with distributed.strategy deepspeed (its engines own the "
+            "forward pass and the optimizer step); use ddp, or set train.compile: false"
         )
     if caps.growth and cfg.distributed.strategy == "ddp" and not cfg.distributed.find_unused_parameters:
         raise ConfigError(

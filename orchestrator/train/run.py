@@ -269,7 +269,9 @@ class Run:
         for name in own_dtype & set(copies):
             precision.adopt(copies[name])
         raw = {**{name: self.strategy.unwrap(name) for name in trained}, **copies}
-        self.step_ctx = StepContext({**wrapped, **copies}, raw, self.strategy, self.recipe.sampler)
+        if cfg.train.compile:  # the raw modules stay uncompiled: state dicts, regularizers, EMA
+            wrapped = {name: torch.compile(net) for name, net in wrapped.items()}
+        self.step_ctx = StepContext({**wrapped, **copies}, raw, self.strategy, self.recipe.sampler, cfg.train.compile)
 
     @property
     def G_ema(self) -> torch.nn.Module:
@@ -507,11 +509,17 @@ class Run:
         preempted = False
         stop.install()
         try:
+            first = True
             while not self.done():
-                before = p.nimg
+                before, t0 = p.nimg, time.perf_counter()
                 stats = self.step()
                 if stats is None:
                     continue
+                if first and self.cfg.train.compile:
+                    self._compiled_graphs = compiled_graphs()
+                    self.tracker.note(f"compiled: the first step took {time.perf_counter() - t0:.1f} s "
+                                      f"({self._compiled_graphs} graphs)")  # fmt: skip
+                first = False
                 due = self.cadence.due(p.step, before, p.nimg)
                 if due.log:
                     self.metrics = monitor.log(
@@ -569,6 +577,13 @@ class Run:
 
     def _extra_metrics(self) -> dict[str, float]:
         lrs = {f"lr/{name}": self.strategy.lr(name) for name in self.recipe.trained}
+        if self.cfg.train.compile:
+            graphs = compiled_graphs()
+            if graphs > self._compiled_graphs:  # a new shape or mode: a growth level, a last partial batch
+                self.tracker.note(f"warning: recompiled at step {self.progress.step}: {graphs} compiled graphs "
+                                  f"now, {self._compiled_graphs} after the first step")  # fmt: skip
+                self._compiled_graphs = graphs
+            lrs["perf/compiled_graphs"] = graphs
         return {
             "ema/beta": self.last_beta,
             "data/bad_samples": self.loader.health.bad,
@@ -603,3 +618,10 @@ def train(
 ) -> TrainResult:
     """Train (or continue training) the GAN described by ``cfg`` in ``run_dir``, as worker ``ctx``."""
     return Run.build(cfg, run_dir, resume, ctx).train()
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has built in this process (grows with every recompilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
