@@ -132,7 +132,6 @@ def build_twins(setup: RecipeSetup) -> Recipe:
         Phase("G", ("G_A", "G_B"), g_loss_both, latents, frozen=("D_A", "D_B")),
     ]
     return Recipe(
-        "twins",
         nets,
         phases,
         setup.sampler(setup.model.z_dim),

@@ -269,7 +269,7 @@ def build(setup: RecipeSetup) -> Recipe:
         "D": Network(D, setup.optim.d, cfg.r1_interval if lazy_r1 else 1),
         "G_ema": Network(make_ema(G)),
     }
-    return Recipe("noise_to_image", networks, phases, setup.sampler(G.z_dim), ema={"G_ema": "G"}, state={"reg": reg})
+    return Recipe(networks, phases, setup.sampler(G.z_dim), ema={"G_ema": "G"}, state={"reg": reg})
 
 
 register_recipe("noise_to_image", build)

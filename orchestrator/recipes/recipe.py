@@ -145,7 +145,6 @@ class Recipe:
     """A GAN kind as data: networks, EMA copies (``{copy: source}``), recipe state, and the phases of a step.
     ``generator`` is the network samples, grids and evaluation use."""
 
-    name: str
     networks: dict[str, Network]
     phases: list[Phase]
     sampler: Sampler

@@ -578,12 +578,7 @@ class Run:
     def _extra_metrics(self) -> dict[str, float]:
         lrs = {f"lr/{name}": self.strategy.lr(name) for name in self.recipe.trained}
         if self.cfg.train.compile:
-            graphs = compiled_graphs()
-            if graphs > self._compiled_graphs:  # a new shape or mode: a growth level, a last partial batch
-                self.tracker.note(f"warning: recompiled at step {self.progress.step}: {graphs} compiled graphs "
-                                  f"now, {self._compiled_graphs} after the first step")  # fmt: skip
-                self._compiled_graphs = graphs
-            lrs["perf/compiled_graphs"] = graphs
+            lrs["perf/compiled_graphs"] = self._count_recompiles()
         return {
             "ema/beta": self.last_beta,
             "data/bad_samples": self.loader.health.bad,
@@ -591,6 +586,16 @@ class Run:
             **self.guard.metrics(),
             **(self.growth.metrics() if self.growth else {}),
         }
+
+    def _count_recompiles(self) -> int:
+        """The compiled graphs so far; a warning when there are more than at the last count (a new shape or
+        mode: a growth level, a last partial batch)."""
+        graphs = compiled_graphs()
+        if graphs > self._compiled_graphs:
+            self.tracker.note(f"warning: recompiled at step {self.progress.step}: {graphs} compiled graphs now, "
+                              f"{self._compiled_graphs} before")  # fmt: skip
+            self._compiled_graphs = graphs
+        return graphs
 
     def _mean_across_ranks(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
         keys = sorted(stats)
