@@ -64,7 +64,7 @@ def start_evaluator(cfg, spec, run_dir: Path):
             max_restarts=-1,
             max_concurrency=4,
         )
-        .remote(evaluation_job(cfg, spec), str(run_dir))
+        .remote(evaluation_job(cfg, spec), str(run_dir), True)  # its own process: all of it yields to training
     )
     ray.get(actor.status.remote())  # fails now if the actor cannot start
     return name, actor

@@ -134,6 +134,20 @@ class EvalConfig(StrictConfig):
         description="extra custom Ray resources for the evaluator actor, e.g. "
         "{evaluator: 1} to keep it on its own worker group (k8s/)",
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads of the evaluator actor's evaluating thread; None: `cpus` rounded up, at "
+        "least 1 (dev mode evaluates in the training thread and keeps training's)",
+    )
+    nice: int = Field(
+        19,
+        ge=0,
+        le=19,
+        description="niceness the evaluator actor's threads run at, at least (19: the lowest CPU priority, "
+        "below training's workers, which Ray starts at 15; 0: leave it alone). A GPU actor's device is its own "
+        "either way; this only lowers its CPU side. Dev mode evaluates in the training thread and changes nothing",
+    )
 
     @field_validator("metrics", mode="before")
     @classmethod

@@ -6,9 +6,17 @@ seconds it takes). On a Ray cluster it is :class:`EvaluatorActor`, a separate ac
 CPUs or GPU: ``submit`` returns at once and replaces any request still waiting (stale ones are
 dropped, at most one is pending), a background thread evaluates, and each result is appended to
 ``RUN_DIR/eval.jsonl`` with the training step it belongs to. Rank 0 polls for new results at its
-logging steps, logs them (W&B, ``metrics.jsonl``) against that step, and marks the best-FID
-checkpoint so that retention never deletes it. Ray restarts a crashed actor (``max_restarts=-1``);
-while it is away, submissions and polls fail quietly and training goes on.
+logging steps, logs them (W&B, ``metrics.jsonl``) against that step with how far behind training they
+arrived (``eval/lag_kimg``, ``eval/lag_s``), and marks the best-FID checkpoint so that retention never
+deletes it. Ray restarts a crashed actor (``max_restarts=-1``); while it is away, submissions and polls
+fail quietly and training goes on.
+
+On CPUs the actor must not take training's cores: every thread of its process runs at niceness
+``eval.nice`` or higher (Linux keeps niceness per thread, so each existing one is raised, and threads
+started later inherit it from the thread that starts them), and its evaluating thread uses
+``eval.threads`` torch threads. Ray starts its workers' Python threads, training's included, at
+niceness 15 (``RAY_worker_niceness``), so the default 19 ranks the evaluator below training. A GPU actor
+has its device to itself; the same settings only lower its CPU side.
 
 Why not Ray Train's ``ValidationConfig`` (alpha in Ray 2.60): it runs each validation as a fresh Ray
 task, so the feature extractor and the held-out statistics would be reloaded every time (a disk
@@ -19,6 +27,8 @@ actor keeps everything warm and gives exactly the semantics above.
 from __future__ import annotations
 
 import json
+import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -60,8 +70,16 @@ class Evaluator:
         self.capabilities = arch.capabilities
         self.G = arch.build_generator(job.model, job.spec).eval().requires_grad_(False)
 
-    def evaluate(self, step: int, kimg: float, g_ema_state: dict, checkpoint: str | None = None) -> dict:
-        """Evaluate one set of G_ema weights now; append and return the result row."""
+    def evaluate(
+        self,
+        step: int,
+        kimg: float,
+        g_ema_state: dict,
+        checkpoint: str | None = None,
+        requested: float | None = None,
+    ) -> dict:
+        """Evaluate one set of G_ema weights now; append and return the result row. ``requested``: when rank 0
+        handed the weights over, on its clock (default: now)."""
         started = time.time()
         self.G.load_state_dict(g_ema_state)
         result = evaluate(
@@ -77,6 +95,7 @@ class Evaluator:
             "step": step,
             "kimg": kimg,
             "checkpoint": checkpoint,
+            "requested": started if requested is None else requested,
             "started": started,
             "finished": time.time(),
             **{f"eval/{k}": v for k, v in result.metrics.items()},
@@ -97,24 +116,65 @@ class Evaluator:
         return [json.loads(line) for line in path.read_text().splitlines()[since:]]
 
 
+def thread_ids() -> list[int]:
+    """The native ids of this process's threads (Linux); elsewhere ``[0]``, the whole process."""
+    tasks = Path("/proc/self/task")
+    return [int(t) for t in os.listdir(tasks)] if tasks.is_dir() else [0]
+
+
+def niceness(tid: int = 0) -> int:
+    """The niceness of thread ``tid`` of this process (0: the calling thread)."""
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def lower_priority(nice: int, tids: list[int]) -> None:
+    """Raise the niceness of threads ``tids`` (0: the calling thread) to at least ``nice``. Never lowers it:
+    that needs privileges an evaluator does not have."""
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(nice, niceness(tid)))
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
+def eval_threads(cfg: EvalConfig) -> int:
+    """Torch threads of the evaluating thread: ``eval.threads``, else the reserved CPUs rounded up."""
+    return cfg.threads or max(1, math.ceil(cfg.cpus))
+
+
 class EvaluatorActor(Evaluator):
     """The evaluator as a Ray actor: ``submit`` never waits; one background thread evaluates the newest
-    request. Create it with ``ray.remote(EvaluatorActor).options(max_concurrency=4, max_restarts=-1, ...)``."""
+    request at niceness ``eval.nice`` with ``eval.threads`` torch threads. Create it with
+    ``ray.remote(EvaluatorActor).options(max_concurrency=4, max_restarts=-1, ...).remote(job, run_dir, True)``."""
 
-    def __init__(self, job: EvalJob, run_dir: str):
+    def __init__(self, job: EvalJob, run_dir: str, own_process: bool = False):
+        """``own_process``: the process is the evaluator's alone (a Ray actor), so all its threads are lowered,
+        not only the evaluating one."""
         super().__init__(job, run_dir)
         self._pending: tuple | None = None
         self._busy = False
         self._wake = threading.Condition()
         self.dropped = 0
         self.failures: list[str] = []
+        self._ready = threading.Event()
+        self._tid, self._threads = 0, 0
+        if own_process:
+            self._lower_priority(thread_ids())
         threading.Thread(target=self._loop, daemon=True, name="evaluator").start()
 
-    def submit(self, step: int, kimg: float, g_ema_state: dict, checkpoint: str | None = None) -> None:
+    def submit(
+        self,
+        step: int,
+        kimg: float,
+        g_ema_state: dict,
+        checkpoint: str | None = None,
+        requested: float | None = None,
+    ) -> None:
+        """Queue one set of G_ema weights (replacing any still waiting) and return at once."""
         with self._wake:
             if self._pending is not None:
                 self.dropped += 1  # a newer checkpoint makes the waiting one stale
-            self._pending = (step, kimg, g_ema_state, checkpoint)
+            self._pending = (step, kimg, g_ema_state, checkpoint, requested)
             self._wake.notify()
 
     def idle(self) -> bool:
@@ -123,6 +183,7 @@ class EvaluatorActor(Evaluator):
             return self._pending is None and not self._busy
 
     def status(self) -> dict:
+        """Whether a request waits or runs, how many went stale, and the failed evaluations."""
         with self._wake:
             return {
                 "pending": self._pending is not None,
@@ -131,7 +192,36 @@ class EvaluatorActor(Evaluator):
                 "failures": list(self.failures),
             }
 
+    def isolation(self, timeout: float = 30.0) -> dict:
+        """How the evaluation runs: this process and its evaluating thread (native ids), that thread's niceness
+        (read now) and torch threads, and the lowest niceness among all threads of this process."""
+        self._ready.wait(timeout)
+        return {
+            "pid": os.getpid(),
+            "tid": self._tid,
+            "nice": niceness(self._tid),
+            "threads": self._threads,
+            "process_nice": min(niceness(t) for t in thread_ids()),
+        }
+
+    def _lower_priority(self, tids: list[int]) -> None:
+        if not self.cfg.nice:
+            return
+        try:
+            lower_priority(self.cfg.nice, tids)
+        except OSError as e:  # a container that forbids it: evaluate anyway, and say so
+            self.failures.append(f"niceness {self.cfg.nice} not set: {e}")
+
+    def _isolate(self) -> None:
+        """In the evaluating thread, before any torch work: both niceness and torch's thread count are per
+        thread, and the OpenMP workers this thread starts inherit its niceness."""
+        self._lower_priority([0])
+        torch.set_num_threads(eval_threads(self.cfg))
+        self._tid, self._threads = threading.get_native_id(), torch.get_num_threads()
+        self._ready.set()
+
     def _loop(self) -> None:
+        self._isolate()
         while True:
             with self._wake:
                 while self._pending is None:
@@ -174,20 +264,33 @@ class EvalClient:
             return None
 
     def submit(self, step: int, nimg: int, G_ema: torch.nn.Module, checkpoint: Path | None) -> None:
+        """Hand a copy of G_ema's weights to the evaluator: evaluated now in dev mode, never waited for on Ray."""
         self.last_step = step
         state = {k: v.detach().cpu().clone() for k, v in G_ema.state_dict().items()}
-        args = (step, nimg / 1000, state, str(checkpoint) if checkpoint else None)
+        args = (step, nimg / 1000, state, str(checkpoint) if checkpoint else None, time.time())
         if self.local is not None:
             self.local.evaluate(*args)
         else:
             self.actor.submit.remote(*args)  # fire and forget: not even the hand-over is waited for
 
-    def poll(self) -> list[dict]:
-        """Result rows that arrived since the last poll."""
+    def poll(self, nimg: int) -> list[dict]:
+        """Result rows that arrived since the last poll, each with how far behind training it arrived
+        (``nimg``: the images trained so far)."""
         rows = self.local.results(self.seen) if self.local else (self._remote("results", self.seen, timeout=5.0) or [])
+        now = time.time()
+        rows = [{**row, **self._lag(row, nimg / 1000, now)} for row in rows]
         self.seen += len(rows)
         self.history += rows
         return rows
+
+    def _lag(self, row: dict, kimg: float, now: float) -> dict:
+        """``eval/lag_kimg``: thousands of images trained between the request and the result's arrival;
+        ``eval/lag_s``: seconds between them, both on rank 0's clock. In dev mode training waits for the
+        result, so it is 0 kimg behind and the seconds are the time it blocked."""
+        requested = row.get("requested", row["started"])
+        if self.local is not None:
+            return {"eval/lag_kimg": 0.0, "eval/lag_s": row["finished"] - requested}
+        return {"eval/lag_kimg": kimg - row["kimg"], "eval/lag_s": now - requested}
 
     def finish(self, timeout: float = 600.0) -> None:
         """Wait until the evaluator has nothing pending (the end of training)."""

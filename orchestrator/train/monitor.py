@@ -166,7 +166,7 @@ class Monitor:
             metrics.update(self.health.check(metrics, step, samples))
         self.tracker.log(metrics, step, nimg)
         self._t, self._img, self.data_wait = now, nimg, 0.0
-        self.poll_evaluations()
+        self.poll_evaluations(nimg)
         return metrics
 
     def grid(self, G_ema: nn.Module, step: int, nimg: int, path: Path | None = None, caption: str = "") -> Path | None:
@@ -192,11 +192,12 @@ class Monitor:
         if self.evaluator is not None:
             self.evaluator.submit(step, nimg, G_ema, checkpoint)
 
-    def poll_evaluations(self) -> None:
-        """Log new evaluator results at the steps they belong to; protect the best-FID checkpoint from pruning."""
+    def poll_evaluations(self, nimg: int) -> None:
+        """Log new evaluator results at the steps they belong to, with how far behind training (``nimg``
+        images now) they arrived; protect the best-FID checkpoint from pruning."""
         if self.evaluator is None:
             return
-        for row in self.evaluator.poll():
+        for row in self.evaluator.poll(nimg):
             self.tracker.log_eval(row)
             fid = row.get("eval/fid")
             if fid is not None and fid < self.evaluator.best_fid:
@@ -211,7 +212,7 @@ class Monitor:
         if self.evaluator.last_step != step and full_size:
             self.evaluate(G_ema, step, nimg, checkpoint)
         self.evaluator.finish()
-        self.poll_evaluations()
+        self.poll_evaluations(nimg)
 
 
 def make_eval_client(
