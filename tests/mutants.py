@@ -213,6 +213,14 @@ MUTANTS = [
         "if micro < 1:",
         ("tests/faults/test_config_rules.py::test_global_batch_must_split_into_workers_and_micro_batches",),
     ),
+    Mutant(
+        "evaluator-not-niced",
+        "the evaluator's threads keep training's CPU priority (eval.nice is ignored)",
+        "orchestrator/eval/service.py",
+        "os.setpriority(os.PRIO_PROCESS, tid, max(nice, niceness(tid)))",
+        "pass",
+        ("tests/test_eval_service.py::test_the_evaluation_thread_runs_niced_with_its_own_threads",),
+    ),
 ]
 
 

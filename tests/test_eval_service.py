@@ -1,9 +1,13 @@
 """Evaluation beside training: dev mode evaluates at the start, on its interval and at the end; the
-actor form never makes the caller wait and drops stale requests; the best-FID checkpoint is kept."""
+actor form never makes the caller wait, drops stale requests, and runs niced with its own torch threads;
+each result says how far behind training it arrived; the best-FID checkpoint is kept."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,12 +15,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from architectures import ImageSpec
+from architectures import ImageSpec, get
 from orchestrator.checkpoint import list_checkpoints
 from orchestrator.config import validate_config
 from orchestrator.eval.evaluator import evaluate, resolve_holdout
 from orchestrator.eval.extractors import train_feature_extractor
-from orchestrator.eval.service import EvaluatorActor
+from orchestrator.eval.service import EvalClient, EvaluatorActor
 from orchestrator.train.monitor import evaluation_job
 from orchestrator.train.run import train
 
@@ -61,6 +65,10 @@ def test_dev_mode_evaluates_at_start_interval_and_end(digits16, extractor, tmp_p
     assert all(r["eval/fid"] > 0 and "eval/kid" in r for r in evals)
     logged = [r for r in rows(tmp_path / "run" / "metrics.jsonl") if "eval/fid" in r]
     assert [(r["step"], r["eval/fid"]) for r in logged] == [(r["step"], r["eval/fid"]) for r in evals]
+    # dev mode: training waited for each result, so it is 0 kimg behind, late by the seconds it blocked
+    assert all(r["eval/lag_kimg"] == 0 for r in logged)
+    assert [r["eval/lag_s"] for r in logged] == pytest.approx([r["finished"] - r["requested"] for r in evals])
+    assert all(r["eval/lag_s"] >= r["eval/seconds"] > 0 for r in logged)
     # the best-FID checkpoint survives pruning (keep_last: 1); the others are gone
     kept = list_checkpoints(tmp_path / "run")
     best = min((r for r in evals if r["checkpoint"]), key=lambda r: r["eval/fid"])
@@ -121,3 +129,82 @@ def test_missing_extractor_weights_fail_before_training(digits16, tmp_path):
     with pytest.raises(EvalError, match=r"nope.pt, which does not exist"):
         train(validate_config(raw, "test"), tmp_path / "run")
     assert time.perf_counter() - t0 < 10 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def nice_of(pid: int, tid: int) -> int:
+    """A thread's niceness as the kernel reports it (/proc/PID/task/TID/stat, field 19)."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+def threads_of(pid: int) -> set[int]:
+    return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def wait_idle(actor, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not actor.idle():
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def test_the_evaluation_thread_runs_niced_with_its_own_threads(digits16, extractor, tmp_path):
+    cfg = validate_config(eval_config(digits16, extractor, tmp_path / "cache", nice=17, threads=3), "test")
+    caller_nice, caller_threads = os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
+    actor = EvaluatorActor(evaluation_job(cfg, ImageSpec(16, 1, 10)), str(tmp_path / "run"))
+    iso = actor.isolation()
+    assert (iso["nice"], iso["threads"], nice_of(os.getpid(), iso["tid"])) == (17, 3, 17)
+    before = threads_of(os.getpid())
+    actor.submit(1, 0.1, get("dcgan").build_generator(cfg.model, ImageSpec(16, 1, 10)).state_dict())
+    wait_idle(actor)
+    assert actor.status()["failures"] == [] and len(actor.results()) == 1
+    started = threads_of(os.getpid()) - before  # torch's OpenMP workers, started by the evaluating thread
+    assert started and {nice_of(os.getpid(), t) for t in started} == {17}
+    # a thread of its own: the caller (here the test, in dev mode training) keeps its priority and threads
+    assert (os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()) == (caller_nice, caller_threads)
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head in this process (a free GCS port, no dashboard), with a short temp dir of its own."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="gf-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_the_ray_actor_yields_to_training_and_reports_its_lag(ray_head, digits16, extractor, tmp_path):
+    from launch.ray_worker import start_evaluator
+
+    # 17: not the default 19, and above the niceness 15 Ray starts its workers' Python threads at
+    cfg = validate_config(eval_config(digits16, extractor, tmp_path / "cache", nice=17, threads=3), "test")
+    spec = ImageSpec(16, 1, 10)
+    _, actor = start_evaluator(cfg, spec, tmp_path / "run")
+    client = EvalClient(actor=actor)
+    G = get("dcgan").build_generator(cfg.model, spec)
+    t0 = time.time()
+    client.submit(3, 96, G, None)  # requested at 0.096 kimg
+    t1 = time.time()
+    deadline = t1 + 120
+    while True:  # not client.finish(): a threaded actor may answer idle() before it has run submit()
+        t2 = time.time()
+        rows = client.poll(640)  # received at 0.64 kimg
+        t3 = time.time()
+        if rows:
+            break
+        assert t3 < deadline
+        time.sleep(0.1)
+    (row,) = rows
+    assert row["eval/lag_kimg"] == pytest.approx(0.64 - 0.096)
+    assert t0 <= row["requested"] <= t1 and t2 - t1 <= row["eval/lag_s"] <= t3 - t0
+    iso = ray_head.get(actor.isolation.remote())
+    assert (iso["nice"], iso["threads"], iso["process_nice"]) == (17, 3, 17)
+    # every thread of the actor's process, Ray's own and those the evaluation started, as the kernel sees them
+    assert {nice_of(iso["pid"], t) for t in threads_of(iso["pid"])} == {17}
+    ray_head.kill(actor)
