@@ -150,6 +150,8 @@ ORDER = (
     "perf/peak_mem_mb",
     "eval/fid",
     "eval/kid",
+    "eval/lag_kimg",
+    "eval/lag_s",
     "lr/G",
     "lr/D",
     "ema/beta",
@@ -159,6 +161,8 @@ UNITS = {
     "perf/img_per_s": "images / s",
     "perf/data_wait": "fraction of wall time waiting for data",
     "perf/peak_mem_mb": "MiB",
+    "eval/lag_kimg": "kimg trained before it arrived",
+    "eval/lag_s": "s from request to arrival",
 }
 
 # Drawn on a log axis: they fall by orders of magnitude over a run. KID's unbiased estimate can be 0 or
