@@ -179,7 +179,9 @@ def strategy_memory() -> None:
 
 def evaluator_overhead(steps: int = 150) -> None:
     """Training images/s of the DCGAN digits preset on 2 Ray workers (0.75 CPU each) with the evaluator actor
-    evaluating every 0.64 kimg on its own 0.5 CPU, versus without it. Starts and stops a loopback Ray head."""
+    evaluating every 0.64 kimg on its own 0.5 CPU (at the default ``eval.nice``), versus without it, and how far
+    behind training the evaluations arrived (``eval/lag_kimg``, ``eval/lag_s``). Starts and stops a loopback Ray
+    head."""
     import subprocess
 
     from orchestrator.data.shards import write_shards
@@ -246,12 +248,19 @@ def evaluator_overhead(steps: int = 150) -> None:
                 rates[evaluating] = sum(r["perf/img_per_s"] for r in rest) / len(rest)
                 if evaluating:
                     evals = len((run_dir / "eval.jsonl").read_text().splitlines())
+                    lags = [
+                        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/lag_s" in x
+                    ]
         finally:
             subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
             shutil.rmtree(temp, ignore_errors=True)
     print("\n| evaluator | training img/s (mean of log intervals after the first third) |\n|---|---|")
     print(f"| off | {rates[False]:.0f} |\n| on ({evals} evaluations of 2,000 samples) | {rates[True]:.0f} |")
     print(f"\nwith / without: {rates[True] / rates[False]:.2f}")
+    print("\n| evaluation lag | mean | max |\n|---|---|---|")
+    for key, unit in (("eval/lag_kimg", "kimg"), ("eval/lag_s", "s")):
+        values = [r[key] for r in lags]
+        print(f"| {unit} | {sum(values) / len(values):.2f} | {max(values):.2f} |")
 
 
 def nonfinite_guard_overhead(steps: int = 300, repeats: int = 2) -> None:
