@@ -165,10 +165,13 @@ def test_the_evaluation_thread_runs_niced_with_its_own_threads(digits16, extract
 
 
 @pytest.fixture
-def ray_head():
-    """A Ray head in this process (a free GCS port, no dashboard), with a short temp dir of its own."""
+def ray_head(monkeypatch, tmp_path):
+    """A Ray head in this process (a free GCS port, no dashboard), with a short temp dir and a HOME of its own
+    (Ray writes its auth token there)."""
     import ray
 
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     temp = tempfile.mkdtemp(prefix="gf-ray-")  # short: Ray's socket paths must fit in 107 bytes
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
     try:
