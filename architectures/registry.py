@@ -34,7 +34,8 @@ class Capabilities:
     training loop and the tools never probe for attributes.
 
     * ``mapping``: G is ``G.mapping(z, c, truncation_psi=…)`` + ``G.synthesis(ws)`` with
-      ``G.mapping_with_style_mixing`` (style mixing, path length regularization, ``--space w``).
+      ``G.mapping_with_style_mixing`` (style mixing, path length regularization, ``--space w``);
+      ``G(z, c, style_mixing_prob=p)`` trains with style mixing in one call.
     * ``growth``: G and D grow by levels of detail: ``net.set_lod(resolution, alpha)``, ``G.start_resolution``,
       ``net.current_resolution``.
     * ``ortho_parameters``: ``G.ortho_parameters()`` names the weights of orthogonal regularization.

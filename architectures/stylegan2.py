@@ -545,10 +545,15 @@ class Generator(nn.Module):
         noise_mode: NoiseMode = "random",
         update_emas: bool = False,
         fused_modconv: bool | None = None,
+        style_mixing_prob: float = 0,
     ) -> torch.Tensor:
-        ws = self.mapping(
-            z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, update_emas=update_emas
-        )
+        """Images for latents ``z`` (and labels ``c``); training passes ``style_mixing_prob`` (no truncation)."""
+        if style_mixing_prob:
+            ws = self.mapping_with_style_mixing(z, c, style_mixing_prob, update_emas=update_emas)
+        else:
+            ws = self.mapping(
+                z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, update_emas=update_emas
+            )
         return self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
 
     def mapping_with_style_mixing(
@@ -556,12 +561,17 @@ class Generator(nn.Module):
     ) -> torch.Tensor:
         """``ws`` for training with style mixing regularisation (StyleGAN sec. 3.1), as the official loss:
         with probability ``mixing_prob`` one random cutoff in ``[1, num_ws)`` is drawn for the batch
-        and the ws from that index on come from a second, fresh ``z`` (same labels)."""
+        and the ws from that index on come from a second, fresh ``z`` (same labels). As in the official
+        code the choice stays on the device (no host sync, one graph for torch.compile): the second ``z``
+        is always mapped, and a cutoff of ``num_ws`` keeps the first ws whole."""
         ws = self.mapping(z, c, update_emas=update_emas)
-        if mixing_prob > 0 and torch.rand([]).item() < mixing_prob:
-            cutoff = int(torch.randint(1, self.num_ws, []).item())
+        if mixing_prob > 0:
+            cutoff = torch.randint(1, self.num_ws, [], device=ws.device)
+            mixing = torch.rand([], device=ws.device) < mixing_prob
+            cutoff = torch.where(mixing, cutoff, torch.full_like(cutoff, self.num_ws))
             ws2 = self.mapping(torch.randn_like(z), c, update_emas=False)
-            ws = torch.cat([ws[:, :cutoff], ws2[:, cutoff:]], dim=1)
+            later = torch.arange(self.num_ws, device=ws.device).view(1, -1, 1) >= cutoff
+            ws = torch.where(later, ws2, ws)
         return ws
 
 

@@ -113,30 +113,58 @@ def _torchrun(nproc: int, config: str, run_dir: Path, overrides: list[str]) -> d
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
-def ddp_scaling(steps: int = 120) -> None:
-    """Training images/s of the DCGAN digits preset with 1 and 2 torchrun workers (1 thread each, DDP over
-    gloo, global batch 64), and the scaling efficiency (img/s with 2) / (2 × img/s with 1)."""
+# name: (config, shard channels, steps, overrides); global batch fixed per preset, 1 thread per worker
+SCALING_PRESETS = {
+    "dcgan-digits": ("configs/dev/dcgan-digits.yaml", 1, 160, ["data.resolution=32"]),
+    "stylegan2-dev": ("configs/stylegan2/dev.yaml", 1, 80, ["data.resolution=16"]),
+    # compute-bound: the cifar preset's layout at 32×32 RGB with 4× fewer channels (about 1.3 M + 1.4 M
+    # parameters), batch 32, so that a step is ~0.5 s of arithmetic per worker rather than overhead
+    "stylegan2-mid": (
+        "configs/stylegan2/cifar.yaml", 3, 40,
+        ["data.resolution=32", "data.channels=3", "data.num_classes=10", "train.precision=fp32",
+         "train.device=cpu", "train.batch_size=32", "model.num_fp16_res=0", "model.conv_clamp=null",
+         "model.mbstd_group_size=4", "model.channel_base=8192", "model.channel_max=128"],
+    ),
+}  # fmt: skip
+
+
+def ddp_scaling(presets: tuple[str, ...] = tuple(SCALING_PRESETS), profile: bool = False) -> None:
+    """Training images/s of each preset with 1 and 2 torchrun workers (1 thread each, DDP over gloo, the
+    same global batch), and the scaling efficiency (img/s with 2) / (2 × img/s with 1). With ``profile``,
+    rank 0's labelled regions of 10 profiled steps are printed as well."""
     from orchestrator.data.shards import write_shards
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=128)
-        common = [
-            f"data.shards={tmp}/d/train-*.tar",
-            "data.workers=0",
-            "train.threads=1",
-            f"train.stop_at_step={steps}",
-            "eval.enabled=false",
-            "tracking.progress_bar=false",
-            f"tracking.log_every={steps // 2}",
-            "checkpoint.every_kimg=1000",
-            "tracking.sample_every_kimg=1000",
-        ]
-        one = _torchrun(1, "configs/dev/dcgan-digits.yaml", Path(tmp) / "one", common)
-        two = _torchrun(2, "configs/dev/dcgan-digits.yaml", Path(tmp) / "two", common + ["distributed.strategy=ddp"])
-    a, b = one["perf/img_per_s"], two["perf/img_per_s"]
-    print("\n| workers | img/s (second half of the run) |\n|---|---|")
-    print(f"| 1 | {a:.0f} |\n| 2 (DDP) | {b:.0f} |")
-    print(f"\nscaling efficiency: {b / (2 * a):.2f} (2-worker throughput / twice the 1-worker throughput)")
+        for name in presets:
+            config, channels, steps, extra = SCALING_PRESETS[name]
+            res = int(next(o for o in extra if o.startswith("data.resolution=")).split("=")[1])
+            shards = Path(tmp) / f"{name}-shards"
+            write_shards("builtin:digits", shards, resolution=res, shard_size=128, channels=channels)
+            common = [
+                f"data.shards={shards}/train-*.tar",
+                "data.workers=0",
+                "train.threads=1",
+                f"train.stop_at_step={steps}",
+                "eval.enabled=false",
+                "tracking.progress_bar=false",
+                f"tracking.log_every={steps // 2}",
+                "checkpoint.every_kimg=100000",
+                "tracking.sample_every_kimg=100000",
+                *extra,
+                *(["tracking.profile_steps=10", f"tracking.profile_after={steps // 2}"] if profile else []),
+            ]
+            one = _torchrun(1, config, Path(tmp) / f"{name}-1", common)
+            two = _torchrun(2, config, Path(tmp) / f"{name}-2", common + ["distributed.strategy=ddp"])
+            rows.append((name, one["perf/img_per_s"], two["perf/img_per_s"]))
+            if profile:
+                for n in (1, 2):
+                    text = (Path(tmp) / f"{name}-{n}" / "profile" / "rank0.txt").read_text()
+                    print(f"\n{name}, {n} worker(s), rank 0:\n" + text[: text.index("operators:") + 2500])
+    print("\n| preset | 1 worker img/s | 2 DDP workers img/s | scaling efficiency |\n|---|---|---|---|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:.0f} | {b:.0f} | {b / (2 * a):.2f} |")
+    print("\n(img/s over the second half of each run; efficiency = 2-worker img/s / twice the 1-worker img/s)")
 
 
 def strategy_memory() -> None:
@@ -331,13 +359,26 @@ BENCHMARKS = {
 }
 
 
+def cpu_model() -> str:
+    """The processor's model name (figures are comparable only on one processor)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
+    p.add_argument("--presets", nargs="+", choices=list(SCALING_PRESETS), help="ddp_scaling: these presets only")
+    p.add_argument("--profile", action="store_true", help="ddp_scaling: print rank 0's profile of each run")
     args = p.parse_args()
     for name in args.names or BENCHMARKS:
-        print(f"## {name} ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs)", flush=True)
-        BENCHMARKS[name]()
+        print(f"## {name} ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, {cpu_model()})", flush=True)
+        if name == "ddp_scaling":
+            ddp_scaling(tuple(args.presets or SCALING_PRESETS), args.profile)
+        else:
+            BENCHMARKS[name]()
     return 0
 
 

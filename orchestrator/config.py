@@ -76,10 +76,12 @@ class TrainConfig(StrictConfig):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads per worker (default: torch's choice)")
-    compile: bool = Field(
-        False,
-        description="torch.compile the trained networks for the phases' main passes; regularizers that need double "
-        "backward (R1, path length, gradient penalty) run the same parameters eagerly (single and ddp strategies)",
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the trained networks (in place); regularizers that need a double backward (R1, "
+        "path length, gradient penalty) run the same modules eagerly. single and ddp strategies. auto: on for "
+        "CUDA devices (where the compile time pays back within minutes), off on CPU, under deepspeed and for "
+        "growing families",
     )
     recipe: str = Field(
         "noise_to_image",

@@ -42,6 +42,11 @@ class TrackingConfig(StrictConfig):
     sample_every_kimg: float = Field(50.0, gt=0, description="write a fixed-seed sample grid every this many kimg")
     grid_size: int = Field(8, ge=1, le=32, description="samples per grid side (conditional grids: one row per class)")
     progress_bar: bool = Field(True, description="tqdm progress bar (else one summary line per log)")
+    profile_steps: int = Field(
+        0, ge=0, description="profile this many steps with torch.profiler after profile_after steps (every rank "
+        "writes profile/rank<r>.txt, the top operators and phases, and a Chrome trace profile/rank<r>.json)",
+    )  # fmt: skip
+    profile_after: int = Field(5, ge=1, description="steps before profiling starts (compilation, warm-up)")
     wandb: WandbConfig = WandbConfig()
 
 

@@ -221,6 +221,14 @@ MUTANTS = [
         "pass",
         ("tests/test_eval_service.py::test_the_evaluation_thread_runs_niced_with_its_own_threads",),
     ),
+    Mutant(
+        "compiled-double-backward",
+        "with train.compile, R1 and path length run through the compiled graphs (no eager stance)",
+        "orchestrator/recipes/recipe.py",
+        'return torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()',
+        "return contextlib.nullcontext()",
+        ("tests/test_compile.py::test_stylegan2_compiled_with_eager_regularizers_matches_eager",),
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
-"""``train.compile``: compiled main passes train the same run as eager ones, and checkpoints move between them."""
+"""``train.compile``: compiled networks train the same run as eager ones (single, DDP; StyleGAN2 with its
+regularizers run eagerly beside the compiled passes), and checkpoints move between them."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_config
 
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, validate_config
-from orchestrator.train.run import train
+from orchestrator.train.run import Run, train
 
 pytestmark = pytest.mark.slow  # torch.compile takes ~20 s per network here
 
@@ -52,6 +54,63 @@ def test_compiled_and_eager_runs_agree_and_checkpoints_cross_load(digits16, tmp_
         torch.tensor(losses(tmp_path / "compiled")[-2:]), torch.tensor(losses(tmp_path / "eager")[-2:]),
         rtol=1e-3, atol=1e-4,
     )  # fmt: skip
+
+
+SG2_MODEL = {
+    "arch": "stylegan2", "z_dim": 8, "w_dim": 8, "mapping_layers": 1, "channel_base": 64, "channel_max": 8,
+    "num_fp16_res": 0, "mbstd_group_size": 2,
+}  # fmt: skip
+
+
+@pytest.fixture
+def eager_random_numbers(monkeypatch):
+    """Compiled graphs draw their random numbers (StyleGAN2's noise inputs and style mixing) from the same
+    generator as eager code, so that a compiled and an eager run can be compared number for number."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "fallback_random", True)
+
+
+def test_stylegan2_compiled_with_eager_regularizers_matches_eager(digits16, tmp_path, eager_random_numbers):
+    """Lazy R1 and path length (double backward) run eagerly through the compiled modules' parameters, beside
+    compiled D, G and style mixing: the losses and regularizers of an eager run, to rounding, at every step."""
+    raw = tiny_config(
+        digits16,
+        train={"batch_size": 8, "total_kimg": 1, "stop_at_step": 4},
+        loss={"r1_gamma": 1.0, "r1_interval": 2, "pl_weight": 2.0, "pl_interval": 2, "style_mixing_prob": 0.9},
+        checkpoint={"every_kimg": 1},
+    )
+    raw["model"] = SG2_MODEL
+    rows = {}
+    for compiled in (False, True):
+        run = Run.build(
+            validate_config({**raw, "train": {**raw["train"], "compile": compiled}}, "t"), tmp_path / str(compiled)
+        )
+        rows[compiled] = [{k: float(v) for k, v in run.step().items()} for _ in range(4)]
+        keys = run.state.state_dict()["G"].keys()
+        assert not any("_orig_mod" in k for k in keys)
+    assert {"reg/r1", "reg/pl_penalty", "loss/G", "loss/D"} <= set(rows[True][0])
+    for eager, compiled in zip(rows[False], rows[True]):
+        assert eager.keys() == compiled.keys()
+        for k in eager:
+            assert compiled[k] == pytest.approx(eager[k], rel=1e-3, abs=1e-5), k
+
+
+def test_compiled_ddp_workers_train_as_eager_ones(digits16, tmp_path):
+    """Two DDP workers with compiled networks (and non-lazy R1 beside them) reach the weights of two eager ones."""
+    from test_distributed import torchrun, weights
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg(digits16, False, threads=1, stop_at_step=3).model_dump(mode="json")))
+    torchrun(config, tmp_path / "eager", 2, "distributed.strategy=ddp")
+    torchrun(config, tmp_path / "compiled", 2, "distributed.strategy=ddp", "train.compile=true")
+    eager, compiled = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_compile_auto_is_off_on_cpu(digits16, tmp_path):
+    assert not Run.build(cfg(digits16, "auto"), tmp_path).compiled
 
 
 def test_compile_is_refused_under_deepspeed(digits16, tmp_path):

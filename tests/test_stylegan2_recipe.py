@@ -69,7 +69,7 @@ def test_phases_track_w_avg_in_the_d_pass_and_update_pl_mean():
     assert not torch.equal(G.mapping.w_avg, w_avg)  # the D pass's fakes update it, as the official loss
     reg = RegState(pl_mean=torch.zeros([]))
     before = [p.clone() for p in G.parameters()]
-    phase = g_pl_phase(cfg, caps, reg)
+    phase = g_pl_phase(cfg, reg)
     stats = run_phase(phase, ctx, phase.inputs(ctx, {}, 4), [4]).stats
     assert reg.pl_mean > 0 and torch.equal(stats["reg/pl_mean"], reg.pl_mean)
     assert any(not torch.equal(a, b) for a, b in zip(before, G.parameters()))

@@ -11,7 +11,8 @@ Generators with a mapping network (StyleGAN2) run as mapping (with style mixing)
 ProGAN's drift term and AC-GAN term are part of the D phase.
 
 Regularizers take input gradients through the raw modules and anchor their loss through the wrapper
-(see :mod:`orchestrator.dist.strategy`).
+(see :mod:`orchestrator.dist.strategy`); with ``train.compile`` they run eagerly (``ctx.eager()``), since
+compiled graphs have no double backward, and every other pass runs the compiled networks.
 """
 
 from __future__ import annotations
@@ -62,14 +63,13 @@ class RegState:
         self.pl_mean = mine.to(self.pl_mean.device)
 
 
-def run_generator(
+def fakes(
     G: nn.Module, z: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig, mapping: bool, update_emas: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fake images and, for mapping-network generators, the ws they came from (after style mixing)."""
+) -> torch.Tensor:
+    """Fake images for training: with style mixing (and ``w_avg`` tracking) for mapping-network generators."""
     if mapping:
-        ws = G.mapping_with_style_mixing(z, c, cfg.style_mixing_prob, update_emas=update_emas)
-        return G.synthesis(ws), ws
-    return G(z, c), None
+        return G(z, c, style_mixing_prob=cfg.style_mixing_prob, update_emas=update_emas)
+    return G(z, c)
 
 
 def scores(
@@ -93,9 +93,9 @@ def anchor(ctx: StepContext, name: str, output: torch.Tensor, x: torch.Tensor, c
 
 
 def r1_through_raw(ctx: StepContext, real: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image R1 through the raw D, and the logits it came from."""
+    """Per-image R1 through the raw D (eagerly: it takes a second backward), and the logits it came from."""
     real = real.detach().requires_grad_(True)
-    with ctx.strategy.autocast("D"):
+    with ctx.eager(), ctx.strategy.autocast("D"):
         logits = ctx.raw["D"](real, c).float()
     return r1_penalty(real, logits, ctx.strategy.loss_scale), logits
 
@@ -139,7 +139,7 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
         st, raw_D = ctx.strategy, ctx.raw["D"]
         real, c_real, c_fake = m.data["img"], m.data["label"], m.data["c_fake"]
         with torch.no_grad(), st.autocast("G"):
-            fake, _ = run_generator(ctx.raw["G"], m.data["z"], c_fake, cfg, caps.mapping, update_emas=True)
+            fake = fakes(ctx.raw["G"], m.data["z"], c_fake, cfg, caps.mapping, update_emas=True)
         # input gradients via the raw module when D runs wrapped (see the strategy module) or compiled
         own_r1_pass = with_r1 and (st.wrapped or ctx.compiled)
         real_in = real.detach().requires_grad_(with_r1 and not own_r1_pass)
@@ -160,7 +160,7 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
             total = total + cfg.drift * real_logits.square().mean()
         if cfg.gp_weight:
             eps = m.data["eps"].view(-1, 1, 1, 1).to(real.dtype)
-            with st.autocast("D"):
+            with ctx.eager(), st.autocast("D"):
                 stats["reg/gp"] = gradient_penalty(lambda x: raw_D(x, c_real), real, fake, eps).mean()
             total = total + cfg.gp_weight * stats["reg/gp"]
         if with_r1:
@@ -180,7 +180,8 @@ def d_reg_phase(cfg: LossConfig) -> Phase:
     def loss(ctx: StepContext, m: Micro):
         real, c = m.data["img"], m.data["label"]
         r1, logits = r1_through_raw(ctx, real, c)
-        total = r1.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval + 0 * anchor(ctx, "D", logits, real, c)
+        with ctx.eager():
+            total = r1.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval + 0 * anchor(ctx, "D", logits, real, c)
         return total, {"reg/r1": r1.mean()}
 
     return Phase(
@@ -189,7 +190,8 @@ def d_reg_phase(cfg: LossConfig) -> Phase:
 
 
 def g_phase(cfg: LossConfig, caps: Capabilities) -> Phase:
-    """G against the current D (D gets no gradient and runs unwrapped); plus BigGAN's orthogonal term."""
+    """G against the current D (D gets no gradient and runs unwrapped); plus BigGAN's orthogonal term.
+    G runs through its wrapper (which synchronises its gradient), with style mixing when it has a mapping."""
 
     def inputs(ctx: StepContext, reals: dict, n: int) -> dict:
         z, c = ctx.sampler.latents(n)
@@ -198,13 +200,7 @@ def g_phase(cfg: LossConfig, caps: Capabilities) -> Phase:
     def loss(ctx: StepContext, m: Micro):
         st, z, c = ctx.strategy, m.data["z"], m.data["c"]
         with st.autocast("G"):
-            if caps.mapping:  # raw mapping + synthesis, anchored through the wrapper to register its sync
-                raw_G = ctx.raw["G"]
-                fake = raw_G.synthesis(raw_G.mapping_with_style_mixing(z, c, cfg.style_mixing_prob))
-                if st.wrapped:
-                    fake = fake + 0 * anchor(ctx, "G", fake, z, c)
-            else:
-                fake = ctx.nets["G"](z, c)
+            fake = fakes(ctx.nets["G"], z, c, cfg, caps.mapping)
         with st.autocast("D"):
             logits, classes = scores(ctx.raw["D"], fake, c, cfg)
         total = g_loss(cfg.kind, logits)
@@ -221,7 +217,7 @@ def g_phase(cfg: LossConfig, caps: Capabilities) -> Phase:
     return Phase("G", steps=("G",), loss=loss, inputs=inputs, frozen=("D",))
 
 
-def g_pl_phase(cfg: LossConfig, caps: Capabilities, reg: RegState) -> Phase:
+def g_pl_phase(cfg: LossConfig, reg: RegState) -> Phase:
     """Lazy path-length regularization on a reduced batch, weight scaled by the interval (StyleGAN2's Greg)."""
 
     def inputs(ctx: StepContext, reals: dict, n: int) -> dict:
@@ -229,13 +225,15 @@ def g_pl_phase(cfg: LossConfig, caps: Capabilities, reg: RegState) -> Phase:
         return {"z": z, "c": c}
 
     def loss(ctx: StepContext, m: Micro):
-        z, c, rng = m.data["z"], m.data["c"], ctx.sampler.rng
-        with ctx.strategy.autocast("G"):
-            img, ws = run_generator(ctx.raw["G"], z, c, cfg, caps.mapping)
-        noise = torch.randn(img.shape, generator=rng, device=rng.device).to(img.device)
-        noise = noise / (img.shape[2] * img.shape[3]) ** 0.5
-        penalty, reg.pl_mean = path_length_penalty(img.float(), ws, reg.pl_mean, cfg.pl_decay, noise)
-        total = penalty.mean() * cfg.pl_weight * cfg.pl_interval + 0 * anchor(ctx, "G", img, z, c)
+        z, c, rng, G = m.data["z"], m.data["c"], ctx.sampler.rng, ctx.raw["G"]
+        with ctx.eager():  # the penalty's backward is a second one
+            with ctx.strategy.autocast("G"):
+                ws = G.mapping_with_style_mixing(z, c, cfg.style_mixing_prob)
+                img = G.synthesis(ws)
+            noise = torch.randn(img.shape, generator=rng, device=rng.device).to(img.device)
+            noise = noise / (img.shape[2] * img.shape[3]) ** 0.5
+            penalty, reg.pl_mean = path_length_penalty(img.float(), ws, reg.pl_mean, cfg.pl_decay, noise)
+            total = penalty.mean() * cfg.pl_weight * cfg.pl_interval + 0 * anchor(ctx, "G", img, z, c)
         stats = {"reg/pl_penalty": penalty.mean()}
         if m.last:  # the running mean after this step (× count: the runner averages over the micro-batches)
             stats["reg/pl_mean"] = reg.pl_mean.detach() * m.count
@@ -263,7 +261,7 @@ def build(setup: RecipeSetup) -> Recipe:
             phases.append(d_reg_phase(cfg))
     phases.append(g_phase(cfg, caps))
     if cfg.pl_weight > 0:
-        phases.append(g_pl_phase(cfg, caps, reg))
+        phases.append(g_pl_phase(cfg, reg))
     networks = {
         "G": Network(G, setup.optim.g, cfg.pl_interval if lazy_pl else 1),
         "D": Network(D, setup.optim.d, cfg.r1_interval if lazy_r1 else 1),

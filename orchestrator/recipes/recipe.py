@@ -17,8 +17,9 @@ Adding a GAN kind means writing a builder ``(RecipeSetup) -> Recipe`` and regist
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol
+from typing import Callable, ContextManager, Literal, Protocol
 
 import torch
 import torch.nn as nn
@@ -104,15 +105,20 @@ class Micro:
 @dataclass
 class StepContext:
     """What a phase's functions see: the networks as the phases call them (``nets``: wrapped by the strategy
-    when trained, and compiled with ``train.compile``) and unwrapped (``raw``: for state, input gradients and
-    passes that must not synchronise), the strategy and the sampler. ``compiled``: ``nets`` are compiled, so a
-    loss that needs a second backward takes it through ``raw`` (compiled autograd has no double backward)."""
+    when trained) and unwrapped (``raw``: for state, input gradients and passes that must not synchronise),
+    the strategy and the sampler. ``compiled``: the trained networks are compiled in place (``nets`` and
+    ``raw`` both run the compiled code), so a pass that needs a second backward runs under :meth:`eager`."""
 
     nets: dict[str, nn.Module]
     raw: dict[str, nn.Module]
     strategy: Strategy
     sampler: Sampler
     compiled: bool = False
+
+    def eager(self) -> ContextManager:
+        """The context of a pass that takes a second backward (R1, path length, gradient penalty): compiled
+        graphs have no double backward, so the same modules run eagerly inside it."""
+        return torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
 
 
 Reals = Literal["new", "same", "none"]
@@ -231,6 +237,13 @@ def run_phase(
 ) -> PhaseResult:
     """zero_grad → per micro-batch: loss, backward (synchronised on the last) → one step per network.
     With ``grad_norms`` the statistics include ``grad/<network>`` just before the step."""
+    with torch.profiler.record_function(f"phase:{phase.name}"):
+        return _run_phase(phase, ctx, data, sizes, grad_norms)
+
+
+def _run_phase(
+    phase: Phase, ctx: StepContext, data: dict[str, torch.Tensor | None], sizes: list[int], grad_norms: bool
+) -> PhaseResult:
     st = ctx.strategy
     for name in phase.steps:
         st.zero_grad(name)

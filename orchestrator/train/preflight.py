@@ -59,7 +59,7 @@ def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
             "distributed.strategy: deepspeed cannot follow progressive growing (its batch sizes are "
             "fixed at start and its sharded Adam state cannot be reset per level); use ddp"
         )
-    if cfg.train.compile and cfg.distributed.strategy == "deepspeed":
+    if cfg.train.compile is True and cfg.distributed.strategy == "deepspeed":
         raise ConfigError(
             "train.compile: not supported with distributed.strategy deepspeed (its engines own the "
             "forward pass and the optimizer step); use ddp, or set train.compile: false"
@@ -103,3 +103,12 @@ def ensure_writable(run_dir: Path) -> None:
             f"run directory {run_dir} is not writable ({e.strerror}): choose another --run-dir or "
             f"fix the path or its permissions"
         ) from None
+
+
+def compile_wanted(cfg: JobConfig, device: torch.device, caps: Capabilities) -> bool:
+    """Whether to compile the trained networks: ``train.compile`` as given, or for ``auto`` on CUDA devices
+    only (on CPU the minutes of compile time pay back only over long runs), not under DeepSpeed (its engines
+    own the forward pass) and not for growing families (every level is a new graph)."""
+    if cfg.train.compile != "auto":
+        return cfg.train.compile
+    return device.type == "cuda" and cfg.distributed.strategy != "deepspeed" and not caps.growth

@@ -50,10 +50,12 @@ from orchestrator.train.preflight import (
     batch_split,
     check_batches,
     check_distributed,
+    compile_wanted,
     ensure_writable,
     resolve_device,
     resolve_resume,
 )
+from orchestrator.train.profiling import StepProfiler
 
 
 @dataclass
@@ -203,6 +205,7 @@ class Run:
         run.spec = image_spec(cfg.data, load_manifest(cfg.data))
         run.arch = architectures.get(cfg.model.arch)
         check_distributed(cfg, run.arch.capabilities)
+        run.compiled = compile_wanted(cfg, run.device, run.arch.capabilities)
         start_from = run.ctx.restore_from or resolve_resume(run.run_dir, resume)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -269,9 +272,10 @@ class Run:
         for name in own_dtype & set(copies):
             precision.adopt(copies[name])
         raw = {**{name: self.strategy.unwrap(name) for name in trained}, **copies}
-        if cfg.train.compile:  # the raw modules stay uncompiled: state dicts, regularizers, EMA
-            wrapped = {name: torch.compile(net) for name, net in wrapped.items()}
-        self.step_ctx = StepContext({**wrapped, **copies}, raw, self.strategy, self.recipe.sampler, cfg.train.compile)
+        if self.compiled:  # in place: wrapper and raw passes run it, state dict keys are unchanged
+            for name in trained:
+                raw[name].compile()
+        self.step_ctx = StepContext({**wrapped, **copies}, raw, self.strategy, self.recipe.sampler, self.compiled)
 
     @property
     def G_ema(self) -> torch.nn.Module:
@@ -348,8 +352,9 @@ class Run:
         p.step += 1
         p.nimg += n_real * self.ctx.world_size
         self.last_beta = ema_beta(self.cfg.ema, self.global_batch, p.nimg)
-        for copy, source in self.recipe.ema.items():
-            update_ema(self.step_ctx.raw[copy], self.step_ctx.raw[source], self.last_beta)
+        with torch.profiler.record_function("loop:ema"):
+            for copy, source in self.recipe.ema.items():
+                update_ema(self.step_ctx.raw[copy], self.step_ctx.raw[source], self.last_beta)
         self.tracker.advance(p.nimg)
         if skipped:
             self.tracker.note(
@@ -387,7 +392,8 @@ class Run:
         images, labels = [], []
         for _ in range(self.num_micro):
             t0 = time.perf_counter()
-            batch = self.loader.next()
+            with torch.profiler.record_function("data:next"):
+                batch = self.loader.next()
             self.monitor.data_wait += time.perf_counter() - t0
             for shard, key, reason in batch.bad:
                 self.tracker.note(f"warning: skipped bad sample {key or '?'} in {shard}: {reason}")
@@ -508,6 +514,7 @@ class Run:
         stop = StopRequest(self.run_dir, self.cfg.faults.grace_s, self.lead)
         preempted = False
         stop.install()
+        profiler = StepProfiler(self.cfg.tracking, self.run_dir, self.ctx.rank)
         try:
             first = True
             while not self.done():
@@ -515,28 +522,32 @@ class Run:
                 stats = self.step()
                 if stats is None:
                     continue
-                if first and self.cfg.train.compile:
+                if first and self.compiled:
                     self._compiled_graphs = compiled_graphs()
                     self.tracker.note(f"compiled: the first step took {time.perf_counter() - t0:.1f} s "
                                       f"({self._compiled_graphs} graphs)")  # fmt: skip
                 first = False
                 due = self.cadence.due(p.step, before, p.nimg)
                 if due.log:
-                    self.metrics = monitor.log(
-                        self._mean_across_ranks(stats), self._extra_metrics(), self.G_ema, p.step, p.nimg
-                    )
+                    with torch.profiler.record_function("loop:log"):
+                        self.metrics = monitor.log(
+                            self._mean_across_ranks(stats), self._extra_metrics(), self.G_ema, p.step, p.nimg
+                        )
                 if due.grid:
                     monitor.grid(self.G_ema, p.step, p.nimg)
                 if due.checkpoint:
                     self.save()
                 if due.evaluate and self.full_size:
                     monitor.evaluate(self.G_ema, p.step, p.nimg, self.last_checkpoint)
-                if self._any_rank(stop.requested()):
-                    preempted = True
-                    break
+                profiler.step()
+                with torch.profiler.record_function("loop:stop_check"):
+                    if self._any_rank(stop.requested()):
+                        preempted = True
+                        break
             self._finish(stop, preempted)
             wandb_dir = self.tracker.wandb_dir
         finally:
+            profiler.close()
             stop.uninstall()
             self.tracker.close()
         history = monitor.evaluator.history if monitor.evaluator is not None else []
@@ -577,7 +588,7 @@ class Run:
 
     def _extra_metrics(self) -> dict[str, float]:
         lrs = {f"lr/{name}": self.strategy.lr(name) for name in self.recipe.trained}
-        if self.cfg.train.compile:
+        if self.compiled:
             lrs["perf/compiled_graphs"] = self._count_recompiles()
         return {
             "ema/beta": self.last_beta,
