@@ -222,6 +222,14 @@ MUTANTS = [
         ("tests/test_eval_service.py::test_the_evaluation_thread_runs_niced_with_its_own_threads",),
     ),
     Mutant(
+        "evaluator-not-sched-idle",
+        "the evaluator's threads stay in the normal scheduling class (eval.sched_idle is ignored)",
+        "orchestrator/eval/service.py",
+        'if idle and hasattr(os, "SCHED_IDLE"):',
+        "if False:",
+        ("tests/test_eval_service.py::test_the_evaluation_thread_runs_niced_with_its_own_threads",),
+    ),
+    Mutant(
         "compiled-double-backward",
         "with train.compile, R1 and path length run through the compiled graphs (no eager stance)",
         "orchestrator/recipes/recipe.py",

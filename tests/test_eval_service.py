@@ -153,15 +153,17 @@ def test_the_evaluation_thread_runs_niced_with_its_own_threads(digits16, extract
     caller_nice, caller_threads = os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
     actor = EvaluatorActor(evaluation_job(cfg, ImageSpec(16, 1, 10)), str(tmp_path / "run"))
     iso = actor.isolation()
-    assert (iso["nice"], iso["threads"], nice_of(os.getpid(), iso["tid"])) == (17, 3, 17)
+    assert (iso["nice"], iso["threads"], nice_of(os.getpid(), iso["tid"]), iso["sched_idle"]) == (17, 3, 17, True)
     before = threads_of(os.getpid())
     actor.submit(1, 0.1, get("dcgan").build_generator(cfg.model, ImageSpec(16, 1, 10)).state_dict())
     wait_idle(actor)
     assert actor.status()["failures"] == [] and len(actor.results()) == 1
     started = threads_of(os.getpid()) - before  # torch's OpenMP workers, started by the evaluating thread
     assert started and {nice_of(os.getpid(), t) for t in started} == {17}
+    assert {os.sched_getscheduler(t) for t in started} == {os.SCHED_IDLE}
     # a thread of its own: the caller (here the test, in dev mode training) keeps its priority and threads
     assert (os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()) == (caller_nice, caller_threads)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 @pytest.fixture
@@ -207,7 +209,7 @@ def test_the_ray_actor_yields_to_training_and_reports_its_lag(ray_head, digits16
     assert row["eval/lag_kimg"] == pytest.approx(0.64 - 0.096)
     assert t0 <= row["requested"] <= t1 and t2 - t1 <= row["eval/lag_s"] <= t3 - t0
     iso = ray_head.get(actor.isolation.remote())
-    assert (iso["nice"], iso["threads"], iso["process_nice"]) == (17, 3, 17)
+    assert (iso["nice"], iso["threads"], iso["process_nice"], iso["process_sched_idle"]) == (17, 3, 17, True)
     # every thread of the actor's process, Ray's own and those the evaluation started, as the kernel sees them
     assert {nice_of(iso["pid"], t) for t in threads_of(iso["pid"])} == {17}
     ray_head.kill(actor)

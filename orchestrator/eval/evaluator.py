@@ -148,6 +148,11 @@ class EvalConfig(StrictConfig):
         "below training's workers, which Ray starts at 15; 0: leave it alone). A GPU actor's device is its own "
         "either way; this only lowers its CPU side. Dev mode evaluates in the training thread and changes nothing",
     )
+    sched_idle: bool = Field(
+        True,
+        description="run the evaluator actor's threads in Linux's SCHED_IDLE class as well: they get a core only "
+        "when training leaves it idle (nice 19 alone still takes ~30% of a core from Ray's nice-15 workers)",
+    )
 
     @field_validator("metrics", mode="before")
     @classmethod

@@ -15,8 +15,10 @@ On CPUs the actor must not take training's cores: every thread of its process ru
 ``eval.nice`` or higher (Linux keeps niceness per thread, so each existing one is raised, and threads
 started later inherit it from the thread that starts them), and its evaluating thread uses
 ``eval.threads`` torch threads. Ray starts its workers' Python threads, training's included, at
-niceness 15 (``RAY_worker_niceness``), so the default 19 ranks the evaluator below training. A GPU actor
-has its device to itself; the same settings only lower its CPU side.
+niceness 15 (``RAY_worker_niceness``), so niceness 19 alone still leaves the evaluator ~30% of a core that
+training wants (CFS weights 15 vs 36); the threads also enter the SCHED_IDLE class (``eval.sched_idle``,
+weight 3, no privileges needed), where they run on what training leaves idle. A GPU actor has its device
+to itself; the same settings only lower its CPU side.
 
 Why not Ray Train's ``ValidationConfig`` (alpha in Ray 2.60): it runs each validation as a fresh Ray
 task, so the feature extractor and the held-out statistics would be reloaded every time (a disk
@@ -127,14 +129,23 @@ def niceness(tid: int = 0) -> int:
     return os.getpriority(os.PRIO_PROCESS, tid)
 
 
-def lower_priority(nice: int, tids: list[int]) -> None:
-    """Raise the niceness of threads ``tids`` (0: the calling thread) to at least ``nice``. Never lowers it:
-    that needs privileges an evaluator does not have."""
+def lower_priority(nice: int, tids: list[int], idle: bool = False) -> None:
+    """Raise the niceness of threads ``tids`` (0: the calling thread) to at least ``nice`` (0: leave it) and,
+    with ``idle``, move them to the SCHED_IDLE class. Never raises a priority: that needs privileges an
+    evaluator does not have (entering SCHED_IDLE does not)."""
     for tid in tids:
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, max(nice, niceness(tid)))
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, tid, max(nice, niceness(tid)))
+            if idle and hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except ProcessLookupError:  # the thread ended meanwhile
             pass
+
+
+def sched_idle(tid: int = 0) -> bool:
+    """Whether thread ``tid`` (0: the calling thread) runs in the SCHED_IDLE class."""
+    return hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(tid) == os.SCHED_IDLE
 
 
 def eval_threads(cfg: EvalConfig) -> int:
@@ -202,15 +213,17 @@ class EvaluatorActor(Evaluator):
             "nice": niceness(self._tid),
             "threads": self._threads,
             "process_nice": min(niceness(t) for t in thread_ids()),
+            "sched_idle": sched_idle(self._tid),
+            "process_sched_idle": all(sched_idle(t) for t in thread_ids()),
         }
 
     def _lower_priority(self, tids: list[int]) -> None:
-        if not self.cfg.nice:
+        if not (self.cfg.nice or self.cfg.sched_idle):
             return
         try:
-            lower_priority(self.cfg.nice, tids)
+            lower_priority(self.cfg.nice, tids, self.cfg.sched_idle)
         except OSError as e:  # a container that forbids it: evaluate anyway, and say so
-            self.failures.append(f"niceness {self.cfg.nice} not set: {e}")
+            self.failures.append(f"niceness {self.cfg.nice} / SCHED_IDLE {self.cfg.sched_idle} not set: {e}")
 
     def _isolate(self) -> None:
         """In the evaluating thread, before any torch work: both niceness and torch's thread count are per
