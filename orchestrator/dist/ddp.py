@@ -28,7 +28,9 @@ class DDPStrategy:
         self.precision, self.own_dtype, self.skip_nonfinite = precision, set(own_dtype), skip_nonfinite
         self.fp32 = False
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.name]
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=True)
+        ddp = DistributedDataParallelKwargs(
+            find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=cfg.broadcast_buffers
+        )
         self.accelerator = Accelerator(mixed_precision=mp, cpu=precision.device.type == "cpu", kwargs_handlers=[ddp])
         self.nets: dict[str, nn.Module] = {}
         self.opts = Optimizers({}, skip_nonfinite)

@@ -43,6 +43,13 @@ class DistributedConfig(StrictConfig):
     zero_stage: int | None = Field(None, ge=0, le=2, description="override the DeepSpeed config's ZeRO stage")
     sync_batchnorm: bool = Field(False, description="synchronise BatchNorm statistics across workers (BigGAN)")
     find_unused_parameters: bool = Field(False, description="DDP: allow parameters without gradients (ProGAN)")
+    broadcast_buffers: bool = Field(
+        False,
+        description="DDP: broadcast rank 0's buffers before every forward pass (a collective per pass). Off, as "
+        "in the official StyleGAN2-ADA code: the buffers that shape training (spectral norm's u, fixed noise and "
+        "filters) evolve identically on every rank, BatchNorm trains on batch statistics (sync_batchnorm to share "
+        "them), StyleGAN2's w_avg is per rank as in the official code, and checkpoints hold rank 0's",
+    )
 
 
 class Strategy(Protocol):

@@ -103,6 +103,9 @@ class TrainResult:
     evaluations: list[dict] = field(default_factory=list)
 
 
+STOP_CHECK_S = 1.0  # how often distributed workers agree on a stop request (SIGTERM, RUN_DIR/STOP)
+
+
 class RankState:
     """What differs between ranks: the data position and the global RNG (noise inputs, style mixing).
     ``state_dict`` gathers every rank's (a collective call)."""
@@ -337,6 +340,7 @@ class Run:
         self.monitor.start(p.step, p.nimg)
         self.last_checkpoint: Path | None = None
         self.last_beta = 0.0
+        self._next_stop_check, self._last_stop_check = 0, (time.perf_counter(), self.progress.step)
         self.metrics: dict[str, float] = {}
 
     # -------------------------------------------------------------------------------------------------
@@ -541,7 +545,7 @@ class Run:
                     monitor.evaluate(self.G_ema, p.step, p.nimg, self.last_checkpoint)
                 profiler.step()
                 with torch.profiler.record_function("loop:stop_check"):
-                    if self._any_rank(stop.requested()):
+                    if self._stop_agreed(stop):
                         preempted = True
                         break
             self._finish(stop, preempted)
@@ -616,13 +620,23 @@ class Run:
             values /= self.ctx.world_size
         return dict(zip(keys, values.tolist()))
 
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (a collective call when distributed, so all ranks agree)."""
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop, agreed by all ranks in one all-reduce made about every
+        ``STOP_CHECK_S`` seconds rather than every step (a collective and a host sync each): rank 0 sets the
+        next check's step from its own step time, and the same all-reduce hands that step to every rank."""
         if self.ctx.world_size == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
+            return stop.requested()
+        if self.progress.step < self._next_stop_check:
+            return False
+        now, interval = time.perf_counter(), 0
+        if self.lead:
+            per_step = (now - self._last_stop_check[0]) / max(self.progress.step - self._last_stop_check[1], 1)
+            interval = max(1, min(int(STOP_CHECK_S / max(per_step, 1e-6)), 1000))
+        t = torch.tensor([float(stop.requested()), float(interval)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        self._last_stop_check = (now, self.progress.step)
+        self._next_stop_check = self.progress.step + int(t[1].item())
+        return bool(t[0].item())
 
     def _barrier(self) -> None:
         if self.ctx.world_size > 1:

@@ -137,8 +137,8 @@ def test_no_checkpoint_within_the_grace_period_exits_75_and_keeps_the_last_one(d
 
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_ddp_workers_stops_both_with_one_checkpoint(digits16, tmp_path):
-    """The workers agree (an all-reduce of the request each step): the signalled rank and the other stop
-    at the same step, rank 0 writes the checkpoint, and torchrun exits 0."""
+    """The workers agree (an all-reduce of the request about once a second, at a step rank 0 names): the
+    signalled rank and the other stop at the same step, rank 0 writes the checkpoint, and torchrun exits 0."""
     config = job(digits16, tmp_path, distributed={"strategy": "ddp"}, train={"threads": 1})
     run = tmp_path / "run"
     cmd = [
