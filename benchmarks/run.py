@@ -113,6 +113,38 @@ def _torchrun(nproc: int, config: str, run_dir: Path, overrides: list[str]) -> d
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+MATMUL = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+a, b = torch.randn(512, 512), torch.randn(512, 512)
+for _ in range(5):
+    a @ b
+t, n = time.perf_counter(), 0
+while time.perf_counter() - t < 4:
+    a @ b
+    n += 1
+print(2 * 512**3 * n / (time.perf_counter() - t) / 1e9)
+"""
+
+
+def parallel_capacity() -> float:
+    """What two cores give right now: fp32 matmul GFLOP/s of one 1-thread process alone, of two at once, and of
+    one 2-thread process. Returns the ceiling of a 2-worker scaling efficiency, (two at once) / (2 × alone):
+    below 1 when the machine's second core is busy or shared (another job, a host that oversubscribes)."""
+    import subprocess
+
+    def run(threads: int, copies: int) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, "-c", MATMUL, str(threads)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(copies)]  # fmt: skip
+        return [float(p.communicate()[0]) for p in procs]
+
+    alone, pair, threads2 = run(1, 1)[0], run(1, 2), run(2, 1)[0]
+    ceiling = sum(pair) / (2 * alone)
+    print(f"matmul GFLOP/s: 1 process {alone:.0f}; 2 processes at once {pair[0]:.0f} + {pair[1]:.0f}; "
+          f"1 process × 2 threads {threads2:.0f}; scaling ceiling {ceiling:.2f}", flush=True)  # fmt: skip
+    return ceiling
+
+
 # name: (config, shard channels, steps, overrides); global batch fixed per preset, 1 thread per worker
 SCALING_PRESETS = {
     "dcgan-digits": ("configs/dev/dcgan-digits.yaml", 1, 160, ["data.resolution=32"]),
@@ -134,7 +166,7 @@ def ddp_scaling(presets: tuple[str, ...] = tuple(SCALING_PRESETS), profile: bool
     rank 0's labelled regions of 10 profiled steps are printed as well."""
     from orchestrator.data.shards import write_shards
 
-    rows = []
+    rows, ceiling = [], parallel_capacity()
     with tempfile.TemporaryDirectory() as tmp:
         for name in presets:
             config, channels, steps, extra = SCALING_PRESETS[name]
@@ -165,6 +197,8 @@ def ddp_scaling(presets: tuple[str, ...] = tuple(SCALING_PRESETS), profile: bool
     for name, a, b in rows:
         print(f"| {name} | {a:.0f} | {b:.0f} | {b / (2 * a):.2f} |")
     print("\n(img/s over the second half of each run; efficiency = 2-worker img/s / twice the 1-worker img/s)")
+    parallel_capacity()
+    print(f"(the machine's own ceiling, measured before and after: {ceiling:.2f} before)")
 
 
 def strategy_memory() -> None:
@@ -351,6 +385,7 @@ def compile_demo(steps: int = 400) -> None:
 BENCHMARKS = {
     "dev_loader_settings": dev_loader_settings,
     "stylegan2_1024_forward": stylegan2_1024_forward,
+    "parallel_capacity": parallel_capacity,
     "ddp_scaling": ddp_scaling,
     "strategy_memory": strategy_memory,
     "evaluator_overhead": evaluator_overhead,
