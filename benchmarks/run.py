@@ -382,6 +382,106 @@ def compile_demo(steps: int = 400) -> None:
     print(f"compiled / eager: {speed[True] / speed[False]:.2f}")
 
 
+QUIET = [
+    "eval.enabled=false",
+    "tracking.progress_bar=false",
+    "tracking.wandb.mode=disabled",
+    "checkpoint.every_kimg=1000",
+    "tracking.sample_every_kimg=1000",
+]
+
+
+def _stream_presets(shards: Path, digits_steps: int, cifar_steps: int) -> list[tuple[str, str, list[str], int]]:
+    """``(name, config, overrides, training steps)`` of the two presets data_stream measures: the demo's DCGAN
+    on 32×32 grey digits and StyleGAN2 cifar (fp32 on CPU) on the digits as 32×32 RGB; both batch 64."""
+    cifar = [
+        f"data.shards={shards}/rgb/train-*.tar",
+        "data.resolution=32",
+        "data.channels=3",
+        "data.num_classes=10",
+        "train.precision=fp32",
+        "train.device=cpu",
+        "model.num_fp16_res=0",
+        "model.conv_clamp=null",
+    ]
+    return [
+        ("dcgan-digits", "configs/dev/dcgan-digits.yaml", [f"data.shards={shards}/grey/train-*.tar"], digits_steps),
+        ("stylegan2-cifar", "configs/stylegan2/cifar.yaml", cifar, cifar_steps),
+    ]
+
+
+def _stream_img_per_s(cfg, batches: int) -> float:
+    """Images/s of the ShardLoader alone, handing out ``batches`` micro-batches as the Run asks for them
+    (after a warm-up of two batches per reading role, which starts the workers)."""
+    from orchestrator.data.shards import ShardLoader, image_spec, load_manifest
+    from orchestrator.train.preflight import batch_split
+
+    micro, _ = batch_split(cfg.train.batch_size, cfg.train.micro_batch, 1)
+    loader = ShardLoader(cfg.data, image_spec(cfg.data, load_manifest(cfg.data)), micro, seed=cfg.train.seed)
+    for _ in range(2 * max(1, cfg.data.workers)):
+        loader.next()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        loader.next()
+    return batches * micro / (time.perf_counter() - t0)
+
+
+def _training_rate(cfg, run_dir: Path) -> tuple[float, float]:
+    """``(img/s, fraction of wall time waiting for data)`` of a training run's last log interval."""
+    from orchestrator.train.run import train
+
+    train(cfg, run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "perf/img_per_s" in r][-1]
+    return last["perf/img_per_s"], last["perf/data_wait"]
+
+
+def data_stream(batches: int = 200, digits_steps: int = 150, cifar_steps: int = 6, workers=(0, 1, 2)) -> None:
+    """The ShardLoader's images/s alone next to what training consumes, for 0/1/2 loader workers, on the demo's
+    DCGAN digits preset and StyleGAN2 cifar (fp32, CPU). Training figures are the last third of the run's
+    steps (a StyleGAN2 cifar step took 80-160 s on 2 shared CPU cores: the whole benchmark takes most of an hour).
+    The speed issue's bar: stream ≥ 3× training and data wait < 2% of wall time."""
+    from orchestrator.config import load_config
+    from orchestrator.data.shards import write_shards
+
+    os.environ["WANDB_MODE"] = "disabled"
+    default_threads = _torch_threads()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards("builtin:digits", Path(tmp) / "grey", resolution=32, shard_size=256)
+        write_shards("builtin:digits", Path(tmp) / "rgb", resolution=32, shard_size=128, channels=3)
+        for name, config, overrides, steps in _stream_presets(Path(tmp), digits_steps, cifar_steps):
+            for w in workers:
+                run = [f"data.workers={w}", f"train.stop_at_step={steps}", f"tracking.log_every={max(1, steps // 3)}"]
+                cfg = load_config(ROOT / config, QUIET + overrides + run)
+                _torch_threads(cfg.train.threads or default_threads)  # the decoding process's threads, as training's
+                stream = _stream_img_per_s(cfg, batches)
+                trained, wait = _training_rate(cfg, Path(tmp) / f"{name}-w{w}")
+                rows.append((name, w, stream, trained, wait))
+                print(
+                    f"{name}, {w} loader workers: stream {_rate(stream)}, training {_rate(trained)} img/s", flush=True
+                )
+    print("\n| preset | loader workers | stream img/s | training img/s | stream / training | data wait | ≥3×, <2% |")
+    print("|---|---|---|---|---|---|---|")
+    for name, w, stream, trained, wait in rows:
+        ok = "yes" if stream >= 3 * trained and wait < 0.02 else "no"
+        print(f"| {name} | {w} | {_rate(stream)} | {_rate(trained)} | {stream / trained:.1f} | {wait:.1%} | {ok} |")
+
+
+def _rate(img_per_s: float) -> str:
+    """An images/s figure: whole numbers from 100 up, two decimals below (CPU StyleGAN2 trains at about 1)."""
+    return f"{img_per_s:,.0f}" if img_per_s >= 100 else f"{img_per_s:.2f}"
+
+
+def _torch_threads(n: int | None = None) -> int:
+    """torch's intra-op threads of this process, after setting them to ``n`` when given."""
+    import torch
+
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 BENCHMARKS = {
     "dev_loader_settings": dev_loader_settings,
     "stylegan2_1024_forward": stylegan2_1024_forward,
@@ -391,6 +491,7 @@ BENCHMARKS = {
     "evaluator_overhead": evaluator_overhead,
     "nonfinite_guard_overhead": nonfinite_guard_overhead,
     "compile_demo": compile_demo,
+    "data_stream": data_stream,
 }
 
 

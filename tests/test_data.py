@@ -265,6 +265,23 @@ def test_loader_resumes_exactly(digits16, workers):
     assert [second.next().keys for _ in range(43)] == expected[37:]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_workers_decode_with_one_thread(digits16, workers):
+    """Loader workers run torch with one intra-op thread, whatever the training process uses; without workers
+    the training process decodes with its own threads."""
+    cfg = DataConfig(shards=str(digits16 / "train-*.tar"), workers=workers, shuffle_buffer=50)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = ShardLoader(cfg, ImageSpec(16, 1, 10), 8, seed=0)
+        batches = [loader.next() for _ in range(4)]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert {b.role for b in batches} == set(range(max(1, workers)))
+    assert [b.threads for b in batches] == [1 if workers else 2] * 4
+
+
 def _write_bad_shard(path: Path) -> None:
     good = io.BytesIO()
     Image.new("L", (16, 16), 128).save(good, format="PNG")

@@ -54,6 +54,18 @@ def test_a_run_is_built_and_stepped_by_hand(digits16, tmp_path):
     run.tracker.close(), again.tracker.close()
 
 
+def test_train_threads_hold_in_the_trainer_beside_one_thread_loader_workers(digits16, tmp_path):
+    """train.threads sets the training process's torch threads; its DataLoader workers decode with one."""
+    threads = torch.get_num_threads()
+    try:
+        run = Run.build(dcgan_dev(digits16, **{"train.threads": 3, "data.workers": 2}), tmp_path / "run")
+        run.step()
+        assert torch.get_num_threads() == 3 and run.loader.next().threads == 1
+        run.tracker.close()
+    finally:
+        torch.set_num_threads(threads)  # train.threads is process-wide: leave the next tests as they were
+
+
 def test_repeated_phases_log_their_mean(digits16, tmp_path, monkeypatch):
     """With loss.d_steps = 2 the step's D statistics are the mean of both D phases, not the last one's."""
     seen: list[dict] = []

@@ -330,7 +330,8 @@ def image_spec(cfg: DataConfig, manifest: dict | None) -> ImageSpec:
 @dataclass
 class Batch:
     """What a ShardStream role yields: images in [-1, 1], labels, their sample keys, the role's cursor
-    after this batch, and the bad samples met since the previous batch as ``(shard, key, reason)``."""
+    after this batch, the bad samples met since the previous batch as ``(shard, key, reason)``, and the
+    torch intra-op threads of the process that decoded it (1 in a DataLoader worker)."""
 
     img: torch.Tensor
     label: torch.Tensor
@@ -339,6 +340,7 @@ class Batch:
     cursor: tuple[int, int]
     bad: list[tuple[str, str, str]] = field(default_factory=list)
     read: int = 0
+    threads: int = field(default_factory=torch.get_num_threads)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -501,6 +503,13 @@ class DataHealth:
         self.bad_by_shard = Counter(state["bad_by_shard"])
 
 
+def one_thread_worker(worker_id: int) -> None:
+    """A DataLoader worker's start: one torch intra-op thread, so that ranks × loader workers decoding beside
+    the trainer's ``train.threads`` do not oversubscribe the cores. The worker's RNG seeding is untouched."""
+    # torch's own worker loop (2.x) sets 1 before calling this; stating it here keeps the policy ours
+    torch.set_num_threads(1)
+
+
 class ShardLoader:
     """This rank's batches, from a DataLoader over a :class:`ShardStream`, with a resumable position.
 
@@ -530,6 +539,7 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.workers,
                                              collate_fn=lambda b: b, prefetch_factor=2 if self.cfg.workers else None,
                                              multiprocessing_context="fork" if self.cfg.workers else None,
+                                             worker_init_fn=one_thread_worker if self.cfg.workers else None,
                                              generator=torch.Generator().manual_seed(self.seed))
         self._it = iter(loader)
 
