@@ -148,7 +148,7 @@ def parallel_capacity() -> float:
 # name: (config, shard channels, steps, overrides); global batch fixed per preset, 1 thread per worker
 SCALING_PRESETS = {
     "dcgan-digits": ("configs/dev/dcgan-digits.yaml", 1, 160, ["data.resolution=32"]),
-    "stylegan2-dev": ("configs/stylegan2/dev.yaml", 1, 80, ["data.resolution=16"]),
+    "stylegan2-dev": ("configs/stylegan2/dev.yaml", 1, 160, ["data.resolution=16"]),
     # compute-bound: the cifar preset's layout at 32×32 RGB with 4× fewer channels (about 1.3 M + 1.4 M
     # parameters), batch 32, so that a step is ~0.5 s of arithmetic per worker rather than overhead
     "stylegan2-mid": (
@@ -160,10 +160,13 @@ SCALING_PRESETS = {
 }  # fmt: skip
 
 
-def ddp_scaling(presets: tuple[str, ...] = tuple(SCALING_PRESETS), profile: bool = False) -> None:
+def ddp_scaling(
+    presets: tuple[str, ...] = tuple(SCALING_PRESETS), profile: bool = False, compile: bool = False
+) -> None:
     """Training images/s of each preset with 1 and 2 torchrun workers (1 thread each, DDP over gloo, the
     same global batch), and the scaling efficiency (img/s with 2) / (2 × img/s with 1). With ``profile``,
-    rank 0's labelled regions of 10 profiled steps are printed as well."""
+    rank 0's labelled regions of 10 profiled steps are printed as well; with ``compile``, both runs compile
+    their networks (``train.compile=true``; the first half of each run, compile included, is not measured)."""
     from orchestrator.data.shards import write_shards
 
     rows, ceiling = [], parallel_capacity()
@@ -184,6 +187,7 @@ def ddp_scaling(presets: tuple[str, ...] = tuple(SCALING_PRESETS), profile: bool
                 "checkpoint.every_kimg=100000",
                 "tracking.sample_every_kimg=100000",
                 *extra,
+                f"train.compile={str(compile).lower()}",
                 *(["tracking.profile_steps=10", f"tracking.profile_after={steps // 2}"] if profile else []),
             ]
             one = _torchrun(1, config, Path(tmp) / f"{name}-1", common)
@@ -239,11 +243,12 @@ def strategy_memory() -> None:
     print(f"\nZeRO-2 / DDP: {rows[1][1] / rows[0][1]:.2f}")
 
 
-def evaluator_overhead(steps: int = 150) -> None:
+def evaluator_overhead(steps: int = 300) -> None:
     """Training images/s of the DCGAN digits preset on 2 Ray workers (0.75 CPU each) with the evaluator actor
-    evaluating every 0.64 kimg on its own 0.5 CPU (at the default ``eval.nice``), versus without it, and how far
-    behind training the evaluations arrived (``eval/lag_kimg``, ``eval/lag_s``). Starts and stops a loopback Ray
-    head."""
+    evaluating every 0.64 kimg on its own 0.5 CPU (at the default ``eval.nice`` and ``eval.sched_idle``), versus
+    without it, and how far behind training the evaluations arrived (``eval/lag_kimg``, ``eval/lag_s``); and
+    the same config in dev mode (one process, ``ganforge train``, no evaluation) as the Ray job's reference.
+    Starts and stops a loopback Ray head."""
     import subprocess
 
     from orchestrator.data.shards import write_shards
@@ -277,6 +282,13 @@ def evaluator_overhead(steps: int = 150) -> None:
             capture_output=True,
         )
         rates = {}
+        dev = [f"data.shards={tmp}/d/train-*.tar", "eval.enabled=false", f"train.stop_at_step={steps}",
+               "tracking.progress_bar=false", "tracking.log_every=10", "checkpoint.every_kimg=0.64"]  # fmt: skip
+        cmd = ["ganforge", "train", "configs/dev/dcgan-digits.yaml", "--run-dir", f"{tmp}/dev"]
+        subprocess.run(cmd + [x for o in dev for x in ("--set", o)], cwd=ROOT, env=env, check=True, capture_output=True)
+        rows = [json.loads(x) for x in (Path(tmp) / "dev/metrics.jsonl").read_text().splitlines() if "loss/D" in x]
+        rest = rows[len(rows) // 3 :]
+        rates["dev"] = sum(r["perf/img_per_s"] for r in rest) / len(rest)
         try:
             for evaluating in (False, True):
                 run_dir = Path(tmp) / f"eval-{evaluating}"
@@ -316,9 +328,13 @@ def evaluator_overhead(steps: int = 150) -> None:
         finally:
             subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
             shutil.rmtree(temp, ignore_errors=True)
-    print("\n| evaluator | training img/s (mean of log intervals after the first third) |\n|---|---|")
-    print(f"| off | {rates[False]:.0f} |\n| on ({evals} evaluations of 2,000 samples) | {rates[True]:.0f} |")
-    print(f"\nwith / without: {rates[True] / rates[False]:.2f}")
+    print("\n| run | training img/s (mean of log intervals after the first third) |\n|---|---|")
+    print(f"| dev mode (one process) | {rates['dev']:.0f} |")
+    print(f"| Ray job, 2 workers, evaluator off | {rates[False]:.0f} |")
+    print(f"| Ray job, 2 workers, evaluator on ({evals} evaluations of 2,000 samples) | {rates[True]:.0f} |")
+    print(
+        f"\nRay job / dev mode: {rates[False] / rates['dev']:.2f}; evaluator on / off: {rates[True] / rates[False]:.2f}"
+    )
     print("\n| evaluation lag | mean | max |\n|---|---|---|")
     for key, unit in (("eval/lag_kimg", "kimg"), ("eval/lag_s", "s")):
         values = [r[key] for r in lags]
@@ -508,11 +524,12 @@ def main() -> int:
     p.add_argument("names", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
     p.add_argument("--presets", nargs="+", choices=list(SCALING_PRESETS), help="ddp_scaling: these presets only")
     p.add_argument("--profile", action="store_true", help="ddp_scaling: print rank 0's profile of each run")
+    p.add_argument("--compile", action="store_true", help="ddp_scaling: train.compile=true in every run")
     args = p.parse_args()
     for name in args.names or BENCHMARKS:
         print(f"## {name} ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, {cpu_model()})", flush=True)
         if name == "ddp_scaling":
-            ddp_scaling(tuple(args.presets or SCALING_PRESETS), args.profile)
+            ddp_scaling(tuple(args.presets or SCALING_PRESETS), args.profile, args.compile)
         else:
             BENCHMARKS[name]()
     return 0

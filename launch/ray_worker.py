@@ -81,8 +81,15 @@ def ray_worker(loop_config: dict) -> None:
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
 
+    upload = {"sync": ray.train.CheckpointUploadMode.SYNC, "async": ray.train.CheckpointUploadMode.ASYNC}
+
     def report(metrics: dict, path: Path | None) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if path else None)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(path)) if path else None,
+            checkpoint_upload_mode=upload[cfg.ray.checkpoint_upload],
+            delete_local_checkpoint_after_upload=False,  # it is the run directory's checkpoint
+        )
 
     ctx = WorkerContext(
         rank=context.get_world_rank(),

@@ -230,6 +230,14 @@ MUTANTS = [
         ("tests/test_eval_service.py::test_the_evaluation_thread_runs_niced_with_its_own_threads",),
     ),
     Mutant(
+        "async-upload-deletes-checkpoint",
+        "ray.checkpoint_upload=async lets Ray delete the run directory's checkpoint after uploading it",
+        "launch/ray_worker.py",
+        "delete_local_checkpoint_after_upload=False,",
+        "delete_local_checkpoint_after_upload=True,",
+        ("tests/test_ray.py::test_a_killed_worker_restarts_from_the_last_checkpoint[async]",),
+    ),
+    Mutant(
         "compiled-double-backward",
         "with train.compile, R1 and path length run through the compiled graphs (no eager stance)",
         "orchestrator/recipes/recipe.py",

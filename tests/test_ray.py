@@ -131,7 +131,10 @@ def test_readme_ray_job_submit_succeeds_and_leaves_a_checkpoint(cluster, digits3
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint(cluster, digits32, tmp_path):
+@pytest.mark.parametrize("upload", ["sync", "async"])
+def test_a_killed_worker_restarts_from_the_last_checkpoint(cluster, digits32, tmp_path, upload):
+    """Either way the checkpoints reach Ray's storage (async: in the background, the run directory's copy
+    kept), and a lost worker costs at most one checkpoint interval."""
     interval_steps = 20  # checkpoint.every_kimg=1.28 at 64 images per step
     cmd = [
         str(BIN / "ganforge"),
@@ -149,6 +152,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(cluster, digits32, tm
         "checkpoint.every_kimg=1.28",
         "--set",
         "ray.max_failures=1",
+        "--set",
+        f"ray.checkpoint_upload={upload}",
         "--set",
         "eval.enabled=false",
         *FAST,
@@ -176,6 +181,8 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(cluster, digits32, tm
     assert back, "the step counter never went back: the worker was not lost mid-run"
     assert all(a - b < interval_steps for a, b in back), back  # lost at most one checkpoint interval
     assert seen[-1] == 100
+    assert list((tmp_path / "run" / "ray").rglob("checkpoint_*/state.pt"))  # Ray's copies
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-000000100" / "COMPLETE.json").exists()
 
 
 def test_ray_job_stop_makes_the_workers_checkpoint_and_the_driver_exit_0(cluster, digits32, tmp_path):
