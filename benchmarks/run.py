@@ -246,8 +246,9 @@ def strategy_memory() -> None:
 def evaluator_overhead(steps: int = 300) -> None:
     """Training images/s of the DCGAN digits preset on 2 Ray workers (0.75 CPU each) with the evaluator actor
     evaluating every 0.64 kimg on its own 0.5 CPU (at the default ``eval.nice`` and ``eval.sched_idle``), versus
-    without it, and how far behind training the evaluations arrived (``eval/lag_kimg``, ``eval/lag_s``); and
-    the same config in dev mode (one process, ``ganforge train``, no evaluation) as the Ray job's reference.
+    without it, and how far behind training the evaluations arrived (``eval/lag_kimg``, ``eval/lag_s``); the
+    Ray job with ``ray.checkpoint_upload`` sync and async (a checkpoint every 10 steps, as each evaluation
+    needs one); and the same config in dev mode (one process, ``ganforge train``) as the Ray job's reference.
     Starts and stops a loopback Ray head."""
     import subprocess
 
@@ -290,8 +291,8 @@ def evaluator_overhead(steps: int = 300) -> None:
         rest = rows[len(rows) // 3 :]
         rates["dev"] = sum(r["perf/img_per_s"] for r in rest) / len(rest)
         try:
-            for evaluating in (False, True):
-                run_dir = Path(tmp) / f"eval-{evaluating}"
+            for upload, evaluating in (("sync", False), ("async", False), ("async", True)):
+                run_dir = Path(tmp) / f"{upload}-eval-{evaluating}"
                 cmd = [
                     "ganforge",
                     "submit",
@@ -314,12 +315,13 @@ def evaluator_overhead(steps: int = 300) -> None:
                     "tracking.log_every=10",
                     "checkpoint.every_kimg=0.64",
                     "ray.max_failures=0",
+                    f"ray.checkpoint_upload={upload}",
                 ]:
                     cmd += ["--set", o]
                 subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
                 rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss/D" in x]
                 rest = rows[len(rows) // 3 :]  # past start-up
-                rates[evaluating] = sum(r["perf/img_per_s"] for r in rest) / len(rest)
+                rates[upload, evaluating] = sum(r["perf/img_per_s"] for r in rest) / len(rest)
                 if evaluating:
                     evals = len((run_dir / "eval.jsonl").read_text().splitlines())
                     lags = [
@@ -330,11 +332,14 @@ def evaluator_overhead(steps: int = 300) -> None:
             shutil.rmtree(temp, ignore_errors=True)
     print("\n| run | training img/s (mean of log intervals after the first third) |\n|---|---|")
     print(f"| dev mode (one process) | {rates['dev']:.0f} |")
-    print(f"| Ray job, 2 workers, evaluator off | {rates[False]:.0f} |")
-    print(f"| Ray job, 2 workers, evaluator on ({evals} evaluations of 2,000 samples) | {rates[True]:.0f} |")
+    print(f"| Ray job, 2 workers, checkpoint upload sync, evaluator off | {rates['sync', False]:.0f} |")
+    print(f"| Ray job, 2 workers, checkpoint upload async, evaluator off | {rates['async', False]:.0f} |")
     print(
-        f"\nRay job / dev mode: {rates[False] / rates['dev']:.2f}; evaluator on / off: {rates[True] / rates[False]:.2f}"
+        f"| Ray job, 2 workers, async, evaluator on ({evals} evaluations of 2,000 samples) | {rates['async', True]:.0f} |"
     )
+    sync, off, on = rates["sync", False], rates["async", False], rates["async", True]
+    print(f"\nRay job / dev mode: sync {sync / rates['dev']:.2f}, async {off / rates['dev']:.2f}; "
+          f"evaluator on / off: {on / off:.2f}")  # fmt: skip
     print("\n| evaluation lag | mean | max |\n|---|---|---|")
     for key, unit in (("eval/lag_kimg", "kimg"), ("eval/lag_s", "s")):
         values = [r[key] for r in lags]
@@ -375,6 +380,61 @@ def nonfinite_guard_overhead(steps: int = 300, repeats: int = 2) -> None:
     print("\n| NaN/Inf guard | img/s (steady, best of %d) |\n|---|---|" % repeats)
     print(f"| off | {rates[False]:.0f} |\n| on | {rates[True]:.0f} |")
     print(f"\non / off: {rates[True] / rates[False]:.3f}")
+
+
+CIFAR_STEP = """
+import json, sys, tempfile, time
+from orchestrator.config import load_config
+from orchestrator.train.run import Run, compiled_graphs
+shards, threads, compiled, batch, main_steps = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
+cfg = load_config("configs/stylegan2/cifar.yaml", [
+    f"data.shards={shards}", "data.workers=0", "train.precision=fp32", "train.device=cpu", f"train.batch_size={batch}",
+    f"train.threads={threads}", f"train.compile={str(compiled).lower()}", "model.num_fp16_res=0", "model.conv_clamp=null",
+    f"model.mbstd_group_size={min(batch, 32)}", "eval.enabled=false", "tracking.progress_bar=false",
+    "tracking.wandb.mode=disabled", "checkpoint.every_kimg=100000", "tracking.sample_every_kimg=100000", *sys.argv[6:]])
+run = Run.build(cfg, tempfile.mkdtemp())
+def timed():
+    t = time.perf_counter()
+    run.step()
+    return time.perf_counter() - t
+first = timed()  # D, Dreg (its counter is at 0) and G: compiles everything
+timed()
+main = sorted(timed() for _ in range(main_steps))
+run.progress.phases["Dreg"] = cfg.loss.r1_interval * 1000  # the next step runs lazy R1 as well
+with_reg = timed()
+t_main = main[len(main) // 2]
+full = t_main + max(with_reg - t_main, 0) / cfg.loss.r1_interval
+print(json.dumps({"first_s": first, "main_s": main, "with_reg_s": with_reg, "full_s": full, "graphs": compiled_graphs()}))
+"""
+
+
+def stylegan2_cifar_compile(batch: int = 16, main_steps: int = 3) -> None:
+    """The StyleGAN2 ``cifar`` preset's networks (20.2 M + 23.1 M parameters, 32×32 RGB, fp32 on CPU, batch
+    ``batch``): the full training step (D main, G main and lazy R1 every 16 steps) eager and compiled, at 1 and
+    2 threads, each in its own process. Full step = median main step + (a step with R1 - that) / 16."""
+    import subprocess
+
+    from orchestrator.data.shards import write_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=256, channels=3)
+        rows = {}
+        for threads in (1, 2):
+            for compiled in (False, True):
+                args = [f"{tmp}/d/train-*.tar", str(threads), str(int(compiled)), str(batch), str(main_steps)]
+                out = subprocess.run([sys.executable, "-c", CIFAR_STEP, *args], cwd=ROOT, capture_output=True,
+                                     text=True, check=True).stdout  # fmt: skip
+                rows[threads, compiled] = r = json.loads(out.strip().splitlines()[-1])
+                print(f"threads {threads} compiled {compiled}: {json.dumps(r)}", flush=True)
+    print(
+        "\n| threads | eager full step (s) | compiled full step (s) | compiled / eager speed | first compiled step (s) |"
+    )
+    print("|---|---|---|---|---|")
+    for threads in (1, 2):
+        e, c = rows[threads, False], rows[threads, True]
+        print(
+            f"| {threads} | {e['full_s']:.2f} | {c['full_s']:.2f} | {e['full_s'] / c['full_s']:.2f} | {c['first_s']:.0f} |"
+        )
 
 
 def compile_demo(steps: int = 400) -> None:
@@ -507,6 +567,7 @@ BENCHMARKS = {
     "evaluator_overhead": evaluator_overhead,
     "nonfinite_guard_overhead": nonfinite_guard_overhead,
     "compile_demo": compile_demo,
+    "stylegan2_cifar_compile": stylegan2_cifar_compile,
     "data_stream": data_stream,
 }
 

@@ -10,7 +10,19 @@ checkpoint (after a worker-group restart) and the run directory's (after a drive
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+
+def staged_for_upload(checkpoint: Path, run_dir: Path) -> Path:
+    """A hard-linked twin of ``checkpoint`` under ``RUN_DIR/.ray-upload/`` for Ray's background upload (no
+    bytes copied): the run's retention (``checkpoint.keep_last``) may delete the checkpoint before Ray's
+    queue reaches it, the links keep its files, and Ray deletes the twin once uploaded. Checkpoint files
+    are never rewritten in place, so sharing them is safe. OSError where the filesystem has no hard links."""
+    stage = run_dir / ".ray-upload" / checkpoint.name
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.copytree(checkpoint, stage, copy_function=os.link)
+    return stage
 
 
 def prepare_for_workers(cfg) -> None:
@@ -81,14 +93,18 @@ def ray_worker(loop_config: dict) -> None:
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
 
-    upload = {"sync": ray.train.CheckpointUploadMode.SYNC, "async": ray.train.CheckpointUploadMode.ASYNC}
-
     def report(metrics: dict, path: Path | None) -> None:
+        mode, delete = ray.train.CheckpointUploadMode.SYNC, False  # the run directory's checkpoint stays
+        if path is not None and cfg.ray.checkpoint_upload == "async":
+            try:
+                path, mode, delete = staged_for_upload(path, run_dir), ray.train.CheckpointUploadMode.ASYNC, True
+            except OSError:  # no hard links on this filesystem: wait for the copy instead
+                pass
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(path)) if path else None,
-            checkpoint_upload_mode=upload[cfg.ray.checkpoint_upload],
-            delete_local_checkpoint_after_upload=False,  # it is the run directory's checkpoint
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=delete,
         )
 
     ctx = WorkerContext(

@@ -230,12 +230,12 @@ MUTANTS = [
         ("tests/test_eval_service.py::test_the_evaluation_thread_runs_niced_with_its_own_threads",),
     ),
     Mutant(
-        "async-upload-deletes-checkpoint",
-        "ray.checkpoint_upload=async lets Ray delete the run directory's checkpoint after uploading it",
+        "upload-twin-copied",
+        "the checkpoint's twin for Ray's background upload is a copy (every byte written again), not hard links",
         "launch/ray_worker.py",
-        "delete_local_checkpoint_after_upload=False,",
-        "delete_local_checkpoint_after_upload=True,",
-        ("tests/test_ray.py::test_a_killed_worker_restarts_from_the_last_checkpoint[async]",),
+        "shutil.copytree(checkpoint, stage, copy_function=os.link)",
+        "shutil.copytree(checkpoint, stage)",
+        ("tests/test_ray.py::test_the_upload_twin_shares_the_checkpoints_files_and_outlives_it",),
     ),
     Mutant(
         "compiled-double-backward",

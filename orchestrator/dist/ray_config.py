@@ -29,8 +29,7 @@ class RayConfig(StrictConfig):
     checkpoint_upload: Literal["sync", "async"] = Field(
         "sync",
         description="how each checkpoint reaches Ray's storage: sync (ray.train.report waits for the copy, about "
-        "1.3 s per report on a 2-core machine) or async (Ray copies it in the background while training goes on; "
-        "Ray's CheckpointUploadMode.ASYNC, alpha in Ray 2.60; the run directory's copy is never deleted by Ray, "
-        "and with checkpoint.keep_last >= 2 it outlives the upload unless an upload takes longer than "
-        "keep_last - 1 checkpoint intervals)",
+        "1.3 s per report on a 2-core machine) or async (Ray copies a hard-linked twin of it in the background "
+        "while training goes on, and deletes the twin; Ray's CheckpointUploadMode.ASYNC, alpha in Ray 2.60; "
+        "falls back to sync where the run directory's filesystem has no hard links)",
     )
