@@ -18,10 +18,14 @@ def staged_for_upload(checkpoint: Path, run_dir: Path) -> Path:
     """A hard-linked twin of ``checkpoint`` under ``RUN_DIR/.ray-upload/`` for Ray's background upload (no
     bytes copied): the run's retention (``checkpoint.keep_last``) may delete the checkpoint before Ray's
     queue reaches it, the links keep its files, and Ray deletes the twin once uploaded. Checkpoint files
-    are never rewritten in place, so sharing them is safe. OSError where the filesystem has no hard links."""
+    are never rewritten in place, so sharing them is safe."""
     stage = run_dir / ".ray-upload" / checkpoint.name
     shutil.rmtree(stage, ignore_errors=True)
-    shutil.copytree(checkpoint, stage, copy_function=os.link)
+    try:
+        shutil.copytree(checkpoint, stage, copy_function=os.link)
+    except OSError:  # a filesystem without hard links: a real copy, still uploaded in the background
+        shutil.rmtree(stage, ignore_errors=True)
+        shutil.copytree(checkpoint, stage)
     return stage
 
 
@@ -93,18 +97,16 @@ def ray_worker(loop_config: dict) -> None:
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
 
+    upload = cfg.ray.checkpoint_upload
+
     def report(metrics: dict, path: Path | None) -> None:
-        mode, delete = ray.train.CheckpointUploadMode.SYNC, False  # the run directory's checkpoint stays
-        if path is not None and cfg.ray.checkpoint_upload == "async":
-            try:
-                path, mode, delete = staged_for_upload(path, run_dir), ray.train.CheckpointUploadMode.ASYNC, True
-            except OSError:  # no hard links on this filesystem: wait for the copy instead
-                pass
-        ray.train.report(
+        if path is not None and upload == "async":  # Ray deletes the twin, never the run directory's checkpoint
+            path = staged_for_upload(path, run_dir)
+        ray.train.report(  # every rank in the same mode: a rank reporting sync waits for rank 0's upload
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(path)) if path else None,
-            checkpoint_upload_mode=mode,
-            delete_local_checkpoint_after_upload=delete,
+            checkpoint_upload_mode=getattr(ray.train.CheckpointUploadMode, upload.upper()),
+            delete_local_checkpoint_after_upload=upload == "async",
         )
 
     ctx = WorkerContext(

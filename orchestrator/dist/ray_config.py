@@ -31,5 +31,5 @@ class RayConfig(StrictConfig):
         description="how each checkpoint reaches Ray's storage: sync (ray.train.report waits for the copy, about "
         "1.3 s per report on a 2-core machine) or async (Ray copies a hard-linked twin of it in the background "
         "while training goes on, and deletes the twin; Ray's CheckpointUploadMode.ASYNC, alpha in Ray 2.60; "
-        "falls back to sync where the run directory's filesystem has no hard links)",
+        "a copy where the run directory's filesystem has no hard links)",
     )
