@@ -243,7 +243,7 @@ def strategy_memory() -> None:
     print(f"\nZeRO-2 / DDP: {rows[1][1] / rows[0][1]:.2f}")
 
 
-def evaluator_overhead(steps: int = 300) -> None:
+def evaluator_overhead(steps: int = 600) -> None:
     """Training images/s of the DCGAN digits preset on 2 Ray workers (0.75 CPU each) with the evaluator actor
     evaluating every 0.64 kimg on its own 0.5 CPU (at the default ``eval.nice`` and ``eval.sched_idle``), versus
     without it, and how far behind training the evaluations arrived (``eval/lag_kimg``, ``eval/lag_s``); the

@@ -86,6 +86,21 @@ def start_evaluator(cfg, spec, run_dir: Path):
     return name, actor
 
 
+def set_worker_priority(nice: int) -> None:
+    """Every thread of this training worker at niceness ``nice`` (Linux keeps it per thread; threads started
+    later inherit it). Raising a priority needs CAP_SYS_NICE: where refused, say so and train anyway."""
+    from orchestrator.eval.service import thread_ids
+
+    try:
+        for tid in thread_ids():
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except ProcessLookupError:  # the thread ended meanwhile
+                pass
+    except PermissionError as e:
+        print(f"ganforge: ray.worker_nice: {nice} not set ({e}); the worker keeps Ray's priority", flush=True)
+
+
 def ray_worker(loop_config: dict) -> None:
     """The Ray Train worker function: restore if there is something to restore, then train."""
     import ray.train
@@ -96,6 +111,8 @@ def ray_worker(loop_config: dict) -> None:
     cfg = loop_config["config"]
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
+    if cfg.ray.worker_nice is not None:
+        set_worker_priority(cfg.ray.worker_nice)
 
     upload = cfg.ray.checkpoint_upload
 

@@ -238,6 +238,14 @@ MUTANTS = [
         ("tests/test_ray.py::test_the_upload_twin_shares_the_checkpoints_files_and_outlives_it",),
     ),
     Mutant(
+        "ray-worker-keeps-nice-15",
+        "the training workers keep the niceness 15 Ray starts them at (ray.worker_nice is ignored)",
+        "launch/ray_worker.py",
+        "os.setpriority(os.PRIO_PROCESS, tid, nice)",
+        "pass",
+        ("tests/test_eval_service.py::test_training_workers_take_back_the_priority_ray_lowered",),
+    ),
+    Mutant(
         "compiled-double-backward",
         "with train.compile, R1 and path length run through the compiled graphs (no eager stance)",
         "orchestrator/recipes/recipe.py",

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -213,3 +214,28 @@ def test_the_ray_actor_yields_to_training_and_reports_its_lag(ray_head, digits16
     # every thread of the actor's process, Ray's own and those the evaluation started, as the kernel sees them
     assert {nice_of(iso["pid"], t) for t in threads_of(iso["pid"])} == {17}
     ray_head.kill(actor)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a thread's priority needs CAP_SYS_NICE (root here)")
+def test_training_workers_take_back_the_priority_ray_lowered():
+    """Ray starts its workers' threads at niceness 15; ``ray.worker_nice: 0`` brings every thread back to 0."""
+    from launch.ray_worker import set_worker_priority
+
+    ready, done, tid = threading.Event(), threading.Event(), []
+
+    def ray_thread():  # as Ray leaves a worker's threads
+        os.setpriority(os.PRIO_PROCESS, 0, 15)
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(30)
+
+    t = threading.Thread(target=ray_thread)
+    t.start()
+    try:
+        ready.wait(30)
+        assert nice_of(os.getpid(), tid[0]) == 15
+        set_worker_priority(0)
+        assert nice_of(os.getpid(), tid[0]) == 0
+    finally:
+        done.set()
+        t.join()

@@ -33,3 +33,11 @@ class RayConfig(StrictConfig):
         "while training goes on, and deletes the twin; Ray's CheckpointUploadMode.ASYNC, alpha in Ray 2.60; "
         "a copy where the run directory's filesystem has no hard links)",
     )
+    worker_nice: int | None = Field(
+        0,
+        ge=0,
+        le=19,
+        description="niceness of the training workers' threads: Ray starts its workers at 15, which leaves a "
+        "niced evaluator actor more of a shared core than it should get; 0 restores the normal priority (needs "
+        "CAP_SYS_NICE, as root in a VM; where refused, a warning and training goes on). None: leave Ray's",
+    )
