@@ -176,12 +176,16 @@ def ray_head(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     temp = tempfile.mkdtemp(prefix="gf-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    environ = dict(os.environ)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
     try:
         yield ray
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+        # ray.init leaves RAY_AUTH_MODE=token (and more) in os.environ: a later `ray start` would then want a token
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @pytest.mark.ray
