@@ -14,6 +14,7 @@ last batch it handed out per role, and that is the data position saved in checkp
 (unreadable tar members, non-images, wrong size or mode, labels out of range) are skipped and
 reported with their shard and key; :class:`DataHealth` counts them and stops the run when too many.
 """
+
 from __future__ import annotations
 
 import glob
@@ -52,13 +53,19 @@ class DataConfig(StrictConfig):
 
     shards: str = Field(description="training shards: a local glob, a brace pattern or a pipe: URL")
     manifest: str | None = Field(None, description="manifest.json (default: beside the shards)")
-    holdout: str | None = Field(None, description="held-out shards for evaluation (default: holdout-*.tar beside the training shards)")
+    holdout: str | None = Field(
+        None, description="held-out shards for evaluation (default: holdout-*.tar beside the training shards)"
+    )
     resolution: int | None = Field(None, ge=4, description="must match the manifest when both are given")
     channels: int | None = Field(None, ge=1, le=4, description="must match the manifest when both are given")
     num_classes: int | None = Field(None, ge=0, description="must match the manifest when both are given")
-    workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes per rank (0: read in the training process)")
+    workers: int = Field(
+        2, ge=0, le=64, description="DataLoader worker processes per rank (0: read in the training process)"
+    )
     shuffle_buffer: int = Field(1000, ge=1, description="samples held in the shuffle buffer")
-    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, description="stop when more than this fraction of samples is bad")
+    max_bad_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="stop when more than this fraction of samples is bad"
+    )
     min_samples_for_bad_check: int = Field(1000, ge=1, description="samples read before the bad fraction is judged")
 
 
@@ -85,8 +92,12 @@ def read_source(source: str) -> SourceImages:
 
         d = load_digits()
         imgs = [Image.fromarray(np.round(x * (255 / 16)).astype(np.uint8), mode="L") for x in d.images]
-        return SourceImages(imgs, [int(t) for t in d.target], [str(n) for n in d.target_names],
-                            [f"digits-{i:05d}" for i in range(len(imgs))])
+        return SourceImages(
+            imgs,
+            [int(t) for t in d.target],
+            [str(n) for n in d.target_names],
+            [f"digits-{i:05d}" for i in range(len(imgs))],
+        )
     if source.startswith("builtin:"):
         raise DataError(f"unknown built-in data set {source!r}; available: builtin:digits")
     path = Path(source)
@@ -126,8 +137,10 @@ def _from_named_files(source: str, files: dict[str, Any]) -> SourceImages:
         images.append(img)
         keys.append(name)
     if not images:
-        raise DataError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}"
-                        + (f"; skipped {len(skipped)} file(s):{skipped_lines(skipped)}" if skipped else ""))
+        raise DataError(
+            f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}"
+            + (f"; skipped {len(skipped)} file(s):{skipped_lines(skipped)}" if skipped else "")
+        )
     labelled = all(len(Path(n).parts) >= 2 for n in keys)
     class_names = sorted({Path(n).parts[0] for n in keys}) if labelled else []
     labels = [class_names.index(Path(n).parts[0]) for n in keys] if labelled else None
@@ -153,16 +166,20 @@ def _from_npz(path: Path) -> SourceImages:
         arr = z[img_key]
         lab_key = next((k for k in ("labels", "y") if k in z), None)
         labels = [int(v) for v in z[lab_key]] if lab_key else None
-        names = [str(n) for n in z["class_names"]] if "class_names" in z else (
-            [str(i) for i in range(max(labels) + 1)] if labels else [])
+        names = (
+            [str(n) for n in z["class_names"]]
+            if "class_names" in z
+            else ([str(i) for i in range(max(labels) + 1)] if labels else [])
+        )
         named = "class_names" in z
     out_of_range = [(i, v) for i, v in enumerate(labels or ()) if not 0 <= v < len(names)]
     if out_of_range:
         i, v = out_of_range[0]
         more = f" (and {len(out_of_range) - 1} more)" if len(out_of_range) > 1 else ""
         classes = f"{len(names)} class_names" if named else "classes 0 to the largest label"
-        raise DataError(f"{path}: {lab_key}[{i}] is {v}, outside [0, {len(names)}) ({classes}){more}; "
-                        f"labels must be class indices")
+        raise DataError(
+            f"{path}: {lab_key}[{i}] is {v}, outside [0, {len(names)}) ({classes}){more}; labels must be class indices"
+        )
     if arr.ndim == 4 and arr.shape[1] in (1, 3) and arr.shape[-1] not in (1, 3):
         arr = arr.transpose(0, 2, 3, 1)  # N×C×H×W → N×H×W×C
     if arr.dtype != np.uint8:
@@ -198,8 +215,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_shards(source: str, out: str | Path, resolution: int, holdout: float = 0.1, shard_size: int = 1000,
-                 channels: int | None = None, seed: int = 0, strict: bool = False) -> dict:
+def write_shards(
+    source: str,
+    out: str | Path,
+    resolution: int,
+    holdout: float = 0.1,
+    shard_size: int = 1000,
+    channels: int | None = None,
+    seed: int = 0,
+    strict: bool = False,
+) -> dict:
     """Write ``train-*.tar``/``holdout-*.tar`` shards and ``manifest.json`` to ``out``; return the manifest.
 
     Images are split at random (``seed``) into held-out and training sets; an image whose pixels
@@ -213,9 +238,11 @@ def write_shards(source: str, out: str | Path, resolution: int, holdout: float =
         raise DataError(f"--holdout {holdout}: must be in [0, 1)")
     src = read_source(source)
     if strict and src.skipped:
-        raise DataError(f"{source}: {len(src.skipped)} file(s) are not readable images, so nothing was written "
-                        f"(--strict):{skipped_lines(src.skipped)}\n"
-                        f"remove or fix them, or leave out --strict to skip them")
+        raise DataError(
+            f"{source}: {len(src.skipped)} file(s) are not readable images, so nothing was written "
+            f"(--strict):{skipped_lines(src.skipped)}\n"
+            f"remove or fix them, or leave out --strict to skip them"
+        )
     if channels is None:
         channels = 1 if all(im.mode in ("L", "1", "I", "I;16", "F") for im in src.images) else 3
     order = list(range(len(src.images)))
@@ -237,10 +264,15 @@ def write_shards(source: str, out: str | Path, resolution: int, holdout: float =
     splits = {"holdout": order[:n_hold], "train": train_idx}
 
     manifest: dict[str, Any] = {
-        "format": "ganforge-shards/1", "source": source, "resolution": resolution, "channels": channels,
+        "format": "ganforge-shards/1",
+        "source": source,
+        "resolution": resolution,
+        "channels": channels,
         "num_classes": len(src.class_names) if src.labels is not None else 0,
         "class_names": src.class_names if src.labels is not None else [],
-        "seed": seed, "duplicates_dropped_from_train": len(order) - n_hold - len(train_idx), "splits": {},
+        "seed": seed,
+        "duplicates_dropped_from_train": len(order) - n_hold - len(train_idx),
+        "splits": {},
         "skipped": [{"file": name, "reason": reason} for name, reason in src.skipped],
     }
     for split, idx in splits.items():
@@ -284,8 +316,10 @@ def expand_shards(pattern: str) -> list[str]:
     missing = [u for u in urls if not (u.startswith("pipe:") or "://" in u) and not os.path.exists(u)]
     if not urls or missing:
         what = f"no shard matches {pattern!r}" if not urls else f"shard {missing[0]} does not exist"
-        raise DataError(f"{what}; write shards with `ganforge data shards SOURCE OUT --resolution R` "
-                        f"and point data.shards at OUT/train-*.tar")
+        raise DataError(
+            f"{what}; write shards with `ganforge data shards SOURCE OUT --resolution R` "
+            f"and point data.shards at OUT/train-*.tar"
+        )
     return urls
 
 
@@ -316,13 +350,16 @@ def image_spec(cfg: DataConfig, manifest: dict | None) -> ImageSpec:
     for key in ("resolution", "channels", "num_classes"):
         mine, theirs = getattr(cfg, key), (manifest or {}).get(key)
         if mine is not None and theirs is not None and mine != theirs:
-            raise DataError(f"data.{key} is {mine} but the shards' manifest says {theirs}; "
-                            f"remove data.{key} or point data.shards at matching shards")
+            raise DataError(
+                f"data.{key} is {mine} but the shards' manifest says {theirs}; "
+                f"remove data.{key} or point data.shards at matching shards"
+            )
         values[key] = mine if mine is not None else theirs
     for key in ("resolution", "channels"):
         if values[key] is None:
-            raise DataError(f"data.{key} is unknown: no manifest.json beside {cfg.shards!r}; "
-                            f"set data.manifest or data.{key}")
+            raise DataError(
+                f"data.{key} is unknown: no manifest.json beside {cfg.shards!r}; set data.manifest or data.{key}"
+            )
     names = tuple((manifest or {}).get("class_names") or ())
     return ImageSpec(values["resolution"], values["channels"], values["num_classes"] or 0, names)
 
@@ -346,14 +383,27 @@ class Batch:
 class ShardStream(torch.utils.data.IterableDataset):
     """An endless, deterministic stream of batches from one rank's share of the shards."""
 
-    def __init__(self, urls: list[str], spec: ImageSpec, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, num_roles: int = 1, role_offset: int = 0,
-                 cursors: list[tuple[int, int]] | None = None, shuffle_buffer: int = 1000):
+    def __init__(
+        self,
+        urls: list[str],
+        spec: ImageSpec,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_roles: int = 1,
+        role_offset: int = 0,
+        cursors: list[tuple[int, int]] | None = None,
+        shuffle_buffer: int = 1000,
+    ):
         super().__init__()
         n_streams = world_size * num_roles
         if len(urls) < n_streams:
-            raise DataError(f"{len(urls)} shard(s) cannot feed {world_size} rank(s) × {num_roles} loader worker(s); "
-                            f"write more, smaller shards (ganforge data shards --shard-size) or lower data.workers")
+            raise DataError(
+                f"{len(urls)} shard(s) cannot feed {world_size} rank(s) × {num_roles} loader worker(s); "
+                f"write more, smaller shards (ganforge data shards --shard-size) or lower data.workers"
+            )
         self.urls, self.spec, self.batch_size = list(urls), spec, batch_size
         self.seed, self.rank, self.world_size, self.num_roles = seed, rank, world_size, num_roles
         self.role_offset, self.shuffle_buffer = role_offset, shuffle_buffer
@@ -377,24 +427,33 @@ class ShardStream(torch.utils.data.IterableDataset):
             mine = shards[stream::n_streams]
             reported: set[str] = set()
 
-            def on_error(exn: Exception) -> bool:
+            # bound as defaults: each epoch's closures keep that epoch's lists (ruff B023)
+            def on_error(exn: Exception, mine=mine, reported=reported, errors=errors) -> bool:
                 url = _url_of(exn, mine)
                 reported.add(url)
                 errors.append((url, "", f"unreadable: {exn}"))
                 return True
 
-            def read_shards() -> Iterator[dict]:
+            def read_shards(mine=mine, reported=reported, errors=errors, on_error=on_error) -> Iterator[dict]:
                 for url in mine:
                     yield from tariterators.tarfile_samples([{"url": url}], handler=on_error)
                     # Python's tarfile takes a file cut at (or inside) a member header for a normal end
                     if url not in reported and not _ends_like_a_tar(url):
-                        errors.append((url, "", "truncated: the file ends without a tar end-of-archive marker; "
-                                                "the samples after the cut are lost (rewrite or re-copy the shard)"))
+                        errors.append(
+                            (
+                                url,
+                                "",
+                                "truncated: the file ends without a tar end-of-archive marker; "
+                                "the samples after the cut are lost (rewrite or re-copy the shard)",
+                            )
+                        )
 
             samples = read_shards()
             rng = random.Random(f"{self.seed}-samples-{epoch}-{stream}")
             good_in_epoch = 0
-            for index, sample in enumerate(filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)):
+            for index, sample in enumerate(
+                filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
+            ):
                 bad.extend(errors)
                 errors.clear()
                 if index < skip:
@@ -409,13 +468,22 @@ class ShardStream(torch.utils.data.IterableDataset):
                 labels.append(decoded[1])
                 keys.append(sample["__key__"])
                 if len(imgs) == self.batch_size:
-                    yield Batch(torch.stack(imgs), torch.tensor(labels, dtype=torch.long), keys, role,
-                                (epoch, index + 1), bad, read)
+                    yield Batch(
+                        torch.stack(imgs),
+                        torch.tensor(labels, dtype=torch.long),
+                        keys,
+                        role,
+                        (epoch, index + 1),
+                        bad,
+                        read,
+                    )
                     imgs, labels, keys, bad, read = [], [], [], [], 0
             bad.extend(errors)
             if good_in_epoch == 0 and skip == 0:
-                raise DataError(f"rank {self.rank} loader role {role}: shards {shards[stream::n_streams]} hold no "
-                                f"usable sample (bad: {bad[:3]}); check them with `tar tf` or rewrite them")
+                raise DataError(
+                    f"rank {self.rank} loader role {role}: shards {shards[stream::n_streams]} hold no "
+                    f"usable sample (bad: {bad[:3]}); check them with `tar tf` or rewrite them"
+                )
             epoch, skip = epoch + 1, 0
 
 
@@ -491,8 +559,10 @@ class DataHealth:
                 self.examples.append((shard, key, reason))
         if self.read >= self.min_samples and self.bad > self.max_bad_fraction * self.read:
             worst = ", ".join(f"{s} ({n})" for s, n in self.bad_by_shard.most_common(5))
-            raise DataError(f"{self.bad} of {self.read} samples were bad (> data.max_bad_fraction="
-                            f"{self.max_bad_fraction}); worst shards: {worst}; first: {self.examples[:3]}")
+            raise DataError(
+                f"{self.bad} of {self.read} samples were bad (> data.max_bad_fraction="
+                f"{self.max_bad_fraction}); worst shards: {worst}; first: {self.examples[:3]}"
+            )
         return batch.bad
 
     def state_dict(self) -> dict:
@@ -518,8 +588,9 @@ class ShardLoader:
     whose turn it was (DataLoader takes batches from its workers in turn).
     """
 
-    def __init__(self, cfg: DataConfig, spec: ImageSpec, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, cfg: DataConfig, spec: ImageSpec, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
+    ):
         self.cfg, self.spec, self.batch_size = cfg, spec, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.urls = expand_shards(cfg.shards)
@@ -531,16 +602,30 @@ class ShardLoader:
 
     def _start(self) -> None:
         offset = self.batches % self.num_roles
-        stream = ShardStream(self.urls, self.spec, self.batch_size, seed=self.seed, rank=self.rank,
-                             world_size=self.world_size, num_roles=self.num_roles, role_offset=offset,
-                             cursors=self.cursors, shuffle_buffer=self.cfg.shuffle_buffer)
+        stream = ShardStream(
+            self.urls,
+            self.spec,
+            self.batch_size,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_roles=self.num_roles,
+            role_offset=offset,
+            cursors=self.cursors,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+        )
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
         # which training also uses (noise inputs, style mixing) and a resumed run restores.
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.workers,
-                                             collate_fn=lambda b: b, prefetch_factor=2 if self.cfg.workers else None,
-                                             multiprocessing_context="fork" if self.cfg.workers else None,
-                                             worker_init_fn=one_thread_worker if self.cfg.workers else None,
-                                             generator=torch.Generator().manual_seed(self.seed))
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.cfg.workers,
+            collate_fn=lambda b: b,
+            prefetch_factor=2 if self.cfg.workers else None,
+            multiprocessing_context="fork" if self.cfg.workers else None,
+            worker_init_fn=one_thread_worker if self.cfg.workers else None,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
         self._it = iter(loader)
 
     def next(self) -> Batch:
@@ -560,8 +645,13 @@ class ShardLoader:
             self.batch_size, self._it = batch_size, None
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "cursors": [list(c) for c in self.cursors], "num_roles": self.num_roles,
-                "world_size": self.world_size, "health": self.health.state_dict()}
+        return {
+            "batches": self.batches,
+            "cursors": [list(c) for c in self.cursors],
+            "num_roles": self.num_roles,
+            "world_size": self.world_size,
+            "health": self.health.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; with another worker or rank count, restart from the next epoch."""
@@ -573,4 +663,3 @@ class ShardLoader:
             next_epoch = max(e for e, _ in state["cursors"]) + 1
             self.cursors = [(next_epoch, 0)] * self.num_roles
         self._it = None
-
