@@ -46,6 +46,7 @@ class Capabilities:
     * ``noise_inputs``: G takes per-layer noise and ``G(z, c, noise_mode="const")`` makes it fixed.
     * ``truncation``: ``"psi"`` (``G(z, c, truncation_psi=ψ)``), ``"resample"`` (``G.truncated_latents(n, θ)``)
       or ``None``.
+    * ``compiles``: the networks train correctly under ``torch.compile`` (``train.compile``).
     """
 
     mapping: bool = False
@@ -55,6 +56,7 @@ class Capabilities:
     reduced_dtype: bool = False
     noise_inputs: bool = False
     truncation: Literal["psi", "resample"] | None = None
+    compiles: bool = True
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,14 @@ MUTANTS = [
         ("tests/test_eval_service.py::test_training_workers_take_back_the_priority_ray_lowered",),
     ),
     Mutant(
+        "biggan-compile-allowed",
+        "BigGAN no longer declares that it does not compile (train.compile: true would crash in D's backward)",
+        "architectures/biggan.py",
+        'truncation="resample", compiles=False)',
+        'truncation="resample", compiles=True)',
+        ("tests/test_compile.py::test_compile_is_refused_for_a_family_that_does_not_compile",),
+    ),
+    Mutant(
         "compiled-double-backward",
         "with train.compile, R1 and path length run through the compiled graphs (no eager stance)",
         "orchestrator/recipes/recipe.py",

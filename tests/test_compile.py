@@ -117,3 +117,17 @@ def test_compile_is_refused_under_deepspeed(digits16, tmp_path):
     with pytest.raises(ConfigError, match="train.compile: not supported with distributed.strategy deepspeed"):
         train(validate_config(tiny_config(digits16, train={"compile": True}, distributed={"strategy": "deepspeed"}),
                               "test"), tmp_path)  # fmt: skip
+
+
+def test_compile_is_refused_for_a_family_that_does_not_compile(digits16, tmp_path):
+    """BigGAN's D fails its backward when compiled: an explicit ``train.compile: true`` is a config error, not a
+    crash minutes later; ``auto`` leaves it eager."""
+    from conftest import preset_config
+
+    from orchestrator.train.preflight import compile_wanted
+
+    cfg = preset_config(Path(__file__).parents[1] / "configs/biggan/dev.yaml", digits16, **{"data.resolution": 16})
+    assert not compile_wanted(cfg, torch.device("cuda"), __import__("architectures").get("biggan").capabilities)
+    cfg.train.compile = True
+    with pytest.raises(ConfigError, match="train.compile: the biggan networks do not train correctly"):
+        Run.build(cfg, tmp_path / "run")

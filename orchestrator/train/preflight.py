@@ -59,6 +59,11 @@ def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
             "distributed.strategy: deepspeed cannot follow progressive growing (its batch sizes are "
             "fixed at start and its sharded Adam state cannot be reset per level); use ddp"
         )
+    if cfg.train.compile is True and not caps.compiles:
+        raise ConfigError(
+            f"train.compile: the {cfg.model.arch} networks do not train correctly under torch.compile "
+            f"(architectures/{cfg.model.arch}.py says why); set train.compile: false"
+        )
     if cfg.train.compile is True and cfg.distributed.strategy == "deepspeed":
         raise ConfigError(
             "train.compile: not supported with distributed.strategy deepspeed (its engines own the "
@@ -108,7 +113,8 @@ def ensure_writable(run_dir: Path) -> None:
 def compile_wanted(cfg: JobConfig, device: torch.device, caps: Capabilities) -> bool:
     """Whether to compile the trained networks: ``train.compile`` as given, or for ``auto`` on CUDA devices
     only (on CPU the minutes of compile time pay back only over long runs), not under DeepSpeed (its engines
-    own the forward pass) and not for growing families (every level is a new graph)."""
+    own the forward pass), not for growing families (every level is a new graph) and not for families that
+    do not compile correctly (``Capabilities.compiles``)."""
     if cfg.train.compile != "auto":
         return cfg.train.compile
-    return device.type == "cuda" and cfg.distributed.strategy != "deepspeed" and not caps.growth
+    return device.type == "cuda" and cfg.distributed.strategy != "deepspeed" and not caps.growth and caps.compiles
