@@ -573,13 +573,6 @@ class DataHealth:
         self.bad_by_shard = Counter(state["bad_by_shard"])
 
 
-def one_thread_worker(worker_id: int) -> None:
-    """A DataLoader worker's start: one torch intra-op thread, so that ranks × loader workers decoding beside
-    the trainer's ``train.threads`` do not oversubscribe the cores. The worker's RNG seeding is untouched."""
-    # torch's own worker loop (2.x) sets 1 before calling this; stating it here keeps the policy ours
-    torch.set_num_threads(1)
-
-
 class ShardLoader:
     """This rank's batches, from a DataLoader over a :class:`ShardStream`, with a resumable position.
 
@@ -623,7 +616,7 @@ class ShardLoader:
             collate_fn=lambda b: b,
             prefetch_factor=2 if self.cfg.workers else None,
             multiprocessing_context="fork" if self.cfg.workers else None,
-            worker_init_fn=one_thread_worker if self.cfg.workers else None,
+            # no worker_init_fn: torch's worker loop already runs each loader worker with 1 thread
             generator=torch.Generator().manual_seed(self.seed),
         )
         self._it = iter(loader)
