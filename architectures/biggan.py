@@ -382,6 +382,6 @@ register(
         BigGANDiscriminator,
         # compiled, D's backward finds a [1]-shaped tensor changed in place between the real and fake passes
         # ("modified by an inplace operation", torch 2.14); eager is correct
-        Capabilities(ortho_parameters=True, truncation="resample", compiles=False),
+        Capabilities(ortho_parameters=True, truncation="resample", compiles=False, d_blocks=True),
     )
 )

@@ -47,6 +47,7 @@ class Capabilities:
     * ``truncation``: ``"psi"`` (``G(z, c, truncation_psi=ψ)``), ``"resample"`` (``G.truncated_latents(n, θ)``)
       or ``None``.
     * ``compiles``: the networks train correctly under ``torch.compile`` (``train.compile``).
+    * ``d_blocks``: ``D.blocks`` lists D's blocks from the image side (Freeze-D freezes the first k).
     """
 
     mapping: bool = False
@@ -57,6 +58,7 @@ class Capabilities:
     noise_inputs: bool = False
     truncation: Literal["psi", "resample"] | None = None
     compiles: bool = True
+    d_blocks: bool = False
 
 
 @dataclass(frozen=True)

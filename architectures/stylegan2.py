@@ -847,6 +847,6 @@ register(
         StyleGAN2Config,
         build_generator,
         build_discriminator,
-        Capabilities(mapping=True, reduced_dtype=True, noise_inputs=True, truncation="psi"),
+        Capabilities(mapping=True, reduced_dtype=True, noise_inputs=True, truncation="psi", d_blocks=True),
     )
 )

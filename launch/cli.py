@@ -16,6 +16,8 @@ def _train(a: argparse.Namespace) -> int:
     from orchestrator.train.run import train
 
     cfg = load_config(a.config, a.set)
+    if a.init_from is not None:
+        cfg.finetune.init_from = a.init_from
     run_dir = Path(a.run_dir or Path("runs") / Path(a.config).stem)
     result = train(cfg, run_dir, resume=a.resume)
     how = "stopped on request (SIGTERM or STOP file; continue with --resume auto)" if result.preempted else "finished"
@@ -110,6 +112,7 @@ def _shards(a: argparse.Namespace) -> int:
         channels=a.channels,
         seed=a.seed,
         strict=a.strict,
+        max_train=a.max_train,
     )
     s = m["splits"]
     print(
@@ -282,6 +285,12 @@ def _add_train(sub, overrides: dict) -> None:
         help="'auto': continue from the newest complete checkpoint in "
         "the run directory (fresh if none); PATH: from that checkpoint directory",
     )
+    t.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="fine-tune: a new run (counters at 0) starting from this checkpoint's G, D and G_ema "
+        "(finetune.init_from; finetune.init_partial: true keeps what fits and initialises the rest)",
+    )
     t.set_defaults(fn=_train)
 
 
@@ -382,6 +391,12 @@ def _add_data(sub) -> None:
         "--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: grey only if every image is"
     )
     s.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split (default 0)")
+    s.add_argument(
+        "--max-train",
+        type=int,
+        metavar="N",
+        help="keep only N training images (small-data experiments; the held-out split stays whole)",
+    )
     s.add_argument(
         "--strict",
         action="store_true",

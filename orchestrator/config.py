@@ -20,6 +20,7 @@ import architectures
 from architectures.registry import REGISTRY
 from core.config import ConfigError, StrictConfig
 from orchestrator import recipes  # noqa: F401  (registers the built-in recipes)
+from orchestrator.augment.control import AugmentConfig
 from orchestrator.checkpoint import CheckpointConfig
 from orchestrator.data.shards import DataConfig
 from orchestrator.dist.ray_config import RayConfig
@@ -27,6 +28,7 @@ from orchestrator.dist.strategy import DistributedConfig
 from orchestrator.ema import EMAConfig
 from orchestrator.eval.evaluator import EvalConfig
 from orchestrator.faults import FaultConfig
+from orchestrator.finetune import FinetuneConfig
 from orchestrator.growth import GrowthConfig
 from orchestrator.health import HealthConfig
 from orchestrator.losses import LossConfig
@@ -114,6 +116,8 @@ class JobConfig(StrictConfig):
     health: HealthConfig = HealthConfig()
     growth: GrowthConfig = GrowthConfig()
     faults: FaultConfig = FaultConfig()
+    augment: AugmentConfig = AugmentConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default filled in)."""

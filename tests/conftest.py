@@ -98,20 +98,27 @@ def local_context(G, D, arch: str, num_classes: int = 0, precision: str = "fp32"
     return StepContext(nets, dict(nets), strategy, sampler), caps
 
 
-def run_d_phase(ctx, caps, cfg, real, labels=None, sizes=None, with_r1=False) -> dict:
+def no_augment():
+    """The augmentation of ``augment.kind: none`` (the identity)."""
+    from orchestrator.augment.control import Augment, AugmentConfig
+
+    return Augment(AugmentConfig(), torch.device("cpu"))
+
+
+def run_d_phase(ctx, caps, cfg, real, labels=None, sizes=None, with_r1=False, aug=None) -> dict:
     """One D phase (noise → image recipe) on ``real`` cut into micro-batches of ``sizes``; its statistics."""
     from orchestrator.recipes.noise_to_image import d_phase
     from orchestrator.recipes.recipe import run_phase
 
-    phase = d_phase(cfg, caps, with_r1)
+    phase = d_phase(cfg, caps, with_r1, aug or no_augment())
     data = phase.inputs(ctx, {"img": real, "label": labels}, len(real))
     return run_phase(phase, ctx, data, sizes or [len(real)]).stats
 
 
-def run_g_phase(ctx, caps, cfg, sizes) -> dict:
+def run_g_phase(ctx, caps, cfg, sizes, aug=None) -> dict:
     """One G phase (noise → image recipe) on micro-batches of ``sizes`` latents; its statistics."""
     from orchestrator.recipes.noise_to_image import g_phase
     from orchestrator.recipes.recipe import run_phase
 
-    phase = g_phase(cfg, caps)
+    phase = g_phase(cfg, caps, aug or no_augment())
     return run_phase(phase, ctx, phase.inputs(ctx, {}, sum(sizes)), sizes).stats

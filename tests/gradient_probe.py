@@ -82,8 +82,8 @@ def probe() -> Iterator[dict]:
             record["keys"].append(list(batch.keys))
         return batch
 
-    def marking_build(self):
-        build_recipe(self)
+    def marking_build(self, *args, **kwargs):
+        build_recipe(self, *args, **kwargs)
         self.loader.probed = True
 
     patched = {cls: naming(cls) for cls in (LocalStrategy, DDPStrategy, DeepSpeedStrategy)}

@@ -355,3 +355,33 @@ def test_truncated_tar_is_survived(tmp_path, digits16):
     cut = str(tmp_path / "train-000000.tar")
     assert bad, "a cut-off shard must be reported"
     assert all(shard == cut and reason.startswith(("unreadable:", "truncated:")) for shard, _, reason in bad), bad
+
+
+def test_mirror_doubles_the_data_with_flipped_images_and_the_same_labels(digits16):
+    """data.mirror: an epoch holds every sample and its x-flip (key ``<key>:mirror``), labels kept."""
+    urls = expand_shards(str(digits16 / "train-00000[01].tar"))
+    spec = ImageSpec(16, 1, 10)
+
+    def first_epoch(mirror: bool) -> dict[str, tuple[torch.Tensor, int]]:
+        out = {}
+        for b in ShardStream(urls, spec, 1, seed=0, mirror=mirror):
+            if b.cursor[0] > 0:
+                return out
+            out[b.keys[0]] = (b.img[0], int(b.label[0]))
+
+    plain, mirrored = first_epoch(False), first_epoch(True)
+    assert len(mirrored) == 2 * len(plain) == 2 * 256
+    for key, (img, label) in plain.items():
+        assert torch.equal(mirrored[key][0], img) and mirrored[key][1] == label
+        assert torch.equal(mirrored[f"{key}:mirror"][0], torch.flip(img, dims=[2]))
+        assert mirrored[f"{key}:mirror"][1] == label
+    asymmetric = [k for k, (img, _) in plain.items() if not torch.equal(img, torch.flip(img, dims=[2]))]
+    assert len(asymmetric) > 200  # the flip is visible on real digits
+
+
+def test_max_train_keeps_a_small_training_split_and_the_whole_holdout(tmp_path):
+    full = write_shards("builtin:digits", tmp_path / "full", resolution=8, shard_size=100)
+    small = write_shards("builtin:digits", tmp_path / "small", resolution=8, shard_size=100, max_train=160)
+    assert small["splits"]["train"]["count"] == 160 and small["max_train"] == 160
+    assert small["splits"]["holdout"]["count"] == full["splits"]["holdout"]["count"] == 180
+    assert small["duplicates_dropped_from_train"] == full["duplicates_dropped_from_train"]

@@ -63,6 +63,10 @@ class DataConfig(StrictConfig):
         2, ge=0, le=64, description="DataLoader worker processes per rank (0: read in the training process)"
     )
     shuffle_buffer: int = Field(1000, ge=1, description="samples held in the shuffle buffer")
+    mirror: bool = Field(
+        False,
+        description="x-flips double the data: every sample also comes mirrored, with its label (official --mirror)",
+    )
     max_bad_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="stop when more than this fraction of samples is bad"
     )
@@ -224,13 +228,15 @@ def write_shards(
     channels: int | None = None,
     seed: int = 0,
     strict: bool = False,
+    max_train: int | None = None,
 ) -> dict:
     """Write ``train-*.tar``/``holdout-*.tar`` shards and ``manifest.json`` to ``out``; return the manifest.
 
     Images are split at random (``seed``) into held-out and training sets; an image whose pixels
     equal a held-out image's (after resizing) is dropped from training, so the two never share one.
     Files of the source that are not readable images are skipped and listed in the manifest's
-    ``skipped``; with ``strict``, any such file is an error and nothing is written.
+    ``skipped``; with ``strict``, any such file is an error and nothing is written. ``max_train`` keeps only
+    that many training images (a small-data experiment; the held-out split stays whole).
     """
     if resolution < 4 or resolution & (resolution - 1):
         raise DataError(f"--resolution {resolution}: must be a power of two ≥ 4")
@@ -261,6 +267,8 @@ def write_shards(
         encoded[i] = (buf.getvalue(), hashlib.sha256(img.tobytes()).hexdigest())
     held_hashes = {encoded[i][1] for i in order[:n_hold]}
     train_idx = [i for i in order[n_hold:] if encoded[i][1] not in held_hashes]
+    duplicates = len(order) - n_hold - len(train_idx)
+    train_idx = train_idx[:max_train]
     splits = {"holdout": order[:n_hold], "train": train_idx}
 
     manifest: dict[str, Any] = {
@@ -271,7 +279,8 @@ def write_shards(
         "num_classes": len(src.class_names) if src.labels is not None else 0,
         "class_names": src.class_names if src.labels is not None else [],
         "seed": seed,
-        "duplicates_dropped_from_train": len(order) - n_hold - len(train_idx),
+        "max_train": max_train,
+        "duplicates_dropped_from_train": duplicates,
         "splits": {},
         "skipped": [{"file": name, "reason": reason} for name, reason in src.skipped],
     }
@@ -396,6 +405,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         role_offset: int = 0,
         cursors: list[tuple[int, int]] | None = None,
         shuffle_buffer: int = 1000,
+        mirror: bool = False,
     ):
         super().__init__()
         n_streams = world_size * num_roles
@@ -406,13 +416,24 @@ class ShardStream(torch.utils.data.IterableDataset):
             )
         self.urls, self.spec, self.batch_size = list(urls), spec, batch_size
         self.seed, self.rank, self.world_size, self.num_roles = seed, rank, world_size, num_roles
-        self.role_offset, self.shuffle_buffer = role_offset, shuffle_buffer
+        self.role_offset, self.shuffle_buffer, self.mirror = role_offset, shuffle_buffer, mirror
         self.cursors = list(cursors) if cursors else [(0, 0)] * num_roles
 
     def _role(self) -> int:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         return (worker + self.role_offset) % self.num_roles
+
+    def _decode(self, sample: dict, bad: list[tuple[str, str, str]]) -> tuple[torch.Tensor, int] | None:
+        """The image (x-flipped for a mirror) and label of ``sample``, or None after adding it to ``bad``
+        (a bad mirror is not reported again)."""
+        decoded = decode_sample(sample, self.spec)
+        mirrored = sample.get(MIRRORED, False)
+        if isinstance(decoded, str):
+            if not mirrored:
+                bad.append((sample.get("__url__", "?"), sample.get("__key__", "?"), decoded))
+            return None
+        return (decoded[0].flip(-1), decoded[1]) if mirrored else decoded
 
     def __iter__(self) -> Iterator[Batch]:
         role = self._role()
@@ -448,7 +469,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                             )
                         )
 
-            samples = read_shards()
+            samples = with_mirrors(read_shards()) if self.mirror else read_shards()
             rng = random.Random(f"{self.seed}-samples-{epoch}-{stream}")
             good_in_epoch = 0
             for index, sample in enumerate(
@@ -458,10 +479,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 errors.clear()
                 if index < skip:
                     continue
-                read += 1
-                decoded = decode_sample(sample, self.spec)
-                if isinstance(decoded, str):
-                    bad.append((sample.get("__url__", "?"), sample.get("__key__", "?"), decoded))
+                read += not sample.get(MIRRORED, False)  # a mirror is the same sample again: counted once
+                decoded = self._decode(sample, bad)
+                if decoded is None:
                     continue
                 good_in_epoch += 1
                 imgs.append(decoded[0])
@@ -485,6 +505,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                     f"usable sample (bad: {bad[:3]}); check them with `tar tf` or rewrite them"
                 )
             epoch, skip = epoch + 1, 0
+
+
+MIRRORED = "__mirrored__"
+
+
+def with_mirrors(samples: Iterator[dict]) -> Iterator[dict]:
+    """Each sample, then the same sample marked to be x-flipped (key ``<key>:mirror``): the data doubled, as the
+    official ``--mirror``; the shuffle buffer then parts the two."""
+    for sample in samples:
+        yield sample
+        yield {**sample, "__key__": f"{sample.get('__key__', '?')}:mirror", MIRRORED: True}
 
 
 def _ends_like_a_tar(url: str) -> bool:
@@ -606,6 +637,7 @@ class ShardLoader:
             role_offset=offset,
             cursors=self.cursors,
             shuffle_buffer=self.cfg.shuffle_buffer,
+            mirror=self.cfg.mirror,
         )
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
         # which training also uses (noise inputs, style mixing) and a resumed run restores.

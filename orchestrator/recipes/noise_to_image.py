@@ -25,7 +25,9 @@ import torch.nn as nn
 
 from architectures.registry import Capabilities
 from core.config import ConfigError
+from orchestrator.augment.control import Augment
 from orchestrator.ema import make_ema
+from orchestrator.finetune import freeze_d_blocks
 from orchestrator.losses import (
     LossConfig,
     class_loss,
@@ -73,9 +75,11 @@ def fakes(
 
 
 def scores(
-    D: nn.Module, img: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig
+    D: nn.Module, img: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig, aug: Augment
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """D's real/fake logits (fp32) and, when the AC-GAN term is on, its class logits (else None)."""
+    """D's real/fake logits (fp32) of the augmented ``img`` and, when the AC-GAN term is on, its class logits
+    (else None)."""
+    img = aug(img)
     if cfg.ac_weight:
         logits, class_logits = D(img, c, return_class_logits=True)
         return logits.float(), class_logits
@@ -92,11 +96,14 @@ def anchor(ctx: StepContext, name: str, output: torch.Tensor, x: torch.Tensor, c
         return ctx.nets[name](x[:1], None if c is None else c[:1]).float().sum()
 
 
-def r1_through_raw(ctx: StepContext, real: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image R1 through the raw D (eagerly: it takes a second backward), and the logits it came from."""
+def r1_through_raw(
+    ctx: StepContext, real: torch.Tensor, c: torch.Tensor | None, aug: Augment
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image R1 through the raw D (eagerly: it takes a second backward), and the logits it came from.
+    The gradient is taken w.r.t. the image before augmentation, as the official loss does."""
     real = real.detach().requires_grad_(True)
     with ctx.eager(), ctx.strategy.autocast("D"):
-        logits = ctx.raw["D"](real, c).float()
+        logits = ctx.raw["D"](aug(real), c).float()
     return r1_penalty(real, logits, ctx.strategy.loss_scale), logits
 
 
@@ -128,8 +135,9 @@ def check(setup: RecipeSetup, caps: Capabilities) -> None:
         )
 
 
-def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
-    """D on real images and as many fresh fakes (plus R1 when not lazy, WGAN-GP, drift, AC-GAN)."""
+def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool, aug: Augment) -> Phase:
+    """D on real images and as many fresh fakes (plus R1 when not lazy, WGAN-GP, drift, AC-GAN), both augmented;
+    the signs of D(real) feed ADA's adaptive p."""
 
     def inputs(ctx: StepContext, reals: dict, n: int) -> dict:
         z, c_fake = ctx.sampler.latents(n)
@@ -144,8 +152,9 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
         own_r1_pass = with_r1 and (st.wrapped or ctx.compiled)
         real_in = real.detach().requires_grad_(with_r1 and not own_r1_pass)
         with st.autocast("D"):
-            real_logits, real_classes = scores(ctx.nets["D"], real_in, c_real, cfg)
-            fake_logits, fake_classes = scores(ctx.nets["D"], fake.detach(), c_fake, cfg)
+            real_logits, real_classes = scores(ctx.nets["D"], real_in, c_real, cfg, aug)
+            fake_logits, fake_classes = scores(ctx.nets["D"], fake.detach(), c_fake, cfg, aug)
+        aug.observe(real_logits)
         total = d_loss(cfg.kind, real_logits, fake_logits)
         stats = {
             "loss/D": total,
@@ -161,11 +170,13 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
         if cfg.gp_weight:
             eps = m.data["eps"].view(-1, 1, 1, 1).to(real.dtype)
             with ctx.eager(), st.autocast("D"):
-                stats["reg/gp"] = gradient_penalty(lambda x: raw_D(x, c_real), real, fake, eps).mean()
+                stats["reg/gp"] = gradient_penalty(lambda x: raw_D(aug(x), c_real), real, fake, eps).mean()
             total = total + cfg.gp_weight * stats["reg/gp"]
         if with_r1:
             r1 = (
-                r1_through_raw(ctx, real, c_real)[0] if own_r1_pass else r1_penalty(real_in, real_logits, st.loss_scale)
+                r1_through_raw(ctx, real, c_real, aug)[0]
+                if own_r1_pass
+                else r1_penalty(real_in, real_logits, st.loss_scale)
             )
             stats["reg/r1"] = r1.mean()
             total = total + stats["reg/r1"] * (cfg.r1_gamma / 2)
@@ -174,12 +185,12 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool) -> Phase:
     return Phase("D", steps=("D",), loss=loss, inputs=inputs, reals="new")
 
 
-def d_reg_phase(cfg: LossConfig) -> Phase:
+def d_reg_phase(cfg: LossConfig, aug: Augment) -> Phase:
     """Lazy R1: ``γ/2 · E‖∇D(x)‖² · interval``, its own optimizer step (StyleGAN2's Dreg phase)."""
 
     def loss(ctx: StepContext, m: Micro):
         real, c = m.data["img"], m.data["label"]
-        r1, logits = r1_through_raw(ctx, real, c)
+        r1, logits = r1_through_raw(ctx, real, c, aug)
         with ctx.eager():
             total = r1.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval + 0 * anchor(ctx, "D", logits, real, c)
         return total, {"reg/r1": r1.mean()}
@@ -189,8 +200,9 @@ def d_reg_phase(cfg: LossConfig) -> Phase:
     )
 
 
-def g_phase(cfg: LossConfig, caps: Capabilities) -> Phase:
-    """G against the current D (D gets no gradient and runs unwrapped); plus BigGAN's orthogonal term.
+def g_phase(cfg: LossConfig, caps: Capabilities, aug: Augment) -> Phase:
+    """G against the current D (D gets no gradient and runs unwrapped) on augmented fakes, so that G learns
+    through the (differentiable) augmentation; plus BigGAN's orthogonal term.
     G runs through its wrapper (which synchronises its gradient), with style mixing when it has a mapping."""
 
     def inputs(ctx: StepContext, reals: dict, n: int) -> dict:
@@ -202,7 +214,7 @@ def g_phase(cfg: LossConfig, caps: Capabilities) -> Phase:
         with st.autocast("G"):
             fake = fakes(ctx.nets["G"], z, c, cfg, caps.mapping)
         with st.autocast("D"):
-            logits, classes = scores(ctx.raw["D"], fake, c, cfg)
+            logits, classes = scores(ctx.raw["D"], fake, c, cfg, aug)
         total = g_loss(cfg.kind, logits)
         stats = {"loss/G": total}
         if cfg.ac_weight:
@@ -253,13 +265,15 @@ def build(setup: RecipeSetup) -> Recipe:
         raise ConfigError(f"model ({setup.arch.name}) on data {setup.spec}: {e}") from None
     lazy_r1 = cfg.r1_gamma > 0 and cfg.r1_interval > 1
     lazy_pl = cfg.pl_weight > 0 and cfg.pl_interval > 1
+    freeze_d_blocks(D, setup.finetune.freeze_d, setup.arch)
     reg = RegState(pl_mean=torch.zeros([], device=setup.device))
+    aug = Augment(setup.augment, setup.device)
     phases = []
     for _ in range(cfg.d_steps):
-        phases.append(d_phase(cfg, caps, with_r1=cfg.r1_gamma > 0 and not lazy_r1))
+        phases.append(d_phase(cfg, caps, with_r1=cfg.r1_gamma > 0 and not lazy_r1, aug=aug))
         if lazy_r1:
-            phases.append(d_reg_phase(cfg))
-    phases.append(g_phase(cfg, caps))
+            phases.append(d_reg_phase(cfg, aug))
+    phases.append(g_phase(cfg, caps, aug))
     if cfg.pl_weight > 0:
         phases.append(g_pl_phase(cfg, reg))
     networks = {
@@ -267,7 +281,9 @@ def build(setup: RecipeSetup) -> Recipe:
         "D": Network(D, setup.optim.d, cfg.r1_interval if lazy_r1 else 1),
         "G_ema": Network(make_ema(G)),
     }
-    return Recipe(networks, phases, setup.sampler(G.z_dim), ema={"G_ema": "G"}, state={"reg": reg})
+    state = {"reg": reg, **({"augment": aug} if aug.active else {})}
+    hooks = [aug.end_step] if aug.active else []
+    return Recipe(networks, phases, setup.sampler(G.z_dim), ema={"G_ema": "G"}, state=state, after_step=hooks)
 
 
 register_recipe("noise_to_image", build)

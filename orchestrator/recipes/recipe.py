@@ -27,7 +27,9 @@ import torch.nn as nn
 from architectures.registry import ArchConfig, Architecture
 from core.config import ConfigError
 from core.spec import ImageSpec
+from orchestrator.augment.control import AugmentConfig
 from orchestrator.dist.strategy import Strategy
+from orchestrator.finetune import FinetuneConfig
 from orchestrator.losses import LossConfig
 from orchestrator.optim import AdamConfig, OptimConfig
 
@@ -146,10 +148,15 @@ class Phase:
     shrink: int = 1  # the phase uses 1/shrink of the batch (StyleGAN2's pl_batch_shrink)
 
 
+StepHook = Callable[[int, int, int], dict[str, torch.Tensor]]
+
+
 @dataclass
 class Recipe:
     """A GAN kind as data: networks, EMA copies (``{copy: source}``), recipe state, and the phases of a step.
-    ``generator`` is the network samples, grids and evaluation use."""
+    ``generator`` is the network samples, grids and evaluation use. ``after_step`` hooks run after the phases
+    of each step as ``hook(step, global_batch, nimg)`` (step counted from 0, nimg including this step) and
+    return statistics to log (ADA's p adjustment)."""
 
     networks: dict[str, Network]
     phases: list[Phase]
@@ -157,6 +164,7 @@ class Recipe:
     ema: dict[str, str] = field(default_factory=dict)
     state: dict[str, Stateful] = field(default_factory=dict)
     generator: str = "G_ema"
+    after_step: list[StepHook] = field(default_factory=list)
 
     @property
     def trained(self) -> dict[str, Network]:
@@ -177,6 +185,8 @@ class RecipeSetup:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def sampler(self, z_dim: int) -> Sampler:
         """The recipe's latent sampler: seeded from ``train.seed``, the same stream on every rank."""
@@ -247,6 +257,8 @@ def _run_phase(
     st = ctx.strategy
     for name in phase.steps:
         st.zero_grad(name)
+    # only what trains is thawed afterwards: parameters frozen for good (Freeze-D) stay frozen
+    thaw = [p for name in phase.frozen for p in ctx.raw[name].parameters() if p.requires_grad]
     for name in phase.frozen:
         ctx.raw[name].requires_grad_(False)
     stats: dict[str, torch.Tensor] = {}
@@ -264,6 +276,6 @@ def _run_phase(
                 stats[f"grad/{name}"] = grad_norm(ctx.raw[name], st.loss_scale)
         skipped = sum(not st.step(name) for name in phase.steps)
     finally:
-        for name in phase.frozen:
-            ctx.raw[name].requires_grad_(True)
+        for p in thaw:
+            p.requires_grad_(True)
     return PhaseResult(stats, skipped)

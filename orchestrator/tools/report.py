@@ -135,6 +135,7 @@ GROUPS = (  # in page order; "other" last, it takes what the others leave
     Group("discriminator", "Discriminator outputs and accuracy", lambda k: k.startswith("D/"), True),
     Group("regularizers", "Regularizers", lambda k: k.startswith("reg/"), False),
     Group("throughput", "Throughput, data wait and memory", lambda k: k.startswith("perf/"), False),
+    Group("augment", "Augmentation: ADA's p and r_t = E[sign(D(real))]", lambda k: k.startswith("aug/"), True),
     Group("other", "Schedules and data", lambda k: True, False),
 )
 
@@ -152,6 +153,8 @@ ORDER = (
     "eval/kid",
     "eval/lag_kimg",
     "eval/lag_s",
+    "aug/p",
+    "aug/rt",
     "lr/G",
     "lr/D",
     "ema/beta",
@@ -163,6 +166,8 @@ UNITS = {
     "perf/peak_mem_mb": "MiB",
     "eval/lag_kimg": "kimg trained before it arrived",
     "eval/lag_s": "s from request to arrival",
+    "aug/p": "probability of each augmentation",
+    "aug/rt": "E[sign(D(real))]; ADA holds it at augment.target",
 }
 
 # Drawn on a log axis: they fall by orders of magnitude over a run. KID's unbiased estimate can be 0 or

@@ -39,6 +39,7 @@ from orchestrator.data.shards import ShardLoader, image_spec, load_manifest
 from orchestrator.dist.strategy import make_strategy
 from orchestrator.ema import ema_beta, update_ema
 from orchestrator.faults import FaultGuard, StopRequest
+from orchestrator.finetune import init_networks
 from orchestrator.growth import Growth
 from orchestrator.optim import lazy_ratio, make_adam
 from orchestrator.precision import make_precision
@@ -212,7 +213,7 @@ class Run:
         start_from = run.ctx.restore_from or resolve_resume(run.run_dir, resume)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        run._build_recipe()
+        run._build_recipe(init=start_from is None)
         ensure_writable(run.run_dir)  # the config holds up: now the run directory
         run._register_state()
         if start_from is not None:
@@ -226,14 +227,23 @@ class Run:
             run._apply_fault_state()
         return run
 
-    def _build_recipe(self) -> None:
-        """The recipe's networks (the same initial weights on every rank), synchronised BatchNorm if asked."""
+    def _build_recipe(self, init: bool) -> None:
+        """The recipe's networks (the same initial weights on every rank, or a checkpoint's with ``init`` and
+        ``finetune.init_from``), synchronised BatchNorm if asked."""
         cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(cfg.train.seed)
         setup = RecipeSetup(
-            cfg.model, self.arch, self.spec, cfg.loss, cfg.optim, self.device, cfg.train.seed, ctx.rank, ctx.world_size
-        )
+            cfg.model, self.arch, self.spec, cfg.loss, cfg.optim, self.device, cfg.train.seed, ctx.rank,
+            ctx.world_size, cfg.augment, cfg.finetune,
+        )  # fmt: skip
         self.recipe = get_recipe(cfg.train.recipe)(setup)
+        if init and cfg.finetune.init_from:  # before the strategy: DeepSpeed copies the weights it starts from
+            nets = {name: net.module for name, net in self.recipe.networks.items()}
+            left = init_networks(nets, cfg.finetune.init_from, cfg.finetune.init_partial, cfg.model.arch)
+            if self.lead:
+                print(f"initialised {', '.join(nets)} from {cfg.finetune.init_from}", flush=True)
+                if left:
+                    print("  left as initialised (finetune.init_partial):\n    " + "\n    ".join(left), flush=True)
         if cfg.distributed.sync_batchnorm and ctx.world_size > 1:
             for name, net in self.recipe.trained.items():
                 module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net.module)
@@ -353,8 +363,10 @@ class Run:
         if self.growth is not None:
             self.growth.set_lod(*self.step_ctx.raw.values())
         stats, n_real, skipped = self._run_phases(grad_norms=self.cadence.log_due(p.step + 1))
-        p.step += 1
         p.nimg += n_real * self.ctx.world_size
+        for hook in self.recipe.after_step:
+            stats.update(hook(p.step, self.global_batch, p.nimg))
+        p.step += 1
         self.last_beta = ema_beta(self.cfg.ema, self.global_batch, p.nimg)
         with torch.profiler.record_function("loop:ema"):
             for copy, source in self.recipe.ema.items():
