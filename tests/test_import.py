@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -432,3 +433,135 @@ def test_cli_imports_and_generates(official, tmp_path, capsys):
     assert "nope.pkl does not exist" in capsys.readouterr().err
     assert main(["import", "stylegan2-ada", str(pkl), str(tmp_path / "run")]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# BigGAN-PyTorch: 32 px, ch 2 (8 channels everywhere), 3 classes, shared_dim 4, hierarchical z of 4 chunks of 2,
+# attention at 16 px (after G's block 1 and D's block 0). Names as the authors' BigGAN.py and layers.py give them.
+
+
+def _sn(name: str, out: int, shape: tuple, bias: bool = True) -> dict:
+    d = {f"{name}.weight": shape, f"{name}.u0": (1, out), f"{name}.sv0": (1,)}
+    return {**d, f"{name}.bias": (out,)} if bias else d
+
+
+def _attention(prefix: str) -> dict:
+    return {
+        **_sn(f"{prefix}.theta", 1, (1, 8, 1, 1), bias=False),
+        **_sn(f"{prefix}.phi", 1, (1, 8, 1, 1), bias=False),
+        **_sn(f"{prefix}.g", 4, (4, 8, 1, 1), bias=False),
+        **_sn(f"{prefix}.o", 8, (8, 4, 1, 1), bias=False),
+        f"{prefix}.gamma": (),
+    }
+
+
+def biggan_shapes() -> tuple[dict, dict]:
+    g = {"shared.weight": (3, 4), **_sn("linear", 128, (128, 2))}
+    for i in range(3):
+        for conv, shape in (("conv1", (8, 8, 3, 3)), ("conv2", (8, 8, 3, 3)), ("conv_sc", (8, 8, 1, 1))):
+            g.update(_sn(f"blocks.{i}.0.{conv}", 8, shape))
+        for bn in ("bn1", "bn2"):
+            g.update(_sn(f"blocks.{i}.0.{bn}.gain", 8, (8, 6), bias=False))
+            g.update(_sn(f"blocks.{i}.0.{bn}.bias", 8, (8, 6), bias=False))
+            g.update({f"blocks.{i}.0.{bn}.stored_mean": (8,), f"blocks.{i}.0.{bn}.stored_var": (8,)})
+    g.update(_attention("blocks.1.1"))
+    g.update({f"output_layer.0.{k}": (8,) for k in ("gain", "bias", "stored_mean", "stored_var")})
+    g.update(_sn("output_layer.2", 3, (3, 8, 3, 3)))
+    d = {**_sn("blocks.0.0.conv1", 8, (8, 3, 3, 3)), **_sn("blocks.0.0.conv2", 8, (8, 8, 3, 3))}
+    d.update(_sn("blocks.0.0.conv_sc", 8, (8, 3, 1, 1)))
+    d.update(_attention("blocks.0.1"))
+    d.update({**_sn("blocks.1.0.conv1", 8, (8, 8, 3, 3)), **_sn("blocks.1.0.conv2", 8, (8, 8, 3, 3))})
+    d.update(_sn("blocks.1.0.conv_sc", 8, (8, 8, 1, 1)))
+    for i in (2, 3):
+        d.update({**_sn(f"blocks.{i}.0.conv1", 8, (8, 8, 3, 3)), **_sn(f"blocks.{i}.0.conv2", 8, (8, 8, 3, 3))})
+    d.update({**_sn("linear", 1, (1, 8)), **_sn("embed", 3, (3, 8), bias=False)})
+    return g, d
+
+
+def biggan_files(tmp_path: Path, extra: dict | None = None) -> tuple[list[Path], dict]:
+    gen = torch.Generator().manual_seed(0)
+    g_shapes, d_shapes = biggan_shapes()
+    sds = {
+        key: {
+            k: (torch.rand(s, generator=gen) + 0.5 if k.endswith("var") else torch.randn(s, generator=gen))
+            for k, s in shapes.items()
+        }
+        for key, shapes in (("G", g_shapes), ("D", d_shapes), ("G_ema", g_shapes))
+    }
+    sds["G_ema"].update(extra or {})
+    paths = []
+    for key, sd in sds.items():
+        torch.save(sd, tmp_path / f"{key}.pth")
+        paths.append(tmp_path / f"{key}.pth")
+    return paths, sds
+
+
+def authors_sigma(weight: torch.Tensor, u0: torch.Tensor, eps: float) -> torch.Tensor:
+    """σ as the authors' SN layer computes it in eval mode (layers.power_iteration with update=False)."""
+    w = weight.reshape(weight.shape[0], -1)
+    v = torch.nn.functional.normalize(u0 @ w, eps=eps)
+    u = torch.nn.functional.normalize(v @ w.t(), eps=eps)
+    return (v @ w.t() @ u.t()).squeeze()
+
+
+BIGGAN_RENAMES = [  # authors' name → ganforge's, a sample across every kind of tensor
+    ("linear.weight", "linear.parametrizations.weight.original"),
+    ("blocks.2.0.conv_sc.bias", "blocks.2.conv_sc.bias"),
+    ("blocks.0.0.bn1.gain.weight", "blocks.0.bn1.gain.parametrizations.weight.original"),
+    ("blocks.1.0.bn2.stored_var", "blocks.1.bn2.bn.running_var"),
+    ("blocks.1.1.g.weight", "attn.1.g.parametrizations.weight.original"),
+    ("blocks.1.1.gamma", "attn.1.gamma"),
+    ("output_layer.0.gain", "output.0.weight"),
+    ("output_layer.0.stored_mean", "output.0.running_mean"),
+    ("output_layer.2.bias", "output.2.bias"),
+    ("shared.weight", "shared.weight"),
+]
+
+
+def test_biggan_import_maps_every_tensor_and_keeps_sigma(tmp_path):
+    from orchestrator.tools.imports.biggan_pytorch import import_biggan_pytorch
+
+    paths, sds = biggan_files(tmp_path)
+    ckpt = import_biggan_pytorch(*paths, tmp_path / "run")
+    c = read_checkpoint(ckpt)
+    model = c.meta["model"]
+    assert (c.spec.resolution, c.spec.channels, c.spec.num_classes) == (32, 3, 3)
+    assert (model["g_ch"], model["d_ch"], model["z_dim"], model["shared_dim"]) == (2, 2, 8, 4)
+    assert model["hier"] and model["attention"] == [16]
+    state = c.states["G_ema"]
+    for theirs, ours in BIGGAN_RENAMES:
+        assert torch.equal(state[ours].flatten(), sds["G_ema"][theirs].flatten()), theirs
+    assert torch.equal(c.states["D"]["embed.parametrizations.weight.original"], sds["D"]["embed.weight"])
+
+    loaded = load_generator(ckpt).G  # eval mode: torch's SN divides by σ = uᵀWv of the stored u, v
+    checked = 0
+    for name, module in loaded.named_modules():
+        if hasattr(module, "parametrizations"):
+            authors = re.sub(r"^blocks\.(\d+)\.", r"blocks.\1.0.", name)
+            authors = re.sub(r"^attn\.(\d+)\.", r"blocks.\1.1.", authors).replace("output.", "output_layer.")
+            w, u0 = sds["G_ema"][f"{authors}.weight"], sds["G_ema"][f"{authors}.u0"]
+            assert torch.allclose(module.weight, w / authors_sigma(w, u0, 1e-6), rtol=1e-5, atol=1e-6), name
+            checked += 1
+    assert checked == 27
+    assert loaded(torch.randn(2, 8), torch.tensor([0, 2])).shape == (2, 3, 32, 32)
+
+
+def test_biggan_leftover_tensor_is_named(tmp_path):
+    from orchestrator.tools.imports.biggan_pytorch import import_biggan_pytorch
+
+    paths, _ = biggan_files(tmp_path, extra={"blocks.0.0.bn1.accumulation_counter": torch.zeros(1)})
+    with pytest.raises(NetworkImportError, match=r"G_ema\.pth \(G_ema\): tensors left over .*accumulation_counter"):
+        import_biggan_pytorch(*paths, tmp_path / "run")
+
+
+def test_biggan_cli_and_generate(tmp_path, capsys):
+    paths, _ = biggan_files(tmp_path)
+    assert main(["import", "biggan-pytorch", *map(str, paths), str(tmp_path / "run")]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-000000000"
+    assert main(["generate", str(ckpt), "--seeds", "0-1", "--out", str(tmp_path / "img")]) == 0
+    assert (tmp_path / "img" / "seed0001.png").exists()
+    (tmp_path / "bad.pth").write_bytes(pickle.dumps({"w": os.system}))
+    assert (
+        main(["import", "biggan-pytorch", str(tmp_path / "bad.pth"), *map(str, paths[1:]), str(tmp_path / "r2")]) == 2
+    )
+    assert "bad.pth" in capsys.readouterr().err

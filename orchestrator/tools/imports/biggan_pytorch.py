@@ -9,7 +9,7 @@ BatchNorms keep ``stored_mean``/``stored_var`` (ganforge: ``running_mean``/``run
 
 Spectral norm: the authors keep the raw weight as ``weight`` and the power-iteration vector ``u0`` (``[1, out]``)
 with the last singular value estimate ``sv0``; ganforge uses torch's parametrization (raw weight
-``parametrizations.weight.original``, vectors ``_u`` ``[out]`` and ``_v`` ``[in]``, and σ = uᵀWv in eval mode).
+``parametrizations.weight.original``, vectors ``parametrizations.weight.0._u`` ``[out]`` and ``._v`` ``[in]``, and σ = uᵀWv in eval mode).
 The authors' eval forward runs one power step from ``u0`` without storing it: v = normalize(u0 W),
 u = normalize(W v), σ = uᵀWv. Those v and u become ``_v`` and ``_u``, so both compute the same σ;
 ``sv0`` (a training-time record of σ) is not needed.
@@ -65,11 +65,11 @@ def spectral_vectors(sd: dict[str, torch.Tensor], eps: float) -> dict[str, torch
 
 
 def ganforge_name(name: str, sn_layers: set[str]) -> str:
-    """Authors' tensor name → ganforge's (``blocks.3.1.theta.u0`` → ``attn.3.theta.parametrizations.weight._u``)."""
+    """Authors' tensor name → ganforge's (``blocks.3.1.theta.u0`` → ``attn.3.theta.parametrizations.weight.0._u``)."""
     layer, _, leaf = name.rpartition(".")
     if layer in sn_layers:
-        leaf = {"weight": "parametrizations.weight.original", "u0": "parametrizations.weight._u"}.get(leaf, leaf)
-        leaf = "parametrizations.weight._v" if leaf == SN_V[1:] else leaf
+        leaf = {"weight": "parametrizations.weight.original", "u0": "parametrizations.weight.0._u"}.get(leaf, leaf)
+        leaf = "parametrizations.weight.0._v" if leaf == SN_V[1:] else leaf
     name = f"{layer}.{leaf}" if layer else leaf
     name = re.sub(r"^blocks\.(\d+)\.0\.", r"blocks.\1.", name)
     name = re.sub(r"^blocks\.(\d+)\.1\.", r"attn.\1.", name)
