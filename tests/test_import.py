@@ -389,6 +389,7 @@ def test_code_in_a_pickle_is_refused_and_never_runs(official, tmp_path):
         ("shape", r"G_ema: mis-shaped tensors: \['synthesis.b8.torgb.bias: file \(4,\)"),
         ("d_extra", r"D: tensors left over .*\['b4.mbstd.weight'\]"),
     ],
+    ids=["missing", "extra", "shape", "d_extra"],
 )
 def test_a_tensor_missing_extra_or_misshaped_is_named(official, tmp_path, change, message):
     from orchestrator.tools.imports.stylegan2_ada import import_stylegan2_ada
