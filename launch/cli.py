@@ -1,4 +1,4 @@
-"""The ``ganforge`` command: train, generate, report, eval, extractor train, weights get, data shards, info.
+"""The ``ganforge`` command: train, generate, report, eval, extractor train, weights get, data shards, info, import.
 
 Thin: parse, then call the orchestrator."""
 
@@ -559,6 +559,68 @@ def _add_weights(sub) -> None:
     wg.set_defaults(fn=_weights_get)
 
 
+def _import_stylegan2_ada(a: argparse.Namespace) -> int:
+    from orchestrator.tools.imports import import_stylegan2_ada
+
+    path = import_stylegan2_ada(a.pickle, a.out, shards=a.shards)
+    print(f"imported {a.pickle} (G, D, G_ema) into {path}")
+    print(f"  sample it:  ganforge generate {path} --seeds 0-7 --out {Path(a.out) / 'samples'}")
+    return 0
+
+
+def _import_biggan_pytorch(a: argparse.Namespace) -> int:
+    from orchestrator.tools.imports import import_biggan_pytorch
+
+    path = import_biggan_pytorch(a.G, a.D, a.G_ema, a.out, shards=a.shards, bn_eps=a.bn_eps, sn_eps=a.sn_eps)
+    print(f"imported {a.G}, {a.D}, {a.G_ema} into {path}")
+    print(f"  sample it:  ganforge generate {path} --seeds 0-7 --out {Path(a.out) / 'samples'}")
+    return 0
+
+
+def _add_import(sub) -> None:
+    """The ``import`` subcommand: official pretrained networks → a ganforge checkpoint."""
+    i = sub.add_parser(
+        "import",
+        help="turn official pretrained networks into a ganforge checkpoint",
+        description="Convert the networks of another code base into a ganforge checkpoint (step 0) that "
+        "generate, eval and train --init-from take. Files are read as data only: no code from them runs. "
+        "Every tensor must find its place and every place must be filled, or nothing is written.",
+    )
+    isub = i.add_subparsers(dest="import_command", required=True)
+    shards = dict(
+        default=None,
+        metavar="PATTERN",
+        help="data.shards of the checkpoint's config (default: a placeholder to replace before training)",
+    )
+    s = isub.add_parser(
+        "stylegan2-ada",
+        help="a StyleGAN2 network pickle of NVlabs' stylegan2-ada-pytorch or stylegan3",
+        description="Import G, D and G_ema of a network pickle (network-snapshot-*.pkl or a released .pkl) "
+        "of NVlabs' stylegan2-ada-pytorch or stylegan3 (StyleGAN2 networks). The pickle is read by a "
+        "restricted unpickler that rebuilds tensors and containers only and never executes the module "
+        "source the pickle carries. Seeds then give the official generate.py's images.",
+    )
+    s.add_argument("pickle", help="the network pickle (.pkl)")
+    s.add_argument("out", help="output run directory; the checkpoint goes to OUT/checkpoints/ckpt-000000000")
+    s.add_argument("--shards", **shards)
+    s.set_defaults(fn=_import_stylegan2_ada)
+    b = isub.add_parser(
+        "biggan-pytorch",
+        help="state dicts of ajbrock/BigGAN-PyTorch (G.pth D.pth G_ema.pth)",
+        description="Import the G, D and G_ema state dicts saved by the authors' BigGAN-PyTorch (read with "
+        "torch.load(weights_only=True)). Resolution, widths, classes, latent chunks, shared embedding and "
+        "attention are read from the tensor shapes; the epsilons cannot be and are options.",
+    )
+    b.add_argument("G", help="G.pth")
+    b.add_argument("D", help="D.pth")
+    b.add_argument("G_ema", help="G_ema.pth")
+    b.add_argument("out", help="output run directory; the checkpoint goes to OUT/checkpoints/ckpt-000000000")
+    b.add_argument("--shards", **shards)
+    b.add_argument("--bn-eps", type=float, default=1e-5, help="BatchNorm epsilon of the run (default 1e-5)")
+    b.add_argument("--sn-eps", type=float, default=1e-6, help="spectral norm epsilon of the run (default 1e-6)")
+    b.set_defaults(fn=_import_biggan_pytorch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ganforge`` argument parser, one subcommand per ``_add_*`` function."""
     p = argparse.ArgumentParser(
@@ -580,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_extractor(sub)
     _add_weights(sub)
+    _add_import(sub)
     return p
 
 

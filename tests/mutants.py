@@ -261,6 +261,25 @@ MUTANTS = [
         "return contextlib.nullcontext()",
         ("tests/test_compile.py::test_stylegan2_compiled_with_eager_regularizers_matches_eager",),
     ),
+    Mutant(
+        "import-unpickler-allows-any-global",
+        "ganforge import's network unpickler resolves any global a pickle names (os.system, exec, …)",
+        "orchestrator/tools/imports/pickles.py",
+        '        hint = ""',
+        '        return super().find_class(module, name)\n        hint = ""',
+        ("tests/test_import.py::test_code_in_a_pickle_is_refused_and_never_runs",),
+    ),
+    Mutant(
+        "import-leftover-tensors-ignored",
+        "an imported file's tensor that has no place in ganforge's network is dropped silently",
+        "orchestrator/tools/imports/common.py",
+        "            leftover.append(name)\n",
+        "            pass\n",
+        (
+            "tests/test_import.py::test_a_tensor_missing_extra_or_misshaped_is_named[extra]",
+            "tests/test_import.py::test_biggan_leftover_tensor_is_named",
+        ),
+    ),
 ]
 
 

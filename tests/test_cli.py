@@ -179,13 +179,18 @@ def test_config_errors_exit_2_with_the_message(digits16, tmp_path):
     assert "Traceback" not in p.stderr
 
 
-@pytest.mark.parametrize("command", [["train"], ["generate"], ["data", "shards"], ["info"]])
+@pytest.mark.parametrize(
+    "command",
+    [["train"], ["generate"], ["data", "shards"], ["info"], ["import", "stylegan2-ada"], ["import", "biggan-pytorch"]],
+)
 def test_help_explains_every_option(command):
     text = cli(*command, "--help").stdout
     for option in {
         "train": ["--set", "--run-dir", "--resume"],
         "generate": ["--num", "--out", "--seed", "--truncation", "--class"],
-        "data": ["--resolution", "--holdout", "--shard-size", "--strict"],
+        "data shards": ["--resolution", "--holdout", "--shard-size", "--strict"],
         "info": ["--json", "--set"],
-    }[command[0]]:
+        "import stylegan2-ada": ["--shards"],
+        "import biggan-pytorch": ["--shards", "--bn-eps", "--sn-eps"],
+    }[" ".join(command)]:
         assert option in text

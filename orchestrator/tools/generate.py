@@ -7,6 +7,12 @@ type for AI-generated media, and a GIF comment. Read them back with ``PIL.Image.
 A seed fixes everything about one image: its latent ``z`` and, for a conditional model sampled without
 ``--class``, its class. Images are generated one at a time, so an image does not depend on what else was
 generated with it, and StyleGAN2's per-layer noise is the generator's fixed buffer (``noise_mode="const"``).
+
+Generators with a mapping network (StyleGAN2) draw seeds as NVlabs' ``generate.py`` does, so a seed of an
+imported official network (``ganforge import``) is the official tool's image, pixel for pixel:
+``z = np.random.RandomState(seed).randn(1, z_dim)``, and a class not given with ``--class`` is
+``RandomState(seed).randint(num_classes)`` drawn right after z (the official tool requires ``--class``).
+Other families draw z (then the class) from ``torch.Generator().manual_seed(seed)``.
 """
 
 from __future__ import annotations
@@ -111,8 +117,10 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def to_uint8(img: torch.Tensor) -> np.ndarray:
-    """``[C, H, W]`` in [-1, 1] → ``[H, W, C]`` uint8 (rounded, as torchvision's ``save_image``)."""
-    x = ((img.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    """``[C, H, W]`` in [-1, 1] → ``[H, W, C]`` uint8, rounded: ``x * 127.5 + 128`` truncated, the official
+    StyleGAN tools' expression (it equals ``(x + 1) * 127.5 + 0.5``, torchvision's rounding, but only this
+    form gives the official tools' float32 values bit for bit)."""
+    x = (img.detach().float().clamp(-1, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
     return x.permute(1, 2, 0).cpu().numpy()
 
 
@@ -241,7 +249,9 @@ class Renderer:
         return self.arch.capabilities.mapping
 
     def latent(self, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``z [1, z_dim]`` and the class ``c [1]`` (None if unconditional) of a seed."""
+        """``z [1, z_dim]`` and the class ``c [1]`` (None if unconditional) of a seed (see the module docstring)."""
+        if self.has_mapping:
+            return self._official_latent(seed)
         g = torch.Generator().manual_seed(seed)
         if self.truncate_z:
             z = self.G.truncated_latents(1, self.truncation, generator=g).to(self.device)
@@ -252,6 +262,15 @@ class Renderer:
         c = self.class_index
         if c is None:  # drawn after z from the same generator: the seed fixes the class too
             c = int(torch.randint(self.spec.num_classes, (1,), generator=g))
+        return z, torch.tensor([c], device=self.device)
+
+    def _official_latent(self, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rs = np.random.RandomState(seed)
+        # float64 as drawn; the mapping network's first step is z.to(float32), as the official code's
+        z = torch.from_numpy(rs.randn(1, self.G.z_dim)).float().to(self.device)
+        if not self.spec.num_classes:
+            return z, None
+        c = self.class_index if self.class_index is not None else int(rs.randint(self.spec.num_classes))
         return z, torch.tensor([c], device=self.device)
 
     @torch.no_grad()
