@@ -23,6 +23,7 @@ import torch
 from architectures.stylegan2 import Discriminator, Generator
 from launch.cli import main
 from orchestrator.checkpoint import load_generator, read_checkpoint
+from orchestrator.config import load_config
 from orchestrator.tools.generate import Renderer, generate
 from orchestrator.tools.imports.pickles import NetworkImportError
 
@@ -566,3 +567,30 @@ def test_biggan_cli_and_generate(tmp_path, capsys):
         main(["import", "biggan-pytorch", str(tmp_path / "bad.pth"), *map(str, paths[1:]), str(tmp_path / "r2")]) == 2
     )
     assert "bad.pth" in capsys.readouterr().err
+
+
+def test_an_imported_network_is_fine_tuned_with_init_from(official, tmp_path):
+    """``ganforge import`` then ``ganforge train --init-from``: a new run on other data (8×8 RGB shards written
+    here) starts from the imported G, D and G_ema, with ADA and Freeze-D, and trains."""
+    from orchestrator.data.shards import write_shards
+    from orchestrator.tools.imports.stylegan2_ada import import_stylegan2_ada
+    from orchestrator.train.run import Run
+
+    data, _ = official.networks()
+    ckpt = import_stylegan2_ada(official.write(tmp_path / "net.pkl", data), tmp_path / "imported")
+    rng = np.random.RandomState(0)
+    np.savez(tmp_path / "rgb.npz", images=rng.randint(0, 256, (80, 8, 8, 3), dtype=np.uint8))
+    write_shards(str(tmp_path / "rgb.npz"), tmp_path / "shards", resolution=8, shard_size=40)
+    sets = [f"data.shards={tmp_path / 'shards' / 'train-*.tar'}", "data.workers=0", "train.batch_size=4",
+            "train.total_kimg=0.008", "train.device=cpu", "eval.enabled=false", "tracking.wandb.mode=disabled",
+            "tracking.progress_bar=false", "augment.kind=ada", "finetune.freeze_d=1"]  # fmt: skip
+    config = tmp_path / "imported" / "config.yaml"
+    cfg = load_config(config, sets + [f"finetune.init_from={ckpt}"])
+    run = Run.build(cfg, tmp_path / "probe")
+    imported = read_checkpoint(ckpt).states
+    for name in ("G", "D", "G_ema"):
+        mine = run.step_ctx.raw[name].state_dict()
+        assert all(torch.equal(mine[k], imported[name][k]) for k in mine), name
+    args = ["train", str(config), "--run-dir", str(tmp_path / "ft"), "--init-from", str(ckpt)]
+    assert main(args + [x for s in sets for x in ("--set", s)]) == 0
+    assert (tmp_path / "ft" / "checkpoints" / "ckpt-000000002").exists()
