@@ -261,6 +261,39 @@ MUTANTS = [
         "return contextlib.nullcontext()",
         ("tests/test_compile.py::test_stylegan2_compiled_with_eager_regularizers_matches_eager",),
     ),
+    Mutant(
+        "ada-pad-zeros",
+        "ADA's geometric warp pads with zeros instead of reflecting the image (black borders after shifts)",
+        "orchestrator/augment/ada.py",
+        'images = F.pad(images, [mx0, mx1, my0, my1], mode="reflect")',
+        "images = F.pad(images, [mx0, mx1, my0, my1])",
+        (
+            "tests/test_augment.py::test_xint_equals_a_reflect_padded_integer_shift",
+            "tests/test_augment.py::test_reflect_padding_is_used_by_continuous_ops_too",
+        ),
+    ),
+    Mutant(
+        "gridsample-no-second-order",
+        "the grid_sample backward is not differentiable: R1 on augmented reals loses D's warp-path gradient",
+        "orchestrator/augment/gridsample.py",
+        "grad2_output = _GridSample.apply(grad2_images, grid) if ctx.needs_input_grad[0] else None",
+        "grad2_output = None",
+        (
+            "tests/test_augment.py::test_grid_sample_supports_gradgradcheck",
+            "tests/test_augment.py::test_each_op_alone_keeps_shape_and_supports_double_backward[rotate]",
+        ),
+    ),
+    Mutant(
+        "ada-p-ignored",
+        "ADA's operations fire with probability `strength` whatever the augmentation probability p",
+        "orchestrator/augment/ada.py",
+        "return strength * self.p",
+        "return strength * torch.ones_like(self.p)",
+        (
+            "tests/test_augment.py::test_p_zero_is_the_identity_for_every_preset",
+            "tests/test_augment.py::test_p_is_a_tensor_buffer_and_scales_how_often_ops_fire",
+        ),
+    ),
 ]
 
 
