@@ -315,12 +315,16 @@ class AugmentPipe(nn.Module):
         for m in mats[1:]:
             g_inv = g_inv @ m
         identity = (g_inv == torch.eye(3, device=images.device)).flatten(1).all(dim=1)
-        return _keep_identity(images, self._warp(images, g_inv), identity)
+        margins = self._margins(g_inv, height, width, identity)
+        if margins is None:  # every image drew the identity (common while p is small): nothing to resample
+            return images
+        return _keep_identity(images, self._warp(images, g_inv, margins), identity)
 
-    def _margins(self, g_inv: torch.Tensor, height: int, width: int) -> list[int]:
+    def _margins(self, g_inv: torch.Tensor, height: int, width: int, identity: torch.Tensor) -> list[int] | None:
         """Reflect padding ``[left, right, top, bottom]`` that covers, for every image in the batch, the input
         area its output reads from, plus room for the resampling filters; at most the size - 1 that reflect
-        padding allows. The one host sync of the pipeline (padding sizes are shapes)."""
+        padding allows. None when every image's transform is the identity. The one host sync of the pipeline
+        (padding sizes are shapes), so it only happens when geometric operations are enabled."""
         cx, cy = (width - 1) / 2, (height - 1) / 2
         corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], device=g_inv.device)
         xy = (g_inv @ corners.t())[:, :2, :].permute(1, 0, 2).flatten(1)  # [xy, batch * corner]
@@ -328,13 +332,15 @@ class AugmentPipe(nn.Module):
         filter_room = 2 * (self.geom_filter.shape[0] // 4)
         margin = reach + torch.tensor([filter_room - cx, filter_room - cy] * 2, device=g_inv.device)
         lo, hi = torch.zeros(4, device=g_inv.device), torch.tensor([width - 1, height - 1] * 2, device=g_inv.device)
-        left, top, right, bottom = margin.clamp(lo, hi).ceil().int().tolist()
-        return [left, right, top, bottom]
+        plan = torch.cat([margin.clamp(lo, hi).ceil(), identity.all().reshape(1).float()])
+        left, top, right, bottom, all_identity = plan.int().tolist()
+        return None if all_identity else [left, right, top, bottom]
 
-    def _warp(self, images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
-        """Apply the inverse transforms ``g_inv`` (``[N, 3, 3]``, pixel units, origin at the image centre)."""
+    def _warp(self, images: torch.Tensor, g_inv: torch.Tensor, margins: list[int]) -> torch.Tensor:
+        """Apply the inverse transforms ``g_inv`` (``[N, 3, 3]``, pixel units, origin at the image centre) to
+        the images reflect-padded by ``margins``."""
         n, c, height, width = images.shape
-        mx0, mx1, my0, my1 = self._margins(g_inv, height, width)
+        mx0, mx1, my0, my1 = margins
         images = F.pad(images, [mx0, mx1, my0, my1], mode="reflect")
         g_inv = _const2d(_translate2d, (mx0 - mx1) / 2, (my0 - my1) / 2, like=g_inv) @ g_inv
 
