@@ -22,7 +22,11 @@ Two deliberate differences from the official code, neither of which changes the 
 
 * an image whose drawn geometric (or filter) transform is exactly the identity is returned bit-exact instead of
   being resampled (which costs ~1e-6 of rounding), so ``p = 0`` is exactly the identity;
-* the filter bank's reflect padding also works for images smaller than the 43-tap filter (16x16 digits).
+* the filter bank's reflect padding also works for images smaller than the 43-tap filter (16x16 digits);
+* when every image of the batch drew the identity geometry the warp is skipped.
+
+The geometric stage reads its padding sizes back to the host once per call (shapes depend on the drawn
+transforms, as in the official code); the other stages never sync.
 """
 
 from __future__ import annotations
@@ -360,8 +364,9 @@ class AugmentPipe(nn.Module):
         grid = F.affine_grid(g_inv[:, :2, :], [n, c, out_h, out_w], align_corners=False)
         images = grid_sample(images, grid.to(images.dtype))
 
-        # Downsampling with the time-reversed filter: together with the upsampling an orthogonal pair, so
-        # blits (flips, quarter turns, integer shifts) come out exact.
+        # Downsampling with the time-reversed filter: with the upsampling an orthogonal pair, so integer shifts
+        # come out exact. sym6 is not linear-phase, so flips and quarter turns (here as in the official code)
+        # leave a sub-pixel shift of ~0.13 px.
         return downsample2d(images, self.geom_filter.flip([0, 1]), down=2, padding=-2 * filter_room)
 
     # -- colour -----------------------------------------------------------------------------------
