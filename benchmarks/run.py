@@ -562,8 +562,8 @@ def ada_small_data(kimg: float = 40.0, max_train: int = 160) -> None:
     """The demo's DCGAN (32×32 digits) on a 10% subset (``max_train`` training images, the whole held-out split)
     without augmentation, with ADA (bgc, adaptive p) and with DiffAugment, at equal kimg; FID (dataset-cnn
     features, 2000 samples) against the held-out split, beside the real-vs-real floors; img/s of each."""
-    from orchestrator.config import load_config
     from core.spec import ImageSpec
+    from orchestrator.config import load_config
     from orchestrator.data.shards import expand_shards, write_shards
     from orchestrator.train.run import train
 

@@ -280,6 +280,28 @@ MUTANTS = [
             "tests/test_import.py::test_biggan_leftover_tensor_is_named",
         ),
     ),
+    Mutant(
+        "ada-pad-zeros",
+        "ADA's geometric warp pads with zeros instead of reflecting the image (black borders after shifts)",
+        "orchestrator/augment/ada.py",
+        'images = F.pad(images, [mx0, mx1, my0, my1], mode="reflect")',
+        "images = F.pad(images, [mx0, mx1, my0, my1])",
+        (
+            "tests/test_augment.py::test_xint_equals_a_reflect_padded_integer_shift",
+            "tests/test_augment.py::test_reflect_padding_is_used_by_continuous_ops_too",
+        ),
+    ),
+    Mutant(
+        "ada-p-ignored",
+        "ADA's operations fire with probability `strength` whatever the augmentation probability p",
+        "orchestrator/augment/ada.py",
+        "return strength * self.p",
+        "return strength * torch.ones_like(self.p)",
+        (
+            "tests/test_augment.py::test_p_zero_is_the_identity_for_every_preset",
+            "tests/test_augment.py::test_p_is_a_tensor_buffer_and_scales_how_often_ops_fire",
+        ),
+    ),
 ]
 
 

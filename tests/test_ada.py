@@ -73,7 +73,7 @@ def test_fixed_and_scheduled_p():
         AugmentConfig(kind="ada", adjust="schedule", schedule=[(10.0, 0.5), (0.0, 0.1)])
     with pytest.raises(ValueError, match="augment.preset: unknown 'bgx'"):
         AugmentConfig(kind="ada", preset="bgx")
-    with pytest.raises(ValueError, match=r"augment.policy: unknown \['flip'\]"):
+    with pytest.raises(ValueError, match=r"augment.policy: unknown DiffAugment policy item\(s\) \['flip'\]"):
         AugmentConfig(kind="diffaugment", policy="color,flip")
 
 

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from core.config import StrictConfig
 from orchestrator.augment.ada import ADA_PRESETS, make_augment_pipe
-from orchestrator.augment.diffaugment import DIFFAUGMENT_OPS, diff_augment
+from orchestrator.augment.diffaugment import diff_augment, parse_policy
 
 
 class AugmentConfig(StrictConfig):
@@ -53,9 +53,10 @@ class AugmentConfig(StrictConfig):
         if self.kind == "ada" and self.preset not in ADA_PRESETS:
             raise ValueError(f"augment.preset: unknown {self.preset!r}; known: {', '.join(ADA_PRESETS)}")
         if self.kind == "diffaugment":
-            unknown = [op for op in self.policy.split(",") if op and op not in DIFFAUGMENT_OPS]
-            if unknown:
-                raise ValueError(f"augment.policy: unknown {unknown}; known: {', '.join(DIFFAUGMENT_OPS)}")
+            try:
+                parse_policy(self.policy)
+            except ValueError as e:
+                raise ValueError(f"augment.policy: {e}") from None
         if self.kind == "ada" and self.adjust == "schedule":
             kimgs = [k for k, _ in self.schedule]
             if not kimgs or kimgs != sorted(kimgs) or any(not 0 <= p <= 1 for _, p in self.schedule):
