@@ -78,6 +78,25 @@ def assert_same_nets(a: dict, b: dict) -> None:
         assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
 
 
+TINY_STYLEGAN2 = {
+    "arch": "stylegan2", "z_dim": 8, "w_dim": 8, "mapping_layers": 1, "channel_base": 64, "channel_max": 8,
+    "num_fp16_res": 0, "mbstd_group_size": 2,
+}  # fmt: skip
+"""The model section of a tiny StyleGAN2 (8 channels everywhere) for tests of the whole recipe."""
+
+
+def tiny_stylegan2(num_classes: int = 0, **overrides):
+    """G and D of :data:`TINY_STYLEGAN2` (with ``overrides``) for 8×8 grey images, seeded."""
+    import architectures
+    from core.spec import ImageSpec
+
+    arch = architectures.get("stylegan2")
+    cfg = arch.config(**{**TINY_STYLEGAN2, **overrides})
+    spec = ImageSpec(8, 1, num_classes)
+    torch.manual_seed(0)
+    return arch.build_generator(cfg, spec), arch.build_discriminator(cfg, spec)
+
+
 def local_context(G, D, arch: str, num_classes: int = 0, precision: str = "fp32", opt=None, sampler_seed: int = 1):
     """G and D with Adam under the single-process strategy, as the phases see them (a StepContext), and the
     family's capabilities: for tests of single phases without a Run."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import TINY_STYLEGAN2, tiny_config
 
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, validate_config
@@ -56,12 +56,6 @@ def test_compiled_and_eager_runs_agree_and_checkpoints_cross_load(digits16, tmp_
     )  # fmt: skip
 
 
-SG2_MODEL = {
-    "arch": "stylegan2", "z_dim": 8, "w_dim": 8, "mapping_layers": 1, "channel_base": 64, "channel_max": 8,
-    "num_fp16_res": 0, "mbstd_group_size": 2,
-}  # fmt: skip
-
-
 @pytest.fixture
 def eager_random_numbers(monkeypatch):
     """Compiled graphs draw their random numbers (StyleGAN2's noise inputs and style mixing) from the same
@@ -80,7 +74,7 @@ def test_stylegan2_compiled_with_eager_regularizers_matches_eager(digits16, tmp_
         loss={"r1_gamma": 1.0, "r1_interval": 2, "pl_weight": 2.0, "pl_interval": 2, "style_mixing_prob": 0.9},
         checkpoint={"every_kimg": 1},
     )
-    raw["model"] = SG2_MODEL
+    raw["model"] = dict(TINY_STYLEGAN2)
     rows = {}
     for compiled in (False, True):
         run = Run.build(

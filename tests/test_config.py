@@ -179,7 +179,9 @@ def test_a_deepspeed_json_config_is_named_as_one_and_a_job_config_is_not(tmp_pat
         r"from a job config as distributed.deepspeed_config: .*ds.json",
     ):
         load_config(ds)
-    with pytest.raises(ConfigError, match=r"job.yaml:8: unknown key 'fp16' \(valid keys here: augment, checkpoint, data"):
+    with pytest.raises(
+        ConfigError, match=r"job.yaml:8: unknown key 'fp16' \(valid keys here: augment, checkpoint, data"
+    ):
         load_config(write(tmp_path, GOOD + "fp16: {enabled: true}\n"))
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_same_nets, tiny_config
+from conftest import TINY_STYLEGAN2, assert_same_nets, tiny_config
 from gradient_probe import probe, zero_gradients
 
 from orchestrator.checkpoint import load_checkpoint
@@ -181,26 +181,19 @@ def test_micro_batches_accumulate_to_the_global_batch(digit_shards, tmp_path):
 
 
 def test_two_stylegan2_workers_resume_exactly(digit_shards, tmp_path):
-    """Two DDP workers, StyleGAN2 with noise inputs, style mixing, lazy R1 and path length: stopped after step 3
+    """Two DDP workers, StyleGAN2 with noise inputs, style mixing, lazy R1, path length and ADA: stopped after step 3
     and resumed by new processes, the run ends at step 6 bit-identical to an uninterrupted one. Each rank gets
-    its own RNG state, data position and path-length mean back (each rank keeps its own, as the official code)."""
+    its own RNG state, data position, path-length mean and ADA signs back (each rank keeps its own, as the
+    official code), and ADA's p, agreed across ranks, comes back."""
     raw = tiny_config(
         digit_shards,
         train={"batch_size": 8, "total_kimg": 1, "stop_at_step": 6, "threads": 1},
         data={"workers": 0, "shuffle_buffer": 4},
         checkpoint={"every_kimg": 0.008, "keep_last": 10},
         loss={"r1_gamma": 1.0, "r1_interval": 2, "pl_weight": 2.0, "pl_interval": 2, "style_mixing_prob": 0.9},
+        augment={"kind": "ada", "interval": 2, "speed_kimg": 0.1, "target": 0.2},
     )
-    raw["model"] = {
-        "arch": "stylegan2",
-        "z_dim": 8,
-        "w_dim": 8,
-        "mapping_layers": 1,
-        "channel_base": 64,
-        "channel_max": 8,
-        "num_fp16_res": 0,
-        "mbstd_group_size": 2,
-    }
+    raw["model"] = dict(TINY_STYLEGAN2)
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(raw))
     torchrun(config, tmp_path / "straight", 2, "distributed.strategy=ddp")
@@ -210,6 +203,8 @@ def test_two_stylegan2_workers_resume_exactly(digit_shards, tmp_path):
     assert a["progress"] == b["progress"] and b["progress"]["step"] == 6
     assert_same_nets(a, b)
     assert torch.equal(a["recipe.reg"]["pl_mean_per_rank"][1], b["recipe.reg"]["pl_mean_per_rank"][1])
+    assert a["recipe.augment"]["p"] > 0 and torch.equal(a["recipe.augment"]["p"], b["recipe.augment"]["p"])
+    assert torch.equal(a["recipe.augment"]["signs_per_rank"][1], b["recipe.augment"]["signs_per_rank"][1])
 
 
 def test_progan_growing_on_two_ddp_workers_matches_one(same_image_shards, tmp_path):

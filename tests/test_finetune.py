@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import local_context, run_d_phase, run_g_phase, tiny_config
+from conftest import local_context, run_d_phase, run_g_phase, tiny_config, tiny_stylegan2
 
 import architectures
-from core.spec import ImageSpec
 from launch.cli import main
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, validate_config
@@ -74,16 +73,9 @@ def test_cli_init_from(digits16, tmp_path, pretrained):
     assert load_checkpoint(sorted((tmp_path / "ft" / "checkpoints").glob("ckpt-*"))[-1])["progress"]["step"] == 2
 
 
-def _tiny_stylegan2():
-    arch = architectures.get("stylegan2")
-    cfg = arch.config(z_dim=8, w_dim=8, mapping_layers=2, channel_base=64, channel_max=8, num_fp16_res=0)
-    torch.manual_seed(0)
-    spec = ImageSpec(8, 1, 0)
-    return arch, arch.build_generator(cfg, spec), arch.build_discriminator(cfg, spec)
-
-
 def test_freeze_d_keeps_the_first_blocks_through_d_and_g_phases():
-    arch, G, D = _tiny_stylegan2()
+    G, D = tiny_stylegan2()
+    arch = architectures.get("stylegan2")
     freeze_d_blocks(D, 1, arch)
     ctx, caps = local_context(G, D, "stylegan2", sampler_seed=0)
     before = {k: v.clone() for k, v in D.state_dict().items()}
@@ -98,7 +90,8 @@ def test_freeze_d_keeps_the_first_blocks_through_d_and_g_phases():
 
 
 def test_freeze_d_is_refused_where_it_cannot_apply():
-    arch, _, D = _tiny_stylegan2()
+    _, D = tiny_stylegan2()
+    arch = architectures.get("stylegan2")
     with pytest.raises(ConfigError, match=f"freeze_d: {len(D.blocks) + 1}, but .* has {len(D.blocks)} blocks"):
         freeze_d_blocks(D, len(D.blocks) + 1, arch)
     dcgan = architectures.get("dcgan")

@@ -440,3 +440,12 @@ def test_the_page_renders_in_headless_chromium(report, chromium, tmp_path):
     dom = browse(chromium, broken, tmp_path / "profile", "--dump-dom").stdout
     assert f'data-images-rendered="{n - 1}/{n}"' in dom and dom.count('data-rendered="no"') == 1
     assert "This image failed to load." in dom
+
+
+def test_ada_p_and_rt_have_their_own_figure(tmp_path):
+    rows = [{"step": s, "kimg": s / 10, "loss/D": 1.0, "aug/p": 0.01 * s, "aug/rt": 0.6} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups = group_keys(load_metrics(tmp_path / "metrics.jsonl").keys)
+    (augment,) = [g for g in groups if g.stem == "augment"]
+    assert groups[augment] == ["aug/p", "aug/rt"] and augment.shared
+    assert "augment.png" in [p.name for p in write_report(tmp_path).plots]

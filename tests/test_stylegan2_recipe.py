@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_nets, local_context, preset_config, run_d_phase, run_g_phase, tiny_config
+from conftest import (
+    assert_same_nets,
+    local_context,
+    preset_config,
+    run_d_phase,
+    run_g_phase,
+    tiny_config,
+    tiny_stylegan2,
+)
 
 import architectures
 from architectures import ImageSpec, count_params
@@ -41,25 +49,8 @@ def test_path_length_penalty_matches_a_hand_computation():
     assert M.grad is not None and M.grad.abs().sum() > 0
 
 
-def _tiny_stylegan2(num_classes=0):
-    arch = architectures.get("stylegan2")
-    cfg = arch.config(
-        z_dim=8,
-        w_dim=8,
-        mapping_layers=2,
-        channel_base=64,
-        channel_max=8,
-        num_fp16_res=0,
-        conv_clamp=None,
-        mbstd_group_size=2,
-    )
-    spec = ImageSpec(8, 1, num_classes)
-    torch.manual_seed(0)
-    return arch.build_generator(cfg, spec), arch.build_discriminator(cfg, spec)
-
-
 def test_phases_track_w_avg_in_the_d_pass_and_update_pl_mean():
-    G, D = _tiny_stylegan2()
+    G, D = tiny_stylegan2(mapping_layers=2, conv_clamp=None)
     ctx, caps = local_context(G, D, "stylegan2", sampler_seed=0)
     cfg = LossConfig(style_mixing_prob=0.9, pl_weight=2.0)
     w_avg = G.mapping.w_avg.clone()

@@ -8,9 +8,9 @@ in ``speed_kimg`` thousand images (official ``--target 0.6``, ``ada_interval 4``
 also be fixed (the official ``--p``) or follow a schedule of ``[kimg, p]`` points (R3GAN). DiffAugment (Zhao
 et al. 2020) applies its policy to every image D sees, always.
 
-The state (p, the signs gathered since the last adjustment, the last r_t) lives on the device, is checkpointed
-and resumes exactly; gathering signs costs no host sync, and the ranks agree on r_t with one all-reduce per
-adjustment.
+The state (p, the signs each rank gathered since the last adjustment, the last r_t) lives on the device, is
+checkpointed and resumes exactly; gathering signs costs no host sync, and the ranks agree on r_t with one
+all-reduce per adjustment.
 """
 
 from __future__ import annotations
@@ -130,10 +130,23 @@ class Augment:
         return {"aug/p": self.pipe.p.detach().clone(), "aug/rt": self.rt.clone()}
 
     def state_dict(self) -> dict:
-        return {"p": self.p.detach().clone(), "signs": self.signs.clone(), "rt": self.rt.clone()}
+        """p, r_t and the signs each rank gathered since the last adjustment (with several workers: every rank's,
+        a collective call made on every rank)."""
+        signs = [self.signs.clone()]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            signs = [torch.zeros_like(self.signs) for _ in range(dist.get_world_size())]
+            dist.all_gather(signs, self.signs)
+        return {"p": self.p.detach().clone(), "rt": self.rt.clone(), "signs_per_rank": signs}
 
     def load_state_dict(self, state: dict) -> None:
+        """Each rank takes its own signs back; with another worker count rank 0 takes them all (their sum, which
+        is what the next adjustment uses)."""
         if self.pipe is not None:
             self.pipe.p.copy_(state["p"])
-        self.signs.copy_(state["signs"])
         self.rt.copy_(state["rt"])
+        ranks = state["signs_per_rank"]
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        if len(ranks) == world:
+            self.signs.copy_(ranks[rank])
+        else:
+            self.signs.copy_(torch.stack(ranks).sum(0) if rank == 0 else torch.zeros_like(self.signs))
