@@ -139,11 +139,8 @@ def upfirdn2d(
     f = (f * gain).to(x.dtype)
     if not flip_filter:
         f = f.flip([0, 1])
-    x = F.conv2d(x, f[None, None].repeat(c, 1, 1, 1), groups=c)
-
-    if down > 1:
-        x = x[:, :, ::down, ::down]
-    return x
+    # a strided convolution computes only the outputs that downsampling keeps
+    return F.conv2d(x, f[None, None].repeat(c, 1, 1, 1), groups=c, stride=down)
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2, padding: Padding = 0, gain: float = 1.0) -> torch.Tensor:
