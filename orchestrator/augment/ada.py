@@ -18,7 +18,7 @@ result is the mean of the three output channels (the official rule). So brightne
 multiplies by ``c``, luma flip negates the image, and hue rotation and saturation are skipped (they leave a gray
 pixel unchanged anyway). All other operations treat channels alike.
 
-Two deliberate differences from the official code, neither of which changes the distribution:
+Three deliberate differences from the official code, none of which changes the distribution:
 
 * an image whose drawn geometric (or filter) transform is exactly the identity is returned bit-exact instead of
   being resampled (which costs ~1e-6 of rounding), so ``p = 0`` is exactly the identity;

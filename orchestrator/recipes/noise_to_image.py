@@ -10,6 +10,11 @@ Generators with a mapping network (StyleGAN2) run as mapping (with style mixing)
 (``loss.ortho_beta``) is added once per G step on ``G.ortho_parameters()``. WGAN-GP's gradient penalty and
 ProGAN's drift term and AC-GAN term are part of the D phase.
 
+Every image D sees goes through the ``augment`` section's augmentation (ADA or DiffAugment; the identity when
+off): reals and fakes of the D phase, the reals of R1 (gradient w.r.t. the image before augmentation), WGAN-GP's
+mixes and the G phase's fakes. The signs of D(real) in the D phase feed ADA's adaptive p, which the recipe's
+``after_step`` hook adjusts. ``finetune.freeze_d`` freezes D's first blocks for good.
+
 Regularizers take input gradients through the raw modules and anchor their loss through the wrapper
 (see :mod:`orchestrator.dist.strategy`); with ``train.compile`` they run eagerly (``ctx.eager()``), since
 compiled graphs have no double backward, and every other pass runs the compiled networks.
