@@ -559,11 +559,18 @@ def _real_vs_real_fid(train_urls: list[str], holdout_urls: list[str], spec, weig
     return float(raw["frechet_inception_distance"])
 
 
-def ada_small_data(kimg: float = 100.0, max_train: int = 160, seeds: tuple[int, ...] = (0, 1)) -> None:
+def ada_small_data(
+    kimg: float = 100.0,
+    max_train: int = 160,
+    seeds: tuple[int, ...] = (0, 1),
+    eval_every: float | None = None,
+    runs: dict[str, list[str]] | None = None,
+) -> None:
     """The demo's DCGAN (32×32 digits, unconditional) on a 10% subset (``max_train`` training images, the whole
     held-out split) without augmentation, with ADA (bgc, adaptive p) and with DiffAugment, at equal kimg; FID (dataset-cnn
     features, 2000 samples) against the held-out split, beside the real-vs-real floors; img/s of each. Each
-    setting runs with every seed of ``seeds`` (FID on small data varies between seeds)."""
+    setting runs with every seed of ``seeds`` (FID on small data varies between seeds); ``eval_every`` kimg
+    (default: at the end only) also prints the FID/KID trajectory; ``runs``: other settings (name: overrides)."""
     import numpy as np
     from sklearn.datasets import load_digits
 
@@ -585,7 +592,7 @@ def ada_small_data(kimg: float = 100.0, max_train: int = 160, seeds: tuple[int, 
     floor_small = _real_vs_real_fid(expand_shards(str(small / "train-*.tar")), holdout, spec, weights)
     floor_full = _real_vs_real_fid(expand_shards(str(ROOT / "data/digits32/train-*.tar")), holdout, spec, weights)
     print(f"real-vs-real FID vs held-out: {max_train} training images {floor_small:.2f}, all 1617 {floor_full:.2f}")
-    runs = {
+    runs = runs or {
         "none": ["augment.kind=none"],
         "ada": ["augment.kind=ada", "augment.preset=bgc", "augment.speed_kimg=100"],
         "diffaugment": ["augment.kind=diffaugment"],
@@ -594,7 +601,7 @@ def ada_small_data(kimg: float = 100.0, max_train: int = 160, seeds: tuple[int, 
         run_dir = work / f"{name}-{seed}"
         overrides = [f"train.seed={seed}",
             f"data.shards={small / 'train-*.tar'}", f"data.holdout={small / 'holdout-*.tar'}",
-            "data.shuffle_buffer=200", f"train.total_kimg={kimg}", f"eval.every_kimg={kimg}",
+            "data.shuffle_buffer=200", f"train.total_kimg={kimg}", f"eval.every_kimg={eval_every or kimg}",
             "tracking.progress_bar=false", "tracking.wandb.mode=disabled", "tracking.log_every=50",
             f"checkpoint.every_kimg={kimg}", f"tracking.sample_every_kimg={kimg}", *extra,
         ]  # fmt: skip
@@ -603,6 +610,9 @@ def ada_small_data(kimg: float = 100.0, max_train: int = 160, seeds: tuple[int, 
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         speed = sorted(r["perf/img_per_s"] for r in rows if "perf/img_per_s" in r)
         fid = [e["eval/fid"] for e in result.evaluations if "eval/fid" in e]
+        if eval_every:
+            trajectory = [(e["kimg"], round(e["eval/fid"], 1), f"{e['eval/kid']:.3g}") for e in result.evaluations]
+            print(f"{name} seed {seed}: (kimg, FID, KID) {trajectory}", flush=True)
         last = [r for r in rows if "loss/D" in r][-1]
         print(
             f"{name} seed {seed}: FID {fid[-1]:.2f} at {kimg} kimg (start {fid[0]:.2f}), median {speed[len(speed) // 2]:.0f} img/s, "
@@ -611,6 +621,31 @@ def ada_small_data(kimg: float = 100.0, max_train: int = 160, seeds: tuple[int, 
             flush=True,
         )
     shutil.rmtree(work, ignore_errors=True)
+
+
+def augment_cost(calls: int = 20) -> None:
+    """Milliseconds per forward + backward of ADA's pipeline (bgc and bgcfnc at p = 1 and 0) and DiffAugment, on
+    the demo's batch (64 × 1 × 32 × 32) and on 16 RGB CIFAR-size images; median of ``calls``."""
+    import torch
+
+    from orchestrator.augment.ada import make_augment_pipe
+    from orchestrator.augment.diffaugment import diff_augment
+
+    def median_ms(fn, x: torch.Tensor) -> float:
+        times = []
+        for _ in range(calls + 3):
+            t0 = time.perf_counter()
+            fn(x).square().sum().backward()
+            times.append(time.perf_counter() - t0)
+        return sorted(times[3:])[calls // 2] * 1000
+
+    torch.manual_seed(0)
+    for shape in ((64, 1, 32, 32), (16, 3, 32, 32)):
+        x = torch.randn(shape, requires_grad=True)
+        cases = {f"ada {k} p={p}": make_augment_pipe(k, p) for k in ("bgc", "bgcfnc") for p in (1.0, 0.0)}
+        cases["diffaugment"] = diff_augment
+        row = ", ".join(f"{name} {median_ms(fn, x):.1f} ms" for name, fn in cases.items())
+        print(f"{list(shape)} ({_torch_threads()} threads): {row}", flush=True)
 
 
 def _rate(img_per_s: float) -> str:
@@ -639,6 +674,7 @@ BENCHMARKS = {
     "stylegan2_cifar_compile": stylegan2_cifar_compile,
     "data_stream": data_stream,
     "ada_small_data": ada_small_data,
+    "augment_cost": augment_cost,
 }
 
 

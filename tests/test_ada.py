@@ -61,8 +61,12 @@ def test_adaptive_p_settles_where_the_stand_in_d_meets_the_target():
 
 def test_fixed_and_scheduled_p():
     fixed = Augment(AugmentConfig(kind="ada", adjust="fixed", p=0.25), CPU)
-    fixed.observe(logits_with(16, 0))
-    assert fixed.end_step(0, 16, 16)["aug/p"].item() == 0.25
+    fixed.observe(logits_with(12, 4))
+    stats = fixed.end_step(0, 16, 16)  # r_t is measured and logged, p stays
+    assert stats["aug/p"].item() == 0.25 and stats["aug/rt"].item() == 0.5
+    diffaugment = Augment(AugmentConfig(kind="diffaugment"), CPU)
+    diffaugment.observe(logits_with(4, 12))
+    assert {k: v.item() for k, v in diffaugment.end_step(0, 16, 16).items()} == {"aug/p": 1.0, "aug/rt": -0.5}
     points = [(0.0, 0.0), (10.0, 0.5), (20.0, 0.5), (30.0, 0.0)]
     assert [scheduled_p(points, k) for k in (0, 5, 10, 15, 25, 40)] == [0.0, 0.25, 0.5, 0.5, 0.25, 0.0]
     scheduled = Augment(AugmentConfig(kind="ada", adjust="schedule", schedule=points), CPU)

@@ -107,27 +107,30 @@ class Augment:
         return images
 
     def observe(self, real_logits: torch.Tensor) -> None:
-        """Gather ``sign(D(real))`` of D's main pass for the adaptive p (no host sync)."""
-        if self.pipe is not None and self.cfg.adjust == "adaptive":
+        """Gather ``sign(D(real))`` of D's main pass (no host sync): ADA's adaptive p steers by it, and every
+        augmentation logs it as ``aug/rt``, the overfitting heuristic."""
+        if self.active:
             self.signs[0] += real_logits.detach().float().sign().sum()
             self.signs[1] += real_logits.numel()
 
     def end_step(self, step: int, batch: int, nimg: int) -> dict[str, torch.Tensor]:
-        """After step ``step`` (0-based) of ``batch`` images, ``nimg`` images in all: move p as configured."""
-        if self.pipe is None:
-            return {"aug/p": self.p} if self.active else {}
+        """After step ``step`` (0-based) of ``batch`` images, ``nimg`` images in all: every ``interval`` steps
+        r_t over the signs gathered since (all ranks), and p moved as configured."""
+        if not self.active:
+            return {}
         cfg = self.cfg
-        if cfg.adjust == "schedule":
-            self.pipe.p.fill_(scheduled_p(cfg.schedule, nimg / 1000))
-        elif cfg.adjust == "adaptive" and step % cfg.interval == 0:  # the official loop's batch_idx % ada_interval
+        if step % cfg.interval == 0:  # the official loop's batch_idx % ada_interval
             signs = self.signs.clone()
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(signs)
             self.rt = signs[0] / signs[1].clamp(min=1)
-            adjust = torch.sign(self.rt - cfg.target) * (batch * cfg.interval) / (cfg.speed_kimg * 1000)
-            self.pipe.p.copy_((self.pipe.p + adjust).clamp(min=0))
             self.signs.zero_()
-        return {"aug/p": self.pipe.p.detach().clone(), "aug/rt": self.rt.clone()}
+            if self.pipe is not None and cfg.adjust == "adaptive":
+                adjust = torch.sign(self.rt - cfg.target) * (batch * cfg.interval) / (cfg.speed_kimg * 1000)
+                self.pipe.p.copy_((self.pipe.p + adjust).clamp(min=0))
+        if self.pipe is not None and cfg.adjust == "schedule":
+            self.pipe.p.fill_(scheduled_p(cfg.schedule, nimg / 1000))
+        return {"aug/p": self.p.detach().clone(), "aug/rt": self.rt.clone()}
 
     def state_dict(self) -> dict:
         """p, r_t and the signs each rank gathered since the last adjustment (with several workers: every rank's,
