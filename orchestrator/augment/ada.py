@@ -488,10 +488,9 @@ class AugmentPipe(nn.Module):
 _STRENGTHS = {k for preset in ADA_PRESETS.values() for k in preset}
 
 
-def make_augment_pipe(preset: str = DEFAULT_PRESET, p: float = 0.0, **overrides) -> AugmentPipe:
+def make_augment_pipe(preset: str = DEFAULT_PRESET, p: float = 0.0) -> AugmentPipe:
     """An :class:`AugmentPipe` with the strengths of an official preset (``--augpipe`` of
-    stylegan2-ada-pytorch's ``train.py``: :data:`ADA_PRESETS`), overall probability ``p``; ``overrides`` are
-    further :class:`AugmentPipe` arguments (e.g. ``xint_max``)."""
+    stylegan2-ada-pytorch's ``train.py``: :data:`ADA_PRESETS`) and overall probability ``p``."""
     if preset not in ADA_PRESETS:
         raise ValueError(f"unknown ADA augmentation preset {preset!r}; known: {', '.join(ADA_PRESETS)}")
-    return AugmentPipe(**{**ADA_PRESETS[preset], **overrides}, p=p)
+    return AugmentPipe(**ADA_PRESETS[preset], p=p)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from architectures.biggan import BOTTOM_WIDTH, D_ARCH, G_MULTS, BigGANConfig, BigGANDiscriminator, BigGANGenerator
 from architectures.biggan import _d_block_resolutions as d_block_resolutions
 from core.spec import ImageSpec
-from orchestrator.tools.imports.common import fit_state, sha256, write_checkpoint
+from orchestrator.data.shards import sha256_file
+from orchestrator.tools.imports.common import fit_state, write_checkpoint
 from orchestrator.tools.imports.pickles import NetworkImportError
 
 RESOLUTION_BY_G_BLOCKS = {len(m) - 1: r for r, m in G_MULTS.items()}
@@ -174,7 +175,7 @@ def import_biggan_pytorch(
     record them; the defaults are the authors' ImageNet launch script's)."""
     cfg, spec, states = convert(g_path, d_path, g_ema_path, bn_eps, sn_eps)
     files = {
-        key: {"name": Path(p).name, "sha256": sha256(Path(p))}
+        key: {"name": Path(p).name, "sha256": sha256_file(Path(p))}
         for key, p in (("G", g_path), ("D", d_path), ("G_ema", g_ema_path))
     }
     info = {"format": "biggan-pytorch", "files": files}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,15 +62,6 @@ def fit_state(
 def _fits(t: torch.Tensor, own: torch.Tensor) -> bool:
     # Only a 0-dim official scalar may become ganforge's [1] (DeepSpeed cannot broadcast 0-dim parameters).
     return t.shape == own.shape or (t.ndim == 0 and own.shape == (1,))
-
-
-def sha256(path: Path) -> str:
-    """Hex digest of a file (recorded in the checkpoint's ``imported_from``)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def job_config(model: ArchConfig, spec: ImageSpec, shards: str = PLACEHOLDER_SHARDS) -> JobConfig:

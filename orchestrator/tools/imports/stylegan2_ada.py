@@ -24,7 +24,8 @@ import torch
 
 from architectures.stylegan2 import StyleGAN2Config, build_discriminator, build_generator
 from core.spec import ImageSpec
-from orchestrator.tools.imports.common import fit_state, sha256, write_checkpoint
+from orchestrator.data.shards import sha256_file
+from orchestrator.tools.imports.common import fit_state, write_checkpoint
 from orchestrator.tools.imports.pickles import NetworkImportError, Record, load_network_pickle
 
 NETWORKS = {"G": "Generator", "D": "Discriminator", "G_ema": "Generator"}
@@ -293,5 +294,5 @@ def import_stylegan2_ada(path: str | Path, out_dir: str | Path, shards: str | No
     (default: a placeholder to replace before training)."""
     path = Path(path)
     cfg, spec, states = convert(path)
-    info = {"format": "stylegan2-ada", "files": {"pickle": {"name": path.name, "sha256": sha256(path)}}}
+    info = {"format": "stylegan2-ada", "files": {"pickle": {"name": path.name, "sha256": sha256_file(path)}}}
     return write_checkpoint(out_dir, cfg, spec, states, info, shards)
