@@ -11,6 +11,14 @@ Network contract (what the training loop relies on):
   ``[N]`` (``None`` for unconditional models) to images ``[N, channels, resolution, resolution]``
   roughly in ``[-1, 1]``. ``G.z_dim`` is an ``int`` attribute.
 * ``D(img, c)`` maps images and labels to one real/fake logit per image, shape ``[N]``.
+
+Image-to-image families (``Capabilities.conditioning == "image"``: pix2pix, cyclegan, srgan) instead have:
+
+* ``G(x)`` maps input images ``[N, spec.input_channels, spec.input_resolution, spec.input_resolution]`` in
+  ``[-1, 1]`` to images ``[N, spec.channels, spec.resolution, spec.resolution]``; no ``z_dim`` (or 0).
+* ``D`` is the family's own (a PatchGAN returns a map of logits ``[N, 1, h, w]``); only its recipe calls it.
+* With ``Capabilities.cycle`` (CycleGAN), G holds both generators: ``G.ab`` (A → B, what ``G(x)`` runs) and
+  ``G.ba`` (B → A); ``G(a, b)`` runs the whole cycle in one call (see the family's docstring).
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ class Capabilities:
       or ``None``.
     * ``compiles``: the networks train correctly under ``torch.compile`` (``train.compile``).
     * ``d_blocks``: ``D.blocks`` lists D's blocks from the image side (Freeze-D freezes the first k).
+    * ``conditioning``: ``"latent"`` (``G(z, c)``) or ``"image"`` (``G(x)``: image-to-image, see the module docstring).
+    * ``cycle``: G holds two generators, ``G.ab`` and ``G.ba`` (CycleGAN).
     """
 
     mapping: bool = False
@@ -59,6 +69,8 @@ class Capabilities:
     truncation: Literal["psi", "resample"] | None = None
     compiles: bool = True
     d_blocks: bool = False
+    conditioning: Literal["latent", "image"] = "latent"
+    cycle: bool = False
 
 
 @dataclass(frozen=True)

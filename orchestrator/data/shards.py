@@ -387,6 +387,7 @@ class Batch:
     bad: list[tuple[str, str, str]] = field(default_factory=list)
     read: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
+    input: torch.Tensor | None = None  # image-to-image data: the input images G maps to ``img`` (else None)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
