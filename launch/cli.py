@@ -36,8 +36,14 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from orchestrator.tools.generate import generate, interpolate
+    from orchestrator.tools.generate import generate, interpolate, translate
 
+    if a.input is not None:
+        if a.seeds is not None or a.num is not None or a.seed is not None or a.interpolate is not None:
+            a.parser.error("--input translates images; leave out --seeds, --num, --seed and --interpolate")
+        paths = translate(a.checkpoint, a.input, a.out, a.direction, a.device)
+        print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+        return 0
     if a.interpolate is not None:
         if a.seeds is not None or a.num is not None or a.seed is not None:
             a.parser.error("--interpolate takes its two seeds itself; leave out --seeds, --num and --seed")
@@ -344,6 +350,15 @@ def _add_generate(sub) -> None:
         "convention); default auto: W where there is a mapping network, else Z",
     )
     g.add_argument("--frame-ms", type=int, default=100, metavar="MS", help="GIF frame duration (default 100)")
+    g.add_argument(
+        "--input",
+        metavar="PATH",
+        help="image → image models (pix2pix, cyclegan, srgan): translate this image or every image of this "
+        "folder instead; writes NAME.png per input and grid.png (input | output)",
+    )
+    g.add_argument(
+        "--direction", choices=("ab", "ba"), default="ab", help="cyclegan: ab (A → B, default) or ba (B → A)"
+    )
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g.set_defaults(fn=_generate, parser=g)
 

@@ -34,7 +34,10 @@ from orchestrator.health import HealthConfig
 from orchestrator.losses import LossConfig
 from orchestrator.optim import OptimConfig
 from orchestrator.precision import PrecisionName
+from orchestrator.recipes.cyclegan import CycleGANOptions
+from orchestrator.recipes.pix2pix import Pix2PixOptions
 from orchestrator.recipes.recipe import RECIPES
+from orchestrator.recipes.srgan import SRGANOptions
 from orchestrator.tracking import TrackingConfig
 
 ModelConfig = Annotated[Union[tuple(a.config for a in REGISTRY.values())], Field(discriminator="arch")]
@@ -88,7 +91,7 @@ class TrainConfig(StrictConfig):
     recipe: str = Field(
         "noise_to_image",
         description="the GAN kind's recipe: its networks and phases "
-        "(orchestrator/recipes/; noise_to_image trains every family in architectures/)",
+        "(orchestrator/recipes/): noise_to_image (mlp, dcgan, stylegan2, biggan, progan), pix2pix, cyclegan, srgan",
     )
 
     @field_validator("recipe")
@@ -118,6 +121,9 @@ class JobConfig(StrictConfig):
     faults: FaultConfig = FaultConfig()
     augment: AugmentConfig = AugmentConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    pix2pix: Pix2PixOptions = Pix2PixOptions()
+    cyclegan: CycleGANOptions = CycleGANOptions()
+    srgan: SRGANOptions = SRGANOptions()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (every default filled in)."""

@@ -14,13 +14,13 @@ from pydantic import Field
 
 from core.config import StrictConfig
 
-LossKind = Literal["minimax", "nonsaturating", "hinge", "wgan"]
+LossKind = Literal["minimax", "nonsaturating", "hinge", "wgan", "lsgan"]
 
 
 class LossConfig(StrictConfig):
     """The adversarial loss and the regularizers with their weights and intervals."""
 
-    kind: LossKind = Field("nonsaturating", description="minimax | nonsaturating | hinge | wgan")
+    kind: LossKind = Field("nonsaturating", description="minimax | nonsaturating | hinge | wgan | lsgan")
     d_steps: int = Field(1, ge=1, le=100, description="D (critic) steps per G step")
     r1_gamma: float = Field(0.0, ge=0.0, description="R1 weight γ on real images (0: off)")
     r1_interval: int = Field(1, ge=1, description="apply R1 every this many D steps, scaled by the interval (lazy)")
@@ -53,6 +53,8 @@ def d_loss(kind: LossKind, real_logits: torch.Tensor, fake_logits: torch.Tensor)
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     if kind == "wgan":  # Arjovsky et al. 2017: the critic maximises E[D(x)] − E[D(G(z))]
         return fake_logits.mean() - real_logits.mean()
+    if kind == "lsgan":  # Mao et al. 2017 with a = 0, b = c = 1 (CycleGAN): E[(D(x) − 1)²] + E[D(G(z))²]
+        return (real_logits - 1).square().mean() + fake_logits.square().mean()
     raise ValueError(f"unknown loss kind {kind!r}")
 
 
@@ -64,6 +66,8 @@ def g_loss(kind: LossKind, fake_logits: torch.Tensor) -> torch.Tensor:
         return F.softplus(-fake_logits).mean()
     if kind in ("hinge", "wgan"):
         return -fake_logits.mean()
+    if kind == "lsgan":  # E[(D(G(z)) − 1)²]
+        return (fake_logits - 1).square().mean()
     raise ValueError(f"unknown loss kind {kind!r}")
 
 

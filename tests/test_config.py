@@ -180,7 +180,7 @@ def test_a_deepspeed_json_config_is_named_as_one_and_a_job_config_is_not(tmp_pat
     ):
         load_config(ds)
     with pytest.raises(
-        ConfigError, match=r"job.yaml:8: unknown key 'fp16' \(valid keys here: augment, checkpoint, data"
+        ConfigError, match=r"job.yaml:8: unknown key 'fp16' \(valid keys here: augment, checkpoint, cyclegan, data"
     ):
         load_config(write(tmp_path, GOOD + "fp16: {enabled: true}\n"))
 

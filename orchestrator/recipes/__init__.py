@@ -1,3 +1,3 @@
 """Recipes: GAN kinds as data (see :mod:`orchestrator.recipes.recipe`); importing this registers the built-in ones."""
 
-from orchestrator.recipes import noise_to_image  # noqa: F401
+from orchestrator.recipes import cyclegan, noise_to_image, pix2pix, srgan  # noqa: F401

@@ -115,6 +115,12 @@ def r1_through_raw(
 def check(setup: RecipeSetup, caps: Capabilities) -> None:
     """Loss settings the networks cannot honour are config errors, raised before anything is built."""
     cfg, arch = setup.loss, setup.arch.name
+    if caps.conditioning != "latent" or setup.spec.translates:
+        what = f"model.arch {arch} maps images to images" if caps.conditioning != "latent" else (
+            f"data.shards hold {setup.spec.pairing} image → image data"
+        )  # fmt: skip
+        raise ConfigError(f"train.recipe: noise_to_image generates from noise, but {what}; "
+                          f"use train.recipe: pix2pix, cyclegan or srgan with the model.arch of that name")  # fmt: skip
     classifies = bool(setup.spec.num_classes) and caps.class_logits
     if cfg.ac_weight > 0 and not classifies:
         raise ConfigError(

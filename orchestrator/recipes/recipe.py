@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Literal, Protocol
+from typing import Any, Callable, ContextManager, Literal, Protocol
 
 import torch
 import torch.nn as nn
@@ -136,7 +136,9 @@ class Phase:
     (its inputs are as many as the last real batch). ``inputs(ctx, reals, n)`` turns the worker's real
     batch (``{"img", "label"}``, or empty) and its size ``n`` into this phase's tensors (latents drawn
     here); the runner cuts each into micro-batches. ``frozen``: networks that get no gradient while
-    the phase runs (D in the G phase)."""
+    the phase runs (D in the G phase). ``active(nimg)``: whether the phase runs at this point of training
+    (real images shown so far; None: always), e.g. SRGAN's MSE pre-training before its GAN phases; an inactive
+    phase is not counted for its interval."""
 
     name: str
     steps: tuple[str, ...]
@@ -146,6 +148,7 @@ class Phase:
     interval: int = 1
     frozen: tuple[str, ...] = ()
     shrink: int = 1  # the phase uses 1/shrink of the batch (StyleGAN2's pl_batch_shrink)
+    active: Callable[[int], bool] | None = None
 
 
 StepHook = Callable[[int, int, int], dict[str, torch.Tensor]]
@@ -156,7 +159,9 @@ class Recipe:
     """A GAN kind as data: networks, EMA copies (``{copy: source}``), recipe state, and the phases of a step.
     ``generator`` is the network samples, grids and evaluation use. ``after_step`` hooks run after the phases
     of each step as ``hook(step, global_batch, nimg)`` (step counted from 0, nimg including this step) and
-    return statistics to log (ADA's p adjustment)."""
+    return statistics to log (ADA's p adjustment). ``lr_schedule(nimg)`` multiplies every trained network's
+    learning rate (None: constant), e.g. CycleGAN's linear decay to 0; it is a function of the image count,
+    which the checkpoint holds, so a resumed run continues on the same schedule."""
 
     networks: dict[str, Network]
     phases: list[Phase]
@@ -165,6 +170,7 @@ class Recipe:
     state: dict[str, Stateful] = field(default_factory=dict)
     generator: str = "G_ema"
     after_step: list[StepHook] = field(default_factory=list)
+    lr_schedule: Callable[[int], float] | None = None
 
     @property
     def trained(self) -> dict[str, Network]:
@@ -174,7 +180,8 @@ class Recipe:
 
 @dataclass(frozen=True)
 class RecipeSetup:
-    """What a recipe builder gets: its sections of the job config, the data, and where it runs."""
+    """What a recipe builder gets: its sections of the job config (``options``: the recipe's own section, e.g.
+    ``cyclegan``; None for noise_to_image), the data, the run's length and where it runs."""
 
     model: ArchConfig
     arch: Architecture
@@ -187,6 +194,8 @@ class RecipeSetup:
     world_size: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    options: Any = None
+    total_kimg: float = 0.0
 
     def sampler(self, z_dim: int) -> Sampler:
         """The recipe's latent sampler: seeded from ``train.seed``, the same stream on every rank."""

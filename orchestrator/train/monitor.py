@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import architectures
 from core.spec import ImageSpec
 from orchestrator.checkpoint import mark_best
 from orchestrator.config import JobConfig
@@ -20,6 +21,7 @@ from orchestrator.data.shards import DataError, ShardLoader, load_manifest
 from orchestrator.eval.evaluator import resolve_holdout
 from orchestrator.eval.service import NAMESPACE, EvalClient, EvalJob, Evaluator
 from orchestrator.health import HealthMonitor
+from orchestrator.recipes.image_to_image import panels
 from orchestrator.tracking import Tracker, peak_memory_mb
 
 
@@ -48,6 +50,32 @@ def save_grid(G: nn.Module, z: torch.Tensor, c: torch.Tensor | None, ncol: int, 
     path.parent.mkdir(parents=True, exist_ok=True)
     img = torch.cat([G(z[i : i + 256], None if c is None else c[i : i + 256]).float() for i in range(0, len(z), 256)])
     torchvision.utils.save_image(img.clamp(-1, 1), path, nrow=ncol, normalize=True, value_range=(-1, 1), padding=1)
+    return path
+
+
+def grid_examples(cfg: JobConfig, spec: ImageSpec, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed examples for the grids of an image → image model: ``n`` held-out inputs and targets (domain A and B
+    images when unpaired) in [-1, 1], or training ones where there are no held-out shards."""
+    from orchestrator.data.shards import read_heldout
+
+    try:
+        held = read_heldout(resolve_holdout(cfg.eval, cfg.data), spec, limit=n)
+        return held.a[:n].float() / 127.5 - 1, held.b[:n].float() / 127.5 - 1
+    except DataError:
+        data = cfg.data.model_copy(update={"workers": 0, "shuffle_buffer": 1})
+        batch = ShardLoader(data, spec, n, seed=cfg.train.seed).next()
+        return batch.input, batch.img
+
+
+@torch.no_grad()
+def save_panels(G: nn.Module, a: torch.Tensor, b: torch.Tensor, cycle: bool, path: Path) -> Path:
+    """An image → image grid (see :func:`~orchestrator.recipes.image_to_image.panels`): two examples per row."""
+    import torchvision
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = panels(G, a, None if cycle and len(b) != len(a) else b, cycle)
+    torchvision.utils.save_image(torch.stack(images).clamp(-1, 1), path, nrow=6, normalize=True,
+                                 value_range=(-1, 1), padding=1)  # fmt: skip
     return path
 
 
@@ -104,6 +132,8 @@ class Monitor:
         self.tracker, self.evaluator = tracker, evaluator
         self.samples_dir = Path(run_dir) / "samples"
         self.grid_z, self.grid_c = grid_latents(z_dim, spec.num_classes, cfg.tracking.grid_size, device)
+        self.cycle = architectures.get(cfg.model.arch).capabilities.cycle
+        self.examples: tuple[torch.Tensor, torch.Tensor] | None = None  # image → image: fixed grid inputs
         self.last_grid: Path | None = None
         self.health: HealthMonitor | None = None
         self.real_batch: torch.Tensor | None = None
@@ -115,6 +145,10 @@ class Monitor:
         if not self.active:
             return
         cfg = self.cfg
+        if self.spec.translates:
+            with torch.random.fork_rng(devices=[]):
+                a, b = grid_examples(cfg, self.spec, cfg.tracking.grid_size)
+            self.examples = (a.to(self.device), b.to(self.device))
         self.health = HealthMonitor(cfg.health, lambda key, title, text: self.tracker.alert(title, text), cfg.loss.kind)
         n = cfg.health.diversity_samples
         self.health_z = torch.randn(n, self.grid_z.shape[1], generator=torch.Generator().manual_seed(1)).to(self.device)
@@ -157,7 +191,7 @@ class Monitor:
         }
         if self.health is not None:
             samples = None
-            if self.health.diversity_due(step // self.cfg.tracking.log_every, nimg):
+            if self.health.diversity_due(step // self.cfg.tracking.log_every, nimg) and not self.spec.translates:
                 with (
                     torch.no_grad(),
                     torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []),
@@ -175,7 +209,10 @@ class Monitor:
             return None
         is_level = path is not None
         path = path or grid_path(self.samples_dir, nimg)
-        save_grid(G_ema, self.grid_z, self.grid_c, self.cfg.tracking.grid_size, path)
+        if self.examples is not None:
+            save_panels(G_ema, *self.examples, self.cycle, path)
+        else:
+            save_grid(G_ema, self.grid_z, self.grid_c, self.cfg.tracking.grid_size, path)
         self.tracker.log_image(
             "samples/level" if is_level else "samples/grid", path, step, caption or f"G_ema at {nimg / 1000:.1f} kimg"
         )

@@ -223,7 +223,7 @@ class Run:
         run._start_monitoring(start_from)
         if run.growth is not None:
             run._enter_level()
-        if run.guard.state.lr_scale != 1.0 or run.guard.state.fp32:
+        if run.guard.state.lr_scale != 1.0 or run.guard.state.fp32 or run.recipe.lr_schedule is not None:
             run._apply_fault_state()
         return run
 
@@ -234,7 +234,7 @@ class Run:
         torch.manual_seed(cfg.train.seed)
         setup = RecipeSetup(
             cfg.model, self.arch, self.spec, cfg.loss, cfg.optim, self.device, cfg.train.seed, ctx.rank,
-            ctx.world_size, cfg.augment, cfg.finetune,
+            ctx.world_size, cfg.augment, cfg.finetune, getattr(cfg, cfg.train.recipe, None), cfg.train.total_kimg,
         )  # fmt: skip
         self.recipe = get_recipe(cfg.train.recipe)(setup)
         if init and cfg.finetune.init_from:  # before the strategy: DeepSpeed copies the weights it starts from
@@ -367,6 +367,8 @@ class Run:
         for hook in self.recipe.after_step:
             stats.update(hook(p.step, self.global_batch, p.nimg))
         p.step += 1
+        if self.recipe.lr_schedule is not None:
+            self._apply_lr()
         self.last_beta = ema_beta(self.cfg.ema, self.global_batch, p.nimg)
         with torch.profiler.record_function("loop:ema"):
             for copy, source in self.recipe.ema.items():
@@ -388,6 +390,8 @@ class Run:
         collected: dict[str, list[torch.Tensor]] = {}
         reals, sizes, n_real, skipped = {}, [self.micro_batch] * self.num_micro, 0, 0
         for phase in self.recipe.phases:
+            if phase.active is not None and not phase.active(self.progress.nimg):
+                continue
             count = self.progress.phases.get(phase.name, 0)
             self.progress.phases[phase.name] = count + 1
             if count % phase.interval:
@@ -405,7 +409,7 @@ class Run:
 
     def _next_reals(self) -> tuple[dict[str, torch.Tensor | None], list[int]]:
         """This worker's real images (and labels) of one global batch, as ``num_micro`` micro-batches."""
-        images, labels = [], []
+        images, labels, inputs = [], [], []
         for _ in range(self.num_micro):
             t0 = time.perf_counter()
             with torch.profiler.record_function("data:next"):
@@ -416,8 +420,13 @@ class Run:
             img = batch.img.to(self.device, non_blocking=True)
             images.append(self.growth.reals(img) if self.growth else img)
             labels.append(batch.label.to(self.device, non_blocking=True))
+            if batch.input is not None:
+                inputs.append(batch.input.to(self.device, non_blocking=True))
         label = torch.cat(labels) if self.spec.num_classes else None
-        return {"img": torch.cat(images), "label": label}, [len(i) for i in images]
+        reals = {"img": torch.cat(images), "label": label}
+        if inputs:
+            reals["input"] = torch.cat(inputs)
+        return reals, [len(i) for i in images]
 
     def rollback(self) -> None:
         """Back to the last good checkpoint with lower learning rates (the guard decides and keeps count)."""
@@ -441,9 +450,10 @@ class Run:
     def _apply_lr(self) -> None:
         """Learning rates of the growth level (or the config), corrected for lazy regularization and lowered
         by any NaN/Inf rollbacks."""
+        schedule = self.recipe.lr_schedule(self.progress.nimg) if self.recipe.lr_schedule else 1.0
         for name, net in self.recipe.trained.items():
             lr = self.growth.lr(net.optimizer.lr) if self.growth else net.optimizer.lr
-            self.strategy.set_lr(name, lr * lazy_ratio(net.reg_interval) * self.guard.state.lr_scale)
+            self.strategy.set_lr(name, lr * lazy_ratio(net.reg_interval) * self.guard.state.lr_scale * schedule)
 
     def _apply_fault_state(self) -> None:
         self._apply_lr()
