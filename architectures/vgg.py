@@ -77,14 +77,15 @@ def load_vgg19_features(path: str | Path, layer: str = "5_4") -> VGGFeatures:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"VGG19 weights for the SRGAN content loss not found at {path}. {HOW_TO_GET}")
-    vgg = torchvision.models.vgg19(weights=None)
+    with torch.device("meta"):  # shapes only: the 120M-parameter classifier is never allocated
+        vgg = torchvision.models.vgg19(weights=None)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one that holds more than tensors
         raise ValueError(f"{path} is not a VGG19 state dict ({type(e).__name__}: {e}). {HOW_TO_GET}") from e
     end = LAYER_END[layer]
     _check_state_dict(sd, vgg.state_dict(), end, path)
-    features = vgg.features[:end]
+    features = vgg.features[:end].to_empty(device="cpu")
     features.load_state_dict({k[len("features.") :]: v for k, v in sd.items() if _in_features(k, end)})
     return VGGFeatures(features)
 
