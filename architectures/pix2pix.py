@@ -6,10 +6,10 @@ that judges the input and output images stacked along the channels. Layer for la
 junyanz/pytorch-CycleGAN-and-pix2pix ``models/networks.py`` (``UnetGenerator`` with ``unet_256``,
 ``NLayerDiscriminator`` with ``basic``), with the same parameter counts (see ``docs/architectures.md``).
 
-G's only noise is dropout (sec. 2.1, app. 6.1.1: 50% in the decoder's first three layers, which the authors'
-code places in the ``num_downs - 5`` blocks around the innermost one). It is an ``nn.Dropout``: active in train
+G's only noise is dropout (sec. 3.1, app. 6.1.1: 50% in the decoder's first three layers, which the authors'
+code places in the ``num_downs - 5`` levels just outside the innermost one). It is an ``nn.Dropout``: active in train
 mode and off in eval mode, as in the authors' test script (which calls ``.eval()``; the paper instead keeps it
-on at test time).
+on at test time, sec. 3.3).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class UnetGenerator(nn.Module):
 
 
 class Pix2PixDiscriminator(nn.Module):
-    """The conditional PatchGAN of sec. 2.1 / 3.2.2: ``D(x, y)`` is the logit map ``[N, 1, h, w]`` of
+    """The conditional PatchGAN of sec. 3.1 / 3.2.2: ``D(x, y)`` is the logit map ``[N, 1, h, w]`` of
     ``cat([x, y], 1)`` for an input image x and a (real or generated) output image y of the same size."""
 
     def __init__(self, in_channels: int, out_channels: int, ndf: int = 64, layers: int = 3, norm: Norm = "batch"):

@@ -1,9 +1,9 @@
 """SRGAN (Ledig et al. 2017, "Photo-Realistic Single Image Super-Resolution Using a Generative Adversarial
 Network").
 
-G is the SRResNet of sec. 2.2 and fig. 4: a 9×9 conv with PReLU, B residual blocks (conv3-BN-PReLU-conv3-BN and
+G is the SRResNet of sec. 2.1 and fig. 4: a 9×9 conv with PReLU, B residual blocks (conv3-BN-PReLU-conv3-BN and
 a skip), conv3-BN with a skip from before the blocks, one sub-pixel upsampling block per factor 2 (conv3 to 256
-channels → PixelShuffle(2) → PReLU, Shi et al. 2016) and a final 9×9 conv. D is the VGG-style network of sec. 2.2
+channels → PixelShuffle(2) → PReLU, Shi et al. 2016) and a final 9×9 conv. D is the VGG-style network of sec. 2.1
 and fig. 4: eight 3×3 convs, 64 to 512 channels, alternately stride 1 and 2, LeakyReLU(0.2) and BN (none after
 the first), then Dense(1024), LeakyReLU(0.2), Dense(1) (a logit; the paper's sigmoid lives in the loss).
 
@@ -42,7 +42,7 @@ class SRGANConfig(ArchConfig):
 
 
 class ResidualBlock(nn.Module):
-    """``x + BN(conv3(PReLU(BN(conv3(x)))))`` (sec. 2.2, after Gross & Wilber's layout)."""
+    """``x + BN(conv3(PReLU(BN(conv3(x)))))`` (sec. 2.1, after Gross & Wilber's layout)."""
 
     def __init__(self, channels: int):
         super().__init__()
