@@ -35,6 +35,7 @@ HOSTILE = "tests/faults/test_hostile_checkpoints.py"
 NONFINITE = "tests/faults/test_nonfinite.py"
 TRUNCATED = "tests/faults/test_bad_data.py::test_truncated_tar_names_its_shard_and_the_next_shard_is_read"
 BAD_KIND = "tests/faults/test_bad_data.py::test_each_bad_kind_is_skipped_and_reported_with_shard_and_key"
+T2T = "tests/test_translation_recipes.py::"
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,46 @@ MUTANTS = [
         "    if problems and not partial:",
         "    if problems and partial is None:",
         ("tests/test_finetune.py::test_init_from_refuses_a_mismatch_naming_the_parameter_and_both_shapes",),
+    ),
+    Mutant(
+        "pix2pix-no-l1-weight",
+        "Pix2Pix adds the L1 term without its λ = 100",
+        "orchestrator/recipes/pix2pix.py",
+        "total = adv + l1_weight * l1",
+        "total = adv + l1",
+        (T2T + "test_pix2pix_phases_take_the_gradients_of_the_papers_objective",),
+    ),
+    Mutant(
+        "pix2pix-d-not-halved",
+        "Pix2Pix's D takes the whole objective instead of half (paper, section 3.2)",
+        "orchestrator/recipes/pix2pix.py",
+        "total = 0.5 * d_loss(kind, real_logits, fake_logits)",
+        "total = d_loss(kind, real_logits, fake_logits)",
+        (T2T + "test_pix2pix_phases_take_the_gradients_of_the_papers_objective",),
+    ),
+    Mutant(
+        "cyclegan-identity-unweighted",
+        "CycleGAN's identity terms lose their 0.5·λ weight",
+        "orchestrator/recipes/cyclegan.py",
+        'total = total + lam * opts.identity_weight * stats["loss/identity"]',
+        'total = total + stats["loss/identity"]',
+        (T2T + "test_cyclegan_phases_take_the_gradients_of_the_papers_objective",),
+    ),
+    Mutant(
+        "cyclegan-pool-never-swaps",
+        "The history pool always returns the new fake (D never sees older fakes)",
+        "orchestrator/recipes/image_to_image.py",
+        "            elif swap[i]:",
+        "            elif False:",
+        (T2T + "test_the_image_pool_follows_the_authors_rule",),
+    ),
+    Mutant(
+        "srgan-adv-weight-ignored",
+        "SRGAN's adversarial term loses its 10⁻³ weight",
+        "orchestrator/recipes/srgan.py",
+        "total = cont + opts.adv_weight * adv",
+        "total = cont + adv",
+        (T2T + "test_srgan_phases_take_the_gradients_of_the_perceptual_loss",),
     ),
 ]
 
