@@ -38,24 +38,34 @@ class SRGANConfig(ArchConfig):
     g_channels: int = Field(64, ge=1, description="SRResNet width (the paper: 64)")
     d_channels: int = Field(64, ge=1, description="D width of the first two convs; 2×, 4×, 8× after (the paper: 64)")
     d_dense: int = Field(1024, ge=1, description="D's hidden dense layer (the paper: 1024)")
-    norm: Literal["batch"] = Field("batch", description="BatchNorm in G's blocks and D (the paper's only choice)")
+    norm: Literal["batch", "none"] = Field(
+        "batch",
+        description="batch: BatchNorm in G's blocks and D (the paper); none: no normalisation (as EDSR and ESRGAN "
+        "found better for SR; also what lets data-parallel workers on CPU, which have no SyncBatchNorm, compute "
+        "exactly what one worker does)",
+    )
 
 
 class ResidualBlock(nn.Module):
-    """``x + BN(conv3(PReLU(BN(conv3(x)))))`` (sec. 2.1, after Gross & Wilber's layout)."""
+    """``x + BN(conv3(PReLU(BN(conv3(x)))))`` (sec. 2.1, after Gross & Wilber's layout); without the BNs when
+    ``norm`` is False."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: bool = True):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, 1, 1),
-            nn.BatchNorm2d(channels),
+            _bn(channels, norm),
             nn.PReLU(),
             nn.Conv2d(channels, channels, 3, 1, 1),
-            nn.BatchNorm2d(channels),
+            _bn(channels, norm),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+def _bn(channels: int, norm: bool) -> nn.Module:
+    return nn.BatchNorm2d(channels) if norm else nn.Identity()
 
 
 def upsample_block(channels: int) -> nn.Sequential:
@@ -69,14 +79,22 @@ class SRResNet(nn.Module):
 
     z_dim = 0
 
-    def __init__(self, in_channels: int, out_channels: int, scale: int = 4, blocks: int = 16, channels: int = 64):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        scale: int = 4,
+        blocks: int = 16,
+        channels: int = 64,
+        norm: bool = True,
+    ):
         super().__init__()
         if scale < 2 or scale & (scale - 1):
             raise ValueError(f"the SRResNet upsamples by powers of two: scale must be 2, 4, 8, …, got {scale}")
         self.scale = scale
         self.head = nn.Sequential(nn.Conv2d(in_channels, channels, 9, 1, 4), nn.PReLU())
-        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
-        self.post = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), nn.BatchNorm2d(channels))
+        self.blocks = nn.Sequential(*[ResidualBlock(channels, norm) for _ in range(blocks)])
+        self.post = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1), _bn(channels, norm))
         self.upsample = nn.Sequential(*[upsample_block(channels) for _ in range(int(math.log2(scale)))])
         self.tail = nn.Sequential(nn.Conv2d(channels, out_channels, 9, 1, 4), nn.Tanh())
 
@@ -91,14 +109,14 @@ class SRDiscriminator(nn.Module):
     features are average-pooled to the 6×6 that the paper's 96 px crops give, so at 96 px the pooling is the
     identity and the network is the paper's."""
 
-    def __init__(self, in_channels: int, width: int = 64, dense: int = 1024):
+    def __init__(self, in_channels: int, width: int = 64, dense: int = 1024, norm: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = in_channels
         for i, mult in enumerate(D_WIDTHS):
             c_out = width * mult
             layers.append(nn.Conv2d(c_in, c_out, 3, 1 + i % 2, 1))
-            if i > 0:
+            if i > 0 and norm:
                 layers.append(nn.BatchNorm2d(c_out))
             layers.append(nn.LeakyReLU(0.2, True))
             c_in = c_out
@@ -127,13 +145,15 @@ def scale_of(spec: ImageSpec) -> int:
 
 def build_generator(cfg: SRGANConfig, spec: ImageSpec) -> SRResNet:
     """The SRResNet from ``spec.input_channels`` at ``spec.input_resolution`` to ``spec.channels`` at ``spec.resolution``."""
-    return SRResNet(spec.input_channels, spec.channels, scale_of(spec), cfg.g_blocks, cfg.g_channels)
+    return SRResNet(
+        spec.input_channels, spec.channels, scale_of(spec), cfg.g_blocks, cfg.g_channels, cfg.norm == "batch"
+    )
 
 
 def build_discriminator(cfg: SRGANConfig, spec: ImageSpec) -> SRDiscriminator:
     """The discriminator on ``spec.channels`` images at ``spec.resolution``."""
     scale_of(spec)
-    return SRDiscriminator(spec.channels, cfg.d_channels, cfg.d_dense)
+    return SRDiscriminator(spec.channels, cfg.d_channels, cfg.d_dense, cfg.norm == "batch")
 
 
 register(Architecture("srgan", SRGANConfig, build_generator, build_discriminator, Capabilities(conditioning="image")))
