@@ -207,6 +207,8 @@ def _eval(a: argparse.Namespace) -> int:
         f"{f', ψ={cfg.truncation_psi}' if cfg.truncation_psi is not None else ''}); held-out: {held}"
     )
     print(f"# feature extractor {r.feature_extractor} (weights sha256 {r.weights_sha256[:12]}…); {r.seconds:.1f} s")
+    for note in r.notes:
+        print(f"# {note}")
     return 0
 
 
@@ -476,7 +478,9 @@ def _add_eval(sub) -> None:
     e.add_argument(
         "--metrics",
         metavar="LIST",
-        help="comma-separated: fid, kid, isc (Inception Score), prc (precision/recall); default fid,kid",
+        help="comma-separated: fid, kid, isc (Inception Score), prc (precision/recall); default fid,kid. "
+        "Image-to-image checkpoints: psnr, ssim, psnr_bicubic, ssim_bicubic (super-resolution); l1, l1_input, "
+        "psnr, fid (paired); fid_a, fid_b, label_ab, label_ba, label_aba (unpaired); default: all that fit",
     )
     e.add_argument("--num", type=int, metavar="N", help="images to generate (default 10000)")
     e.add_argument("--seed", type=int, help="first seed; image i uses seed SEED+i (default 0)")

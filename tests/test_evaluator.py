@@ -230,7 +230,9 @@ def test_eval_config_fields_are_validated():
     ):
         with pytest.raises(ValueError):
             EvalConfig(**bad)
-    with pytest.raises(EvalError, match=r"eval\.metrics\.1: Input should be 'fid', 'kid', 'isc' or 'prc'"):
+    with pytest.raises(
+        EvalError, match=r"eval\.metrics\.1: Input should be 'fid', 'kid', 'isc', 'prc', 'l1', .* or 'fid_b'"
+    ):
         eval_config_for(None, metrics="fid,lpips")
     with pytest.raises(
         EvalError,

@@ -36,6 +36,7 @@ from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 from webdataset import tariterators
 
+import architectures
 from architectures.registry import Capabilities
 from core.config import StrictConfig
 from core.spec import ImageSpec
@@ -51,8 +52,39 @@ INCEPTION_ENV = "GANFORGE_INCEPTION_WEIGHTS"
 DATASET_CNN = "dataset-cnn"  # orchestrator.eval.extractors.NAME
 CACHE_KEY_VERSION = 1
 
-Metric = Literal["fid", "kid", "isc", "prc"]
+Metric = Literal[
+    "fid",
+    "kid",
+    "isc",
+    "prc",
+    "l1",
+    "l1_input",
+    "psnr",
+    "ssim",
+    "psnr_bicubic",
+    "ssim_bicubic",
+    "label_ab",
+    "label_ba",
+    "label_aba",
+    "fid_a",
+    "fid_b",
+]
 BINARY_METRICS = ("fid", "kid", "prc")  # the ones that need the held-out images
+# The metrics that fit each kind of data (see data_kind), the defaults first, in the order they are reported.
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "noise": ("fid", "kid", "isc", "prc"),
+    "superres": ("psnr", "ssim", "psnr_bicubic", "ssim_bicubic"),
+    "paired": ("l1", "l1_input", "psnr", "fid"),
+    "unpaired": ("fid_a", "fid_b", "label_ab", "label_ba", "label_aba"),
+}
+_DEFAULT_METRICS = {"noise": ("fid", "kid")}  # the other kinds: all that fit
+KIND_NAMES = {
+    "noise": "noise → image",
+    "superres": "super-resolution",
+    "paired": "paired image-to-image",
+    "unpaired": "unpaired (cycle) image-to-image",
+}
+FEATURE_METRICS = ("fid", "kid", "isc", "prc", "fid_a", "fid_b")  # the ones computed in a feature extractor's space
 _FIDELITY_KEYS = {  # torch-fidelity's result keys (KEY_METRIC_*) → ours
     "frechet_inception_distance": "fid",
     "kernel_inception_distance_mean": "kid",
@@ -74,10 +106,13 @@ class EvalConfig(StrictConfig):
     enabled: bool = Field(
         False, description="evaluate during training: at the start, every `every_kimg`, and at the end"
     )
-    metrics: list[Metric] = Field(
-        ["fid", "kid"],
+    metrics: list[Metric] | None = Field(
+        None,
         min_length=1,
-        description="metrics to compute: fid, kid, isc (Inception Score), prc (precision/recall)",
+        description="metrics to compute; noise → image: fid, kid, isc (Inception Score), prc (precision/recall); "
+        "super-resolution: psnr, ssim, psnr_bicubic, ssim_bicubic; paired image-to-image: l1, l1_input, psnr, "
+        "fid; unpaired (CycleGAN): fid_a, fid_b, label_ab, label_ba, label_aba (docs/evaluation.md). None: the "
+        "data's defaults (fid,kid for noise → image, all that fit for image-to-image: default_metrics)",
     )
     num_samples: int = Field(10000, ge=2, description="images generated from G_ema per evaluation")
     batch_size: int = Field(64, ge=1, description="images per generator and feature-extractor batch")
@@ -101,6 +136,16 @@ class EvalConfig(StrictConfig):
         f"${INCEPTION_ENV}, else the file `ganforge weights get "
         f"inception` wrote, else the torch hub cache (required for "
         f"the others)",
+    )
+    classifier_a: str | None = Field(
+        None,
+        description="unpaired image-to-image: a dataset-cnn classifier of domain A (`ganforge extractor train "
+        "--data 'OUT/train-a-*.tar' --out FILE`) for label_ba and label_aba; None: those are skipped",
+    )
+    classifier_b: str | None = Field(
+        None,
+        description="unpaired image-to-image: a dataset-cnn classifier of domain B (`ganforge extractor train "
+        "--data 'OUT/train-b-*.tar' --out FILE`) for label_ab; None: it is skipped",
     )
     kid_subset_size: int = Field(
         1000, ge=2, description="KID subset size (lowered to the smaller image count when there are fewer images)"
@@ -162,6 +207,55 @@ class EvalConfig(StrictConfig):
         if isinstance(v, (list, tuple)):
             v = list(dict.fromkeys(v))
         return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Which metrics fit the data
+
+
+def data_kind(spec: ImageSpec, capabilities: Capabilities = Capabilities()) -> str:
+    """``"noise"`` (noise → image), ``"superres"`` (paired, smaller input), ``"paired"`` (paired, same size:
+    Pix2Pix) or ``"unpaired"`` (two domains: CycleGAN, whose G must have ``G.ab`` and ``G.ba``)."""
+    if not spec.translates:
+        return "noise"
+    if spec.pairing == "unpaired" or capabilities.cycle:
+        if not capabilities.cycle:
+            raise EvalError(
+                "unpaired image-to-image data is evaluated through G.ab and G.ba: the architecture must declare "
+                "Capabilities(cycle=True)"
+            )
+        return "unpaired"
+    if spec.pairing == "paired":
+        return "superres" if spec.input_resolution < spec.resolution else "paired"
+    raise EvalError(f"image-to-image data with pairing {spec.pairing!r}: expected 'paired' or 'unpaired'")
+
+
+def default_metrics(spec: ImageSpec, capabilities: Capabilities = Capabilities()) -> list[str]:
+    """The metrics computed when ``eval.metrics`` is not set: fid, kid for noise → image; for image-to-image
+    data, all that fit it (label metrics are skipped with a note when their classifier is not set)."""
+    kind = data_kind(spec, capabilities)
+    return list(_DEFAULT_METRICS.get(kind, KIND_METRICS[kind]))
+
+
+def resolve_metrics(cfg: EvalConfig, spec: ImageSpec, capabilities: Capabilities = Capabilities()) -> list[str]:
+    """``eval.metrics`` (or :func:`default_metrics`), checked against the kind of data: a metric that does
+    not fit is an :class:`EvalError` naming it and the ones that fit."""
+    kind = data_kind(spec, capabilities)
+    if cfg.metrics is None:
+        return default_metrics(spec, capabilities)
+    fit = KIND_METRICS[kind]
+    wrong = [m for m in cfg.metrics if m not in fit]
+    if wrong:
+        raise EvalError(
+            f"eval.metrics: {', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not fit {KIND_NAMES[kind]} "
+            f"data; the metrics that fit it: {', '.join(fit)}"
+        )
+    return list(cfg.metrics)
+
+
+def needs_extractor(metrics: list[str]) -> bool:
+    """Whether any of ``metrics`` is computed in a feature extractor's space (so its weights must be there)."""
+    return any(m in FEATURE_METRICS for m in metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,11 +432,16 @@ def to_uint8_rgb(img: torch.Tensor) -> torch.Tensor:
 
     The rounding is that of ``ganforge generate`` (and ``torchvision.utils.save_image``).
     """
-    x = ((img.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to("cpu", torch.uint8)
-    return _rgb(x)
+    return as_rgb(to_uint8(img))
 
 
-def _rgb(x: torch.Tensor) -> torch.Tensor:
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] → uint8 with the same channels, on the CPU (the rounding of :func:`to_uint8_rgb`)."""
+    return ((img.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to("cpu", torch.uint8)
+
+
+def as_rgb(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images ``…×C×H×W`` → ``…×3×H×W``: grey repeated, alpha dropped (what torch-fidelity is fed)."""
     c = x.shape[-3]
     if c == 1:
         return x.repeat_interleave(3, dim=-3)
@@ -460,7 +559,7 @@ class ShardImages(Dataset):
                 f"{decoded}; the held-out images must match the model's image size and channels"
             )
         self.reads += 1
-        return _rgb(decoded[0].add(1).mul(127.5).round().to(torch.uint8))
+        return as_rgb(decoded[0].add(1).mul(127.5).round().to(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +640,8 @@ def resolve_holdout(cfg: EvalConfig, data: DataConfig | None = None) -> list[str
 
 @dataclass
 class EvalResult:
-    """Metrics (plain floats, keys ``fid kid kid_std isc isc_std precision recall``) and how they were made."""
+    """Metrics (plain floats, keys ``fid kid kid_std isc isc_std precision recall``, or those of
+    :mod:`orchestrator.eval.translation` for image-to-image data) and how they were made."""
 
     metrics: dict[str, float]
     cache_hit: bool | None  # held-out features came from the cache (None: no metric needed them)
@@ -553,6 +653,7 @@ class EvalResult:
     weights_sha256: str
     seconds: float
     holdout_shards: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # metrics skipped and why
 
     def to_dict(self) -> dict:
         """JSON-ready."""
@@ -567,6 +668,7 @@ class EvalResult:
             "weights_sha256": self.weights_sha256,
             "seconds": self.seconds,
             "holdout_shards": self.holdout_shards,
+            "notes": self.notes,
         }
 
 
@@ -587,15 +689,14 @@ def evaluate(
     omitted). ``manifest`` supplies the sha256 of held-out shards that are not local files. The
     generator runs on its own device; the feature extractor on CUDA when ``G`` is there.
     """
-    import torch_fidelity
-
-    from orchestrator.eval import extractors  # noqa: F401 - registers dataset-cnn with torch-fidelity
-
     t0 = time.perf_counter()
+    metrics = resolve_metrics(cfg, spec, capabilities)
+    if spec.translates:
+        raise EvalError("image-to-image data: evaluate with orchestrator.eval.translation.evaluate_translation")
     extractor = extractor or check_feature_extractor(cfg)
     cache_dir = Path(cfg.cache_dir).expanduser()
     generated = GeneratedImages(G, spec, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.truncation_psi, capabilities)
-    binary = any(m in BINARY_METRICS for m in cfg.metrics)
+    binary = any(m in BINARY_METRICS for m in metrics)
     held = key = sidecar = num_holdout = None
     hashes: list[str] = []
     if binary:
@@ -610,37 +711,27 @@ def evaluate(
         if num_holdout < 2:
             raise EvalError(f"held-out shards {holdout_urls} hold {num_holdout} image(s); at least 2 are needed")
     counts = [cfg.num_samples] + ([num_holdout] if binary else [])
-    kid_subset = min([cfg.kid_subset_size] + counts) if "kid" in cfg.metrics else None
-    if "prc" in cfg.metrics and min(counts) <= cfg.prc_neighborhood:
+    kid_subset = min([cfg.kid_subset_size] + counts) if "kid" in metrics else None
+    if "prc" in metrics and min(counts) <= cfg.prc_neighborhood:
         raise EvalError(
             f"precision/recall with prc_neighborhood={cfg.prc_neighborhood} needs more than "
             f"{cfg.prc_neighborhood} images per side (have {counts})"
         )
-    cuda = generated.device.type == "cuda"
-    kwargs = dict(
-        input1=generated,
-        input2=held,
-        input2_cache_name=key,
-        cache_root=str(cache_dir),
-        cache=True,
-        cuda=cuda,
-        batch_size=cfg.batch_size,
-        save_cpu_ram=True,
+    values = fidelity_metrics(
+        generated,
+        held,
+        cfg,
+        extractor,
+        cache_name=key,
+        cuda=generated.device.type == "cuda",
         verbose=verbose,
-        feature_extractor=extractor.name,
-        feature_extractor_weights_path=str(extractor.path),
-        fid="fid" in cfg.metrics,
-        kid="kid" in cfg.metrics,
-        isc="isc" in cfg.metrics,
-        prc="prc" in cfg.metrics,
+        fid="fid" in metrics,
+        kid="kid" in metrics,
+        isc="isc" in metrics,
+        prc="prc" in metrics,
         kid_subset_size=kid_subset or cfg.kid_subset_size,
-        kid_subsets=cfg.kid_subsets,
         isc_splits=min(cfg.isc_splits, cfg.num_samples),
-        prc_neighborhood=cfg.prc_neighborhood,
     )
-    with _no_downloads():
-        raw = torch_fidelity.calculate_metrics(**kwargs)
-    metrics = {ours: float(raw[theirs]) for theirs, ours in _FIDELITY_KEYS.items() if theirs in raw}
     cache_hit = None
     if binary:
         cache_hit = held.reads == 0
@@ -659,7 +750,7 @@ def evaluate(
                 },
             )
     return EvalResult(
-        metrics,
+        values,
         cache_hit,
         key,
         cfg.num_samples,
@@ -670,6 +761,47 @@ def evaluate(
         time.perf_counter() - t0,
         list(holdout_urls) if binary else [],
     )
+
+
+def fidelity_metrics(
+    input1: Dataset,
+    input2: Dataset | None,
+    cfg: EvalConfig,
+    extractor: ExtractorWeights,
+    *,
+    cache_name: str | None = None,
+    cuda: bool = False,
+    verbose: bool = False,
+    **options,
+) -> dict[str, float]:
+    """torch-fidelity on two sets of uint8 ``3×H×W`` images with the configured feature extractor, never
+    downloading; ``cache_name`` caches ``input2``'s features under ``cfg.cache_dir`` (None: not cached).
+    ``options``: which metrics (``fid=True``, …) and any of torch-fidelity's settings beyond ``cfg``'s.
+    Returns our keys (``fid``, ``kid``, ``kid_std``, …)."""
+    import torch_fidelity
+
+    from orchestrator.eval import extractors  # noqa: F401 - registers dataset-cnn with torch-fidelity
+
+    kwargs = dict(
+        input1=input1,
+        input2=input2,
+        input2_cache_name=cache_name,
+        cache_root=str(Path(cfg.cache_dir).expanduser()),
+        cache=True,
+        cuda=cuda,
+        batch_size=cfg.batch_size,
+        save_cpu_ram=True,
+        verbose=verbose,
+        feature_extractor=extractor.name,
+        feature_extractor_weights_path=str(extractor.path),
+        kid_subset_size=cfg.kid_subset_size,
+        kid_subsets=cfg.kid_subsets,
+        isc_splits=cfg.isc_splits,
+        prc_neighborhood=cfg.prc_neighborhood,
+    )
+    with _no_downloads():
+        raw = torch_fidelity.calculate_metrics(**{**kwargs, **options})
+    return {ours: float(raw[theirs]) for theirs, ours in _FIDELITY_KEYS.items() if theirs in raw}
 
 
 def compute_metrics(
@@ -694,10 +826,13 @@ def evaluate_checkpoint(
 ) -> EvalResult:
     """Evaluate a checkpoint's G_ema; ``holdout`` (a shard pattern) overrides :func:`resolve_holdout`.
 
-    The checkpoint carries its generator's description, so only the held-out shards are read. The weights
-    are checked before anything else is loaded, so a missing file fails in seconds.
+    The checkpoint carries its generator's description, so only the held-out shards are read. When the metrics
+    need a feature extractor, its weights are checked before anything else is loaded (unless the metrics are
+    the data's defaults and the checkpoint's family is not known from its config.yaml), so a missing file fails
+    in seconds. Image-to-image checkpoints go to :func:`~orchestrator.eval.translation.evaluate_translation`.
     """
-    extractor = check_feature_extractor(cfg)
+    early = cfg.metrics if cfg.metrics is not None else _default_metrics_before_loading(checkpoint)
+    extractor = check_feature_extractor(cfg) if early is not None and needs_extractor(early) else None
     loaded = load_generator(checkpoint, device)
     level = loaded.checkpoint.meta.get("level")
     if level and (level[0] != loaded.spec.resolution or level[1] < 1):
@@ -706,6 +841,10 @@ def evaluate_checkpoint(
             f"{loaded.spec.resolution}×{loaded.spec.resolution} only; evaluate a checkpoint written after "
             f"growth completed"
         )
+    capabilities = loaded.arch.capabilities
+    metrics = resolve_metrics(cfg, loaded.spec, capabilities)
+    if extractor is None and needs_extractor(metrics):
+        extractor = check_feature_extractor(cfg)
     data = DataConfig.model_validate((yaml.safe_load(loaded.checkpoint.meta["config"]) or {})["data"])
     urls = expand_shards(holdout) if holdout else resolve_holdout(cfg, data)
     manifest = None
@@ -714,6 +853,22 @@ def evaluate_checkpoint(
             manifest = load_manifest(data)
         except DataError:
             pass
+    if loaded.spec.translates:
+        from orchestrator.data.shards import read_heldout  # the held-out pairs or domains
+        from orchestrator.eval.translation import evaluate_translation
+
+        heldout = read_heldout(urls, loaded.spec, cfg.holdout_num)
+        return evaluate_translation(
+            loaded.G,
+            loaded.spec,
+            cfg,
+            heldout,
+            capabilities=capabilities,
+            extractor=extractor,
+            verbose=verbose,
+            holdout_urls=urls,
+            manifest=manifest,
+        )
     return evaluate(
         loaded.G,
         loaded.spec,
@@ -722,8 +877,20 @@ def evaluate_checkpoint(
         extractor=extractor,
         manifest=manifest,
         verbose=verbose,
-        capabilities=loaded.arch.capabilities,
+        capabilities=capabilities,
     )
+
+
+def _default_metrics_before_loading(checkpoint: str | Path) -> list[str] | None:
+    """The default metrics of a noise → image checkpoint, known from the family named in the run's saved
+    config; None when that config is not there or the family is image-to-image (its data decides)."""
+    path = Path(checkpoint)
+    saved = (path if path.is_dir() else path.parent) / "config.yaml"
+    try:
+        arch = architectures.get((yaml.safe_load(saved.read_text()) or {})["model"]["arch"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    return list(_DEFAULT_METRICS["noise"]) if arch.capabilities.conditioning == "latent" else None
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -41,7 +41,14 @@ import torch
 import architectures
 from architectures.registry import ArchConfig
 from core.spec import ImageSpec
-from orchestrator.eval.evaluator import EvalConfig, check_feature_extractor, evaluate
+from orchestrator.eval.evaluator import (
+    EvalConfig,
+    EvalResult,
+    check_feature_extractor,
+    evaluate,
+    needs_extractor,
+    resolve_metrics,
+)
 
 EVAL_FILE = "eval.jsonl"
 NAMESPACE = "ganforge"  # named actors are per namespace; the driver's and Ray Train workers' differ
@@ -62,14 +69,25 @@ class EvalJob:
 
 
 class Evaluator:
-    """Evaluates G_ema weights against the held-out shards and records the results in ``eval.jsonl``."""
+    """Evaluates G_ema weights against the held-out shards and records the results in ``eval.jsonl``.
+
+    Image-to-image data (``spec.translates``) is evaluated by
+    :func:`~orchestrator.eval.translation.evaluate_translation` on held-out images read once, at the first
+    evaluation, and kept in memory."""
 
     def __init__(self, job: EvalJob, run_dir: str):
         self.cfg, self.run_dir, self.spec = job.eval, Path(run_dir), job.spec
-        self.extractor = check_feature_extractor(job.eval)  # fails at once when the weights are missing
         self.manifest, self.holdout = job.manifest, job.holdout
         arch = architectures.get(job.arch)
         self.capabilities = arch.capabilities
+        # each of these fails at once: metrics that do not fit the data, missing weights or classifiers
+        self.metrics = resolve_metrics(job.eval, job.spec, self.capabilities)
+        self.extractor = check_feature_extractor(job.eval) if needs_extractor(self.metrics) else None
+        if job.spec.translates:
+            from orchestrator.eval.translation import load_classifiers
+
+            load_classifiers(job.eval, self.metrics)
+        self._heldout = None
         self.G = arch.build_generator(job.model, job.spec).eval().requires_grad_(False)
 
     def evaluate(
@@ -84,15 +102,7 @@ class Evaluator:
         handed the weights over, on its clock (default: now)."""
         started = time.time()
         self.G.load_state_dict(g_ema_state)
-        result = evaluate(
-            self.G,
-            self.spec,
-            self.cfg,
-            self.holdout,
-            extractor=self.extractor,
-            manifest=self.manifest,
-            capabilities=self.capabilities,
-        )
+        result = self._evaluate()
         row = {
             "step": step,
             "kimg": kimg,
@@ -104,11 +114,45 @@ class Evaluator:
             "eval/seconds": result.seconds,
             "eval/cache_hit": result.cache_hit,
             "feature_extractor": result.feature_extractor,
+            **({"notes": result.notes} if result.notes else {}),
         }
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / EVAL_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
         return row
+
+    def _evaluate(self) -> EvalResult:
+        if not self.spec.translates:
+            return evaluate(
+                self.G,
+                self.spec,
+                self.cfg,
+                self.holdout,
+                extractor=self.extractor,
+                manifest=self.manifest,
+                capabilities=self.capabilities,
+            )
+        from orchestrator.eval.translation import evaluate_translation
+
+        return evaluate_translation(
+            self.G,
+            self.spec,
+            self.cfg,
+            self.heldout(),
+            capabilities=self.capabilities,
+            extractor=self.extractor,
+            holdout_urls=self.holdout,
+            manifest=self.manifest,
+        )
+
+    def heldout(self):
+        """The held-out images of image-to-image data (``orchestrator.data.shards.read_heldout``), read at the
+        first call and kept in memory."""
+        if self._heldout is None:
+            from orchestrator.data.shards import read_heldout
+
+            self._heldout = read_heldout(self.holdout, self.spec, self.cfg.holdout_num)
+        return self._heldout
 
     def results(self, since: int = 0) -> list[dict]:
         """Result rows from number ``since`` on (rows survive actor restarts: they are read from the file)."""
