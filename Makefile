@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo demo-stylegan2 demo-progan test test-fast test-faults lint format mutants bench clean
+.PHONY: install demo demo-stylegan2 demo-progan demo-pix2pix demo-cyclegan demo-srgan test test-fast test-faults lint format mutants bench clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,30 @@ demo-stylegan2: data/digits16/manifest.json
 
 demo-progan: data/digits16/manifest.json
 	$(BIN)/ganforge train configs/progan/dev.yaml --run-dir runs/demo-progan --resume auto
+
+data/edges2digits/manifest.json: | $(BIN)/ganforge
+	$(BIN)/ganforge data pairs builtin:digits-edges builtin:digits data/edges2digits --resolution 32 --shard-size 256
+
+demo-pix2pix: data/edges2digits/manifest.json data/digits32/dataset-cnn.pt
+	$(BIN)/ganforge train configs/pix2pix/edges2digits.yaml --run-dir runs/demo-pix2pix --resume auto
+
+data/digits2digitsm/manifest.json: | $(BIN)/ganforge
+	$(BIN)/ganforge data unpaired builtin:digits builtin:digits-m data/digits2digitsm --resolution 32 --shard-size 128
+
+data/digitsm32/manifest.json: | $(BIN)/ganforge
+	$(BIN)/ganforge data shards builtin:digits-m data/digitsm32 --resolution 32 --shard-size 256
+
+data/digitsm32/dataset-cnn.pt: data/digitsm32/manifest.json
+	$(BIN)/ganforge extractor train --data 'data/digitsm32/train-*.tar' --holdout 'data/digitsm32/holdout-*.tar' --out $@
+
+demo-cyclegan: data/digits2digitsm/manifest.json data/digits32/dataset-cnn.pt data/digitsm32/dataset-cnn.pt
+	$(BIN)/ganforge train configs/cyclegan/digits2digitsm.yaml --run-dir runs/demo-cyclegan --resume auto
+
+data/photos-sr/manifest.json: | $(BIN)/ganforge
+	$(BIN)/ganforge data superres builtin:photos data/photos-sr --resolution 256 --crop 64 --scale 4 --holdout 0.25
+
+demo-srgan: data/photos-sr/manifest.json
+	$(BIN)/ganforge train configs/srgan/photos-x4.yaml --run-dir runs/demo-srgan --resume auto
 
 test: $(BIN)/ganforge
 	$(BIN)/python -m pytest
