@@ -88,25 +88,29 @@ class SourceImages:
     keys: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    def label(self, i: int) -> int | None:
+        """Image ``i``'s class index, or None for unlabelled data."""
+        return None if self.labels is None else self.labels[i]
+
+
+BUILTINS = {
+    "builtin:digits": "scikit-learn's 1,797 handwritten digits, 8×8 grey, labelled 0–9",
+    "builtin:digits-edges": "Canny edge maps of those digits (upsampled to 32×32), grey, same keys and labels",
+    "builtin:digits-m": "MNIST-M-style colour digits (digit over a photo patch), 32×32 RGB, same keys and labels",
+    "builtin:photos": "scikit-image's bundled colour photos (astronaut, coffee, …), RGB, keyed by name",
+}
+
 
 def read_source(source: str) -> SourceImages:
-    """Read ``builtin:digits``, an image folder (labels from subfolders), a .zip of one, or an .npz."""
-    if source == "builtin:digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        imgs = [Image.fromarray(np.round(x * (255 / 16)).astype(np.uint8), mode="L") for x in d.images]
-        return SourceImages(
-            imgs,
-            [int(t) for t in d.target],
-            [str(n) for n in d.target_names],
-            [f"digits-{i:05d}" for i in range(len(imgs))],
-        )
+    """Read an image folder (labels from subfolders), a .zip of one, an .npz, or a built-in set:
+    ``builtin:digits``, ``builtin:digits-edges``, ``builtin:digits-m`` or ``builtin:photos`` (see ``BUILTINS``)."""
     if source.startswith("builtin:"):
-        raise DataError(f"unknown built-in data set {source!r}; available: builtin:digits")
+        return _from_builtin(source)
     path = Path(source)
     if not path.exists():
-        raise DataError(f"data source {source} does not exist; give an image folder, a .zip, an .npz or builtin:digits")
+        raise DataError(
+            f"data source {source} does not exist; give an image folder, a .zip, an .npz or one of {', '.join(BUILTINS)}"
+        )
     if path.is_dir():
         files = {str(p.relative_to(path)): p.read_bytes for p in sorted(path.rglob("*")) if not p.is_dir()}
         return _from_named_files(source, files)
@@ -119,7 +123,33 @@ def read_source(source: str) -> SourceImages:
             raise DataError(f"{source} is not a readable .zip ({e})") from None
     if path.suffix == ".npz":
         return _from_npz(path)
-    raise DataError(f"cannot read {source}: expected a folder, a .zip, an .npz or builtin:digits")
+    raise DataError(f"cannot read {source}: expected a folder, a .zip, an .npz or one of {', '.join(BUILTINS)}")
+
+
+def _from_builtin(source: str) -> SourceImages:
+    """A built-in data set (no download); the digit sets share keys ``digits-NNNNN`` and labels."""
+    from orchestrator.data import builtins
+
+    if source not in BUILTINS:
+        raise DataError(f"unknown built-in data set {source!r}; available: {', '.join(BUILTINS)}")
+    try:
+        if source == "builtin:photos":
+            photos = builtins.photos()
+            return SourceImages([Image.fromarray(photos[n]) for n in sorted(photos)], None, [], sorted(photos))
+        arrays = {
+            "builtin:digits": lambda: builtins.digits()[0],
+            "builtin:digits-edges": builtins.digits_edges,
+            "builtin:digits-m": lambda: builtins.digits_m()[0],
+        }[source]()
+    except builtins.BuiltinUnavailable as e:
+        raise DataError(f"{source} {e}") from None
+    labels = builtins.digits()[1]
+    return SourceImages(
+        [Image.fromarray(x) for x in arrays],
+        [int(t) for t in labels],
+        [str(n) for n in range(10)],
+        [f"digits-{i:05d}" for i in range(len(arrays))],
+    )
 
 
 def _from_named_files(source: str, files: dict[str, Any]) -> SourceImages:
@@ -238,10 +268,8 @@ def write_shards(
     ``skipped``; with ``strict``, any such file is an error and nothing is written. ``max_train`` keeps only
     that many training images (a small-data experiment; the held-out split stays whole).
     """
-    if resolution < 4 or resolution & (resolution - 1):
-        raise DataError(f"--resolution {resolution}: must be a power of two ≥ 4")
-    if not 0 <= holdout < 1:
-        raise DataError(f"--holdout {holdout}: must be in [0, 1)")
+    _check_resolution("--resolution", resolution)
+    _check_holdout(holdout)
     src = read_source(source)
     if strict and src.skipped:
         raise DataError(
@@ -249,30 +277,59 @@ def write_shards(
             f"(--strict):{skipped_lines(src.skipped)}\n"
             f"remove or fix them, or leave out --strict to skip them"
         )
-    if channels is None:
-        channels = 1 if all(im.mode in ("L", "1", "I", "I;16", "F") for im in src.images) else 3
-    order = list(range(len(src.images)))
+    channels = channels or guess_channels(src.images)
+    encoded = {i: encode_png(prepare_image(img, resolution, channels)) for i, img in enumerate(src.images)}
+    held, train, duplicates = split_holdout(list(range(len(encoded))), holdout, seed, lambda i: encoded[i][1])
+    train = train[:max_train]
+    manifest = _manifest_head("images", source, resolution, channels, src, seed, max_train)
+    manifest["duplicates_dropped_from_train"] = duplicates
+    manifest["skipped"] = [{"file": name, "reason": reason} for name, reason in src.skipped]
+    out = _clean_out(out)
+    for split, idx in (("holdout", held), ("train", train)):
+        samples = (_sample(f"{i:08d}", src.keys[i], src.label(i), png=encoded[i][0]) for i in idx)
+        manifest["splits"][split] = write_split(out, split, samples, shard_size)
+    return save_manifest(out, manifest)
+
+
+def _check_resolution(option: str, resolution: int) -> None:
+    if resolution < 4 or resolution & (resolution - 1):
+        raise DataError(f"{option} {resolution}: must be a power of two ≥ 4")
+
+
+def _check_holdout(holdout: float) -> None:
+    if not 0 <= holdout < 1:
+        raise DataError(f"--holdout {holdout}: must be in [0, 1)")
+
+
+def guess_channels(images: list[Image.Image]) -> int:
+    """1 if every image is grey, else 3."""
+    return 1 if all(im.mode in ("L", "1", "I", "I;16", "F") for im in images) else 3
+
+
+def encode_png(img: Image.Image) -> tuple[bytes, str]:
+    """PNG bytes of ``img`` and the sha256 of its pixels (for finding duplicates)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue(), hashlib.sha256(img.tobytes()).hexdigest()
+
+
+def split_holdout(items: list, holdout: float, seed: int, pixels) -> tuple[list, list, int]:
+    """``(held out, train, duplicates dropped)``: ``items`` shuffled with ``seed``, the first ``holdout``
+    fraction held out; a training item whose ``pixels(item)`` hash equals a held-out one's is dropped."""
+    order = list(items)
     random.Random(seed).shuffle(order)
     n_hold = int(round(holdout * len(order)))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("train-*.tar")) + list(out.glob("holdout-*.tar")):
-        old.unlink()
+    held_hashes = {pixels(i) for i in order[:n_hold]}
+    train = [i for i in order[n_hold:] if pixels(i) not in held_hashes]
+    return order[:n_hold], train, len(order) - n_hold - len(train)
 
-    encoded = {}
-    for i in order:
-        img = prepare_image(src.images[i], resolution, channels)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=1)
-        encoded[i] = (buf.getvalue(), hashlib.sha256(img.tobytes()).hexdigest())
-    held_hashes = {encoded[i][1] for i in order[:n_hold]}
-    train_idx = [i for i in order[n_hold:] if encoded[i][1] not in held_hashes]
-    duplicates = len(order) - n_hold - len(train_idx)
-    train_idx = train_idx[:max_train]
-    splits = {"holdout": order[:n_hold], "train": train_idx}
 
-    manifest: dict[str, Any] = {
-        "format": "ganforge-shards/1",
+def _manifest_head(kind, source, resolution, channels, src: SourceImages, seed, max_train) -> dict[str, Any]:
+    head: dict[str, Any] = {"format": "ganforge-shards/1"}
+    if kind != "images":  # manifests without a kind are images: those written before it existed stay valid
+        head["kind"] = kind
+    return {
+        **head,
         "source": source,
         "resolution": resolution,
         "channels": channels,
@@ -280,24 +337,43 @@ def write_shards(
         "class_names": src.class_names if src.labels is not None else [],
         "seed": seed,
         "max_train": max_train,
-        "duplicates_dropped_from_train": duplicates,
         "splits": {},
-        "skipped": [{"file": name, "reason": reason} for name, reason in src.skipped],
     }
-    for split, idx in splits.items():
-        pattern = str(out / f"{split}-%06d.tar")
-        with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
-            for i in idx:
-                sample = {"__key__": f"{i:08d}", "png": encoded[i][0], "src.txt": src.keys[i]}
-                if src.labels is not None:
-                    sample["cls"] = src.labels[i]
-                sink.write(sample)
-        shards = sorted(out.glob(f"{split}-*.tar"))
-        counts = _count_per_shard(len(idx), shard_size, len(shards))
-        manifest["splits"][split] = {
-            "count": len(idx),
-            "shards": [{"name": p.name, "count": c, "sha256": sha256_file(p)} for p, c in zip(shards, counts)],
-        }
+
+
+def _clean_out(out: str | Path) -> Path:
+    """``out``, created, without the shards of an earlier write."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("train-*.tar")) + list(out.glob("holdout-*.tar")):
+        old.unlink()
+    return out
+
+
+def _sample(key: str, src_key: str, label: int | None, **members: bytes) -> dict:
+    sample = {"__key__": key, **members, "src.txt": src_key}
+    if label is not None:
+        sample["cls"] = label
+    return sample
+
+
+def write_split(out: Path, split: str, samples, shard_size: int) -> dict:
+    """Write ``samples`` to ``out/<split>-NNNNNN.tar`` shards; return the split's manifest entry."""
+    count = 0
+    with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+            count += 1
+    shards = sorted(out.glob(f"{split}-{'[0-9]' * 6}.tar"))
+    counts = _count_per_shard(count, shard_size, len(shards))
+    return {
+        "count": count,
+        "shards": [{"name": p.name, "count": c, "sha256": sha256_file(p)} for p, c in zip(shards, counts)],
+    }
+
+
+def save_manifest(out: Path, manifest: dict) -> dict:
+    """Write ``manifest.json`` atomically; return the manifest."""
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / MANIFEST)
