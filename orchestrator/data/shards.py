@@ -666,7 +666,17 @@ def image_spec(cfg: DataConfig, manifest: dict | None) -> ImageSpec:
                 f"data.{key} is unknown: no manifest.json beside {cfg.shards!r}; set data.manifest or data.{key}"
             )
     names = tuple((manifest or {}).get("class_names") or ())
-    return ImageSpec(values["resolution"], values["channels"], values["num_classes"] or 0, names)
+    kind = (manifest or {}).get("kind", "images")
+    pairing = {"paired": "paired", "superres": "paired", "unpaired": "unpaired"}.get(kind, "none")
+    return ImageSpec(
+        values["resolution"],
+        values["channels"],
+        values["num_classes"] or 0,
+        names,
+        int((manifest or {}).get("input_resolution") or 0) if pairing != "none" else 0,
+        int((manifest or {}).get("input_channels") or 0) if pairing != "none" else 0,
+        pairing,
+    )
 
 
 @dataclass
@@ -684,6 +694,7 @@ class Batch:
     read: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
     input: torch.Tensor | None = None  # image-to-image data: the input images G maps to ``img`` (else None)
+    input_keys: list[str] | None = None  # unpaired data: the keys of ``input`` (domain A); ``keys`` are B's
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -703,7 +714,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         cursors: list[tuple[int, int]] | None = None,
         shuffle_buffer: int = 1000,
         mirror: bool = False,
+        domain: str = "",
+        stored_resolution: int | None = None,
     ):
+        """``domain`` sets this stream's seeds apart from another's (the two domains of unpaired data);
+        ``stored_resolution``: super-resolution shards, whose stored images are cropped to the spec's
+        resolution at a position drawn from (seed, epoch, stream, sample index) and downscaled to the input."""
         super().__init__()
         n_streams = world_size * num_roles
         if len(urls) < n_streams:
@@ -715,32 +731,44 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed, self.rank, self.world_size, self.num_roles = seed, rank, world_size, num_roles
         self.role_offset, self.shuffle_buffer, self.mirror = role_offset, shuffle_buffer, mirror
         self.cursors = list(cursors) if cursors else [(0, 0)] * num_roles
+        self.domain, self.stored_resolution = domain, stored_resolution
 
     def _role(self) -> int:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         return (worker + self.role_offset) % self.num_roles
 
-    def _decode(self, sample: dict, bad: list[tuple[str, str, str]]) -> tuple[torch.Tensor, int] | None:
-        """The image (x-flipped for a mirror) and label of ``sample``, or None after adding it to ``bad``
-        (a bad mirror is not reported again)."""
-        decoded = decode_sample(sample, self.spec)
+    def _decode(self, sample: dict, bad: list[tuple[str, str, str]], where: str) -> tuple | None:
+        """``(image, label, input or None)`` of ``sample`` (x-flipped, input and image together, for a
+        mirror), or None after adding it to ``bad`` (a bad mirror is not reported again). ``where`` names
+        the sample's place in the stream (``epoch-stream-index``): it seeds a super-resolution crop."""
+        if self.spec.pairing == "paired":
+            rng = random.Random(f"{self.seed}{self.domain}-crop-{where}") if self.stored_resolution else None
+            decoded = decode_paired(sample, self.spec, rng, stored_resolution=self.stored_resolution)
+            if not isinstance(decoded, str):
+                decoded = (decoded[1], decoded[2], decoded[0])
+        else:
+            decoded = decode_sample(sample, self.spec)
+            decoded = decoded if isinstance(decoded, str) else (*decoded, None)
         mirrored = sample.get(MIRRORED, False)
         if isinstance(decoded, str):
             if not mirrored:
                 bad.append((sample.get("__url__", "?"), sample.get("__key__", "?"), decoded))
             return None
-        return (decoded[0].flip(-1), decoded[1]) if mirrored else decoded
+        if not mirrored:
+            return decoded
+        img, label, inp = decoded
+        return img.flip(-1), label, None if inp is None else inp.flip(-1)
 
     def __iter__(self) -> Iterator[Batch]:
         role = self._role()
         stream = self.rank * self.num_roles + role
         n_streams = self.world_size * self.num_roles
         epoch, skip = self.cursors[role]
-        imgs, labels, keys, bad, read = [], [], [], [], 0
+        imgs, labels, inputs, keys, bad, read = [], [], [], [], [], 0
         while True:
             shards = list(self.urls)
-            random.Random(f"{self.seed}-shards-{epoch}").shuffle(shards)
+            random.Random(f"{self.seed}{self.domain}-shards-{epoch}").shuffle(shards)
             errors: list[tuple[str, str, str]] = []
             mine = shards[stream::n_streams]
             reported: set[str] = set()
@@ -767,7 +795,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         )
 
             samples = with_mirrors(read_shards()) if self.mirror else read_shards()
-            rng = random.Random(f"{self.seed}-samples-{epoch}-{stream}")
+            rng = random.Random(f"{self.seed}{self.domain}-samples-{epoch}-{stream}")
             good_in_epoch = 0
             for index, sample in enumerate(
                 filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
@@ -777,12 +805,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if index < skip:
                     continue
                 read += not sample.get(MIRRORED, False)  # a mirror is the same sample again: counted once
-                decoded = self._decode(sample, bad)
+                decoded = self._decode(sample, bad, f"{epoch}-{stream}-{index}")
                 if decoded is None:
                     continue
                 good_in_epoch += 1
                 imgs.append(decoded[0])
                 labels.append(decoded[1])
+                inputs.append(decoded[2])
                 keys.append(sample["__key__"])
                 if len(imgs) == self.batch_size:
                     yield Batch(
@@ -793,8 +822,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                         (epoch, index + 1),
                         bad,
                         read,
+                        input=torch.stack(inputs) if inputs[0] is not None else None,
                     )
-                    imgs, labels, keys, bad, read = [], [], [], [], 0
+                    imgs, labels, inputs, keys, bad, read = [], [], [], [], [], 0
             bad.extend(errors)
             if good_in_epoch == 0 and skip == 0:
                 raise DataError(
@@ -839,30 +869,135 @@ def _url_of(exn: Exception, urls: list[str] = ()) -> str:
     return next((u for u in sorted(urls, key=len, reverse=True) if u in text), "?")
 
 
-def decode_sample(sample: dict, spec: ImageSpec) -> tuple[torch.Tensor, int] | str:
-    """``(image in [-1, 1] as C×H×W float, label)`` or the reason the sample is bad."""
-    data = sample.get("png") or sample.get("jpg") or sample.get("jpeg")
+MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def _open_png(data: bytes | None, sample: dict, member: str) -> Image.Image | str:
     if data is None:
-        return f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})"
+        return f"no {member} member (has {sorted(k for k in sample if not k.startswith('__'))})"
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:  # noqa: BLE001
         return f"not an image: {type(e).__name__}"
-    want_mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(spec.channels)
-    if img.size != (spec.resolution, spec.resolution) or img.mode != want_mode:
-        return f"{img.mode} {img.size[0]}×{img.size[1]}, expected {want_mode} {spec.resolution}×{spec.resolution}"
-    label = 0
-    if spec.num_classes:
-        try:
-            label = int(sample["cls"])
-        except (KeyError, ValueError):
-            return "missing or unreadable label"
-        if not 0 <= label < spec.num_classes:
-            return f"label {label} out of range [0, {spec.num_classes})"
+    return img
+
+
+def _wrong_shape(img: Image.Image, channels: int, resolution: int) -> str | None:
+    want_mode = MODES.get(channels)
+    if img.size != (resolution, resolution) or img.mode != want_mode:
+        return f"{img.mode} {img.size[0]}×{img.size[1]}, expected {want_mode} {resolution}×{resolution}"
+    return None
+
+
+def _label(sample: dict, spec: ImageSpec) -> int | str:
+    if not spec.num_classes:
+        return 0
+    try:
+        label = int(sample["cls"])
+    except (KeyError, ValueError):
+        return "missing or unreadable label"
+    if not 0 <= label < spec.num_classes:
+        return f"label {label} out of range [0, {spec.num_classes})"
+    return label
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """A PIL image as a C×H×W uint8 tensor."""
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
-    return x.float().div_(127.5).sub_(1.0), label
+    return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as floats in [-1, 1]."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def _decode_uint8(sample: dict, spec: ImageSpec) -> tuple[torch.Tensor, int] | str:
+    img = _open_png(sample.get("png") or sample.get("jpg") or sample.get("jpeg"), sample, "image")
+    if isinstance(img, str):
+        return img
+    wrong = _wrong_shape(img, spec.channels, spec.resolution)
+    if wrong:
+        return wrong
+    label = _label(sample, spec)
+    return label if isinstance(label, str) else (to_uint8(img), label)
+
+
+def decode_sample(sample: dict, spec: ImageSpec) -> tuple[torch.Tensor, int] | str:
+    """``(image in [-1, 1] as C×H×W float, label)`` or the reason the sample is bad."""
+    decoded = _decode_uint8(sample, spec)
+    return decoded if isinstance(decoded, str) else (to_unit(decoded[0]), decoded[1])
+
+
+def downscale(img: Image.Image | torch.Tensor, scale: int) -> Image.Image | torch.Tensor:
+    """The low-resolution input of super-resolution: ``img`` (a PIL image, or a uint8 C×H×W or N×C×H×W
+    tensor) shrunk by ``scale`` with PIL's bicubic filter and quantised to uint8, as papers store their LR
+    images. Returns the same kind it is given. Training and evaluation both make their inputs with it."""
+    if isinstance(img, torch.Tensor):
+        if img.ndim == 4:
+            return torch.stack([downscale(x, scale) for x in img]) if len(img) else img[:, :, ::scale, ::scale]
+        if img.dtype != torch.uint8 or img.ndim != 3:
+            raise DataError(f"downscale: expected a uint8 C×H×W tensor, got {img.dtype} {tuple(img.shape)}")
+        arr = img.permute(1, 2, 0).numpy()
+        return to_uint8(downscale(Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr), scale))
+    w, h = img.size
+    if w % scale or h % scale:
+        raise DataError(f"downscale: a {w}×{h} image cannot be shrunk by {scale}: its sides must be multiples")
+    return img.resize((w // scale, h // scale), Image.Resampling.BICUBIC)
+
+
+def _superres_pair(
+    img: Image.Image, spec: ImageSpec, rng: random.Random | None, stored: int
+) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """``(LR input, HR crop)`` as uint8 from a stored image: a crop of ``spec.resolution`` px at a
+    position drawn from ``rng`` (centred without one), and its :func:`downscale`."""
+    wrong = _wrong_shape(img, spec.channels, stored)
+    if wrong:
+        return wrong
+    crop, room = spec.resolution, stored - spec.resolution
+    y, x = (rng.randint(0, room), rng.randint(0, room)) if rng else (room // 2, room // 2)
+    hr = img.crop((x, y, x + crop, y + crop)) if room else img
+    return to_uint8(downscale(hr, spec.resolution // spec.input_resolution)), to_uint8(hr)
+
+
+def _decode_paired_uint8(
+    sample: dict, spec: ImageSpec, rng: random.Random | None, stored_resolution: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int] | str:
+    img = _open_png(sample.get("png"), sample, "target image (png)")
+    if isinstance(img, str):
+        return img
+    if stored_resolution:
+        pair = _superres_pair(img, spec, rng, stored_resolution)
+        if isinstance(pair, str):
+            return pair
+        inp, out = pair
+    else:
+        inp = _open_png(sample.get("input.png"), sample, "input image (input.png)")
+        if isinstance(inp, str):
+            return inp if inp.startswith("no ") else f"input: {inp}"
+        wrong = _wrong_shape(inp, spec.input_channels, spec.input_resolution)
+        if wrong:
+            return f"input: {wrong}"
+        wrong = _wrong_shape(img, spec.channels, spec.resolution)
+        if wrong:
+            return wrong
+        inp, out = to_uint8(inp), to_uint8(img)
+    label = _label(sample, spec)
+    return label if isinstance(label, str) else (inp, out, label)
+
+
+def decode_paired(
+    sample: dict, spec: ImageSpec, rng: random.Random | None = None, *, stored_resolution: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int] | str:
+    """``(input, image, label)`` of a paired sample (C×H×W floats in [-1, 1]) or the reason it is bad
+    (missing ``input.png``, wrong size or mode of either image, bad label).
+
+    With ``stored_resolution`` the sample is super-resolution data: its one stored image (that size) is
+    cropped to ``spec.resolution`` at a position drawn from ``rng`` (centred when None) and the input is
+    :func:`downscale` of the crop by ``spec.resolution // spec.input_resolution``."""
+    decoded = _decode_paired_uint8(sample, spec, rng, stored_resolution)
+    return decoded if isinstance(decoded, str) else (to_unit(decoded[0]), to_unit(decoded[1]), decoded[2])
 
 
 class DataHealth:
@@ -901,12 +1036,93 @@ class DataHealth:
         self.bad_by_shard = Counter(state["bad_by_shard"])
 
 
+class _Reader:
+    """One deterministic stream's DataLoader and its position: the cursor of the last batch handed out
+    per role and how many batches were handed out."""
+
+    def __init__(self, urls: list[str], spec: ImageSpec, num_roles: int, domain: str = "", stored=None):
+        self.urls, self.spec, self.domain, self.stored = urls, spec, domain, stored
+        self.batches = 0
+        self.cursors: list[tuple[int, int]] = [(0, 0)] * num_roles
+        self.it: Iterator[Batch] | None = None
+
+    # the owning ShardLoader is passed in, not kept: a reference cycle would keep DataLoader workers alive
+    def _start(self, ld: ShardLoader) -> None:
+        cfg = ld.cfg
+        stream = ShardStream(
+            self.urls,
+            self.spec,
+            ld.batch_size,
+            seed=ld.seed,
+            rank=ld.rank,
+            world_size=ld.world_size,
+            num_roles=ld.num_roles,
+            role_offset=self.batches % ld.num_roles,
+            cursors=self.cursors,
+            shuffle_buffer=cfg.shuffle_buffer,
+            mirror=cfg.mirror,
+            domain=self.domain,
+            stored_resolution=self.stored,
+        )
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
+        # which training also uses (noise inputs, style mixing) and a resumed run restores.
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=cfg.workers,
+            collate_fn=lambda b: b,
+            prefetch_factor=2 if cfg.workers else None,
+            multiprocessing_context="fork" if cfg.workers else None,
+            # no worker_init_fn: torch's worker loop already runs each loader worker with 1 thread
+            generator=torch.Generator().manual_seed(ld.seed),
+        )
+        self.it = iter(loader)
+
+    def next(self, ld: ShardLoader) -> Batch:
+        if self.it is None:
+            self._start(ld)
+        batch = next(self.it)
+        self.cursors[batch.role] = batch.cursor
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "cursors": [list(c) for c in self.cursors]}
+
+    def load_state_dict(self, state: dict, same_readers: bool, num_roles: int) -> None:
+        if same_readers:
+            self.batches = state["batches"]
+            self.cursors = [tuple(c) for c in state["cursors"]]
+        else:
+            next_epoch = max(e for e, _ in state["cursors"]) + 1
+            self.cursors = [(next_epoch, 0)] * num_roles
+        self.it = None
+
+
+def split_domains(urls: list[str], pattern: str) -> tuple[list[str], list[str]]:
+    """Unpaired data's shard URLs by domain: ``(A: *-a-NNNNNN.tar, B: *-b-NNNNNN.tar)``."""
+    by = {"a": [], "b": [], "": []}
+    for url in urls:
+        m = re.search(r"-([ab])-\d+\.tar", os.path.basename(url))
+        by[m.group(1) if m else ""].append(url)
+    if by[""] or not by["a"] or not by["b"]:
+        what = f"{by[''][0]} is of neither domain" if by[""] else f"no domain-{'A' if not by['a'] else 'B'} shard"
+        raise DataError(
+            f"unpaired data in {pattern!r}: {what}; unpaired shards are named train-a-NNNNNN.tar and "
+            f"train-b-NNNNNN.tar (ganforge data unpaired): point data.shards at OUT/train-*.tar"
+        )
+    return by["a"], by["b"]
+
+
 class ShardLoader:
     """This rank's batches, from a DataLoader over a :class:`ShardStream`, with a resumable position.
 
     The position is the cursor of the last batch handed out per role plus how many batches were
     handed out; on resume the roles are rotated so that the first new batch comes from the role
-    whose turn it was (DataLoader takes batches from its workers in turn).
+    whose turn it was (DataLoader takes batches from its workers in turn). Unpaired data is read as two
+    independent streams, one per domain (each with its own shards, seeds and position): a batch's
+    ``img``, ``label`` and ``keys`` are domain B's, ``input`` and ``input_keys`` domain A's.
+    Super-resolution data needs its manifest (beside the shards, or ``data.manifest``).
     """
 
     def __init__(
@@ -916,47 +1132,29 @@ class ShardLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.urls = expand_shards(cfg.shards)
         self.num_roles = max(1, cfg.workers)
-        self.batches = 0
-        self.cursors: list[tuple[int, int]] = [(0, 0)] * self.num_roles
         self.health = DataHealth(cfg.max_bad_fraction, cfg.min_samples_for_bad_check)
-        self._it: Iterator[Batch] | None = None
-
-    def _start(self) -> None:
-        offset = self.batches % self.num_roles
-        stream = ShardStream(
-            self.urls,
-            self.spec,
-            self.batch_size,
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_roles=self.num_roles,
-            role_offset=offset,
-            cursors=self.cursors,
-            shuffle_buffer=self.cfg.shuffle_buffer,
-            mirror=self.cfg.mirror,
-        )
-        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global RNG,
-        # which training also uses (noise inputs, style mixing) and a resumed run restores.
-        loader = torch.utils.data.DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.cfg.workers,
-            collate_fn=lambda b: b,
-            prefetch_factor=2 if self.cfg.workers else None,
-            multiprocessing_context="fork" if self.cfg.workers else None,
-            # no worker_init_fn: torch's worker loop already runs each loader worker with 1 thread
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        self._it = iter(loader)
+        manifest = (load_manifest(cfg) or {}) if spec.pairing != "none" else {}
+        if spec.pairing == "unpaired":
+            a, b = split_domains(self.urls, cfg.shards)
+            spec_a = ImageSpec(spec.input_resolution, spec.input_channels)
+            spec_b = ImageSpec(spec.resolution, spec.channels, spec.num_classes, spec.class_names)
+            self.readers = {
+                "b": _Reader(b, spec_b, self.num_roles, "-b"),
+                "a": _Reader(a, spec_a, self.num_roles, "-a"),
+            }
+        else:
+            stored = manifest.get("stored_resolution") if manifest.get("kind") == "superres" else None
+            self.readers = {"": _Reader(self.urls, spec, self.num_roles, stored=stored)}
 
     def next(self) -> Batch:
         """The next batch; updates the position and the bad-sample counts."""
-        if self._it is None:
-            self._start()
-        batch = next(self._it)
-        self.cursors[batch.role] = batch.cursor
-        self.batches += 1
+        if "" in self.readers:
+            batch = self.readers[""].next(self)
+        else:
+            b, a = self.readers["b"].next(self), self.readers["a"].next(self)
+            batch = Batch(
+                b.img, b.label, b.keys, b.role, b.cursor, a.bad + b.bad, a.read + b.read, b.threads, a.img, a.keys
+            )
         self.health.update(batch)
         return batch
 
@@ -964,24 +1162,23 @@ class ShardLoader:
         """Hand out batches of ``batch_size`` from the next one on: the stream restarts at the current
         position, as a resumed run's does (progressive growing changes the batch per level)."""
         if batch_size != self.batch_size:
-            self.batch_size, self._it = batch_size, None
+            self.batch_size = batch_size
+            for reader in self.readers.values():
+                reader.it = None
 
     def state_dict(self) -> dict:
-        return {
-            "batches": self.batches,
-            "cursors": [list(c) for c in self.cursors],
-            "num_roles": self.num_roles,
-            "world_size": self.world_size,
-            "health": self.health.state_dict(),
-        }
+        """The position (for unpaired data: B's, and A's under ``input``) and the bad-sample counts."""
+        main = self.readers.get("", self.readers.get("b"))
+        state = {**main.state_dict(), "num_roles": self.num_roles, "world_size": self.world_size}
+        if "a" in self.readers:
+            state["input"] = self.readers["a"].state_dict()
+        return {**state, "health": self.health.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; with another worker or rank count, restart from the next epoch."""
         self.health.load_state_dict(state["health"])
-        if state["num_roles"] == self.num_roles and state["world_size"] == self.world_size:
-            self.batches = state["batches"]
-            self.cursors = [tuple(c) for c in state["cursors"]]
-        else:
-            next_epoch = max(e for e, _ in state["cursors"]) + 1
-            self.cursors = [(next_epoch, 0)] * self.num_roles
-        self._it = None
+        same = state["num_roles"] == self.num_roles and state["world_size"] == self.world_size
+        if "a" in self.readers and "input" not in state:
+            raise DataError("the saved data position is not of unpaired data, but data.shards are unpaired")
+        for name, reader in self.readers.items():
+            reader.load_state_dict(state["input"] if name == "a" else state, same, self.num_roles)
