@@ -1222,7 +1222,9 @@ def read_heldout(urls: list[str], spec: ImageSpec, limit: int | None = None) -> 
     kind = _kind_beside(urls)
     inputs, targets, labels = [], [], []
     for url, sample in _samples_in_order(urls, limit):
-        tile = kind == "superres" or (kind is None and "input.png" not in sample)
+        if kind is None:  # no manifest (e.g. pipe: URLs): the first sample tells, and holds for all
+            kind = "paired" if "input.png" in sample else "superres"
+        tile = kind == "superres"
         decoded = _decode_paired_uint8(sample, spec, None, spec.resolution if tile else None)
         inp, img, label = _or_raise(decoded, url, sample)
         inputs.append(inp)
