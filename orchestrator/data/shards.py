@@ -2,7 +2,10 @@
 
 A shard set is a folder of ``train-NNNNNN.tar`` and ``holdout-NNNNNN.tar`` files plus a
 ``manifest.json`` (counts, resolution, channels, class names, sha256 of every shard). Each sample is
-a PNG (``png``) and, for labelled data, its class index (``cls``).
+a PNG (``png``) and, for labelled data, its class index (``cls``). Image-to-image data has its own
+layouts, named by the manifest's ``kind``: ``paired`` (``input.png`` beside ``png``), ``unpaired``
+(``train-a-*``/``train-b-*`` shards, one per domain) and ``superres`` (high-resolution images only; the
+input is :func:`downscale` of a crop, made when reading); docs/data.md describes them.
 
 Reading is deterministic and resumable, so that a resumed run sees exactly the batches an
 uninterrupted run would have seen. The stream of one rank is cut into one *role* per DataLoader
