@@ -1,4 +1,5 @@
-"""The ``ganforge`` command: train, generate, report, eval, extractor train, weights get, data shards, info, import.
+"""The ``ganforge`` command: train, generate, report, eval, extractor train, weights get, data shards / pairs /
+unpaired / superres, info, import.
 
 Thin: parse, then call the orchestrator."""
 
@@ -130,6 +131,94 @@ def _shards(a: argparse.Namespace) -> int:
         print(f"skipped {len(m['skipped'])} file(s) that are not readable images (also listed in manifest.json):")
         for f in m["skipped"]:
             print(f"  {f['file']}: {f['reason']}")
+    return 0
+
+
+def _print_skipped(m: dict) -> None:
+    """The files a shard writer skipped, with their reasons (as in manifest.json)."""
+    if not m["skipped"]:
+        return
+    print(f"skipped {len(m['skipped'])} file(s) (also listed in manifest.json):")
+    for f in m["skipped"]:
+        print(f"  {f['source']}: {f['file']}: {f['reason']}")
+
+
+def _shape(m: dict, res: str = "resolution", ch: str = "channels") -> str:
+    return f"{m[res]}×{m[res]}×{m[ch]}"
+
+
+def _pairs(a: argparse.Namespace) -> int:
+    from orchestrator.data.shards import write_pairs
+
+    m = write_pairs(
+        a.source_a,
+        a.source_b,
+        a.out,
+        a.resolution,
+        a.input_resolution,
+        holdout=a.holdout,
+        shard_size=a.shard_size,
+        seed=a.seed,
+        max_train=a.max_train,
+    )
+    s = m["splits"]
+    unmatched = [f for f in m["skipped"] if f["reason"].startswith("no counterpart")]
+    print(
+        f"wrote {s['train']['count']} training pairs and {s['holdout']['count']} held-out pairs to {a.out} "
+        f"(input {_shape(m, 'input_resolution', 'input_channels')} → target {_shape(m)}, "
+        f"{m['num_classes']} classes); {len(unmatched)} file(s) had no counterpart"
+    )
+    _print_skipped(m)
+    return 0
+
+
+def _unpaired(a: argparse.Namespace) -> int:
+    from orchestrator.data.shards import write_unpaired
+
+    m = write_unpaired(
+        a.source_a,
+        a.source_b,
+        a.out,
+        a.resolution,
+        a.input_resolution,
+        holdout=a.holdout,
+        shard_size=a.shard_size,
+        seed=a.seed,
+        max_train=a.max_train,
+    )
+    c = {k: v["count"] for k, v in m["splits"].items()}
+    print(
+        f"wrote domain A ({_shape(m, 'input_resolution', 'input_channels')}): {c['train-a']} training and "
+        f"{c['holdout-a']} held-out images, domain B ({_shape(m)}): {c['train-b']} training and "
+        f"{c['holdout-b']} held-out images to {a.out}"
+    )
+    if m["shared_keys_split"]:
+        print(f"{m['shared_keys_split']} key(s) were in both sources: each went to one domain only")
+    _print_skipped(m)
+    return 0
+
+
+def _superres(a: argparse.Namespace) -> int:
+    from orchestrator.data.shards import write_superres
+
+    m = write_superres(
+        a.source,
+        a.out,
+        a.resolution,
+        a.crop,
+        a.scale,
+        holdout=a.holdout,
+        shard_size=a.shard_size,
+        seed=a.seed,
+        max_train=a.max_train,
+    )
+    s = m["splits"]
+    print(
+        f"wrote {s['train']['count']} training images ({m['stored_resolution']} px, cropped to {m['resolution']} "
+        f"at random when read) and {s['holdout']['count']} held-out {m['resolution']} px tiles of "
+        f"{m['holdout_images']} image(s) to {a.out}; inputs are {m['input_resolution']} px (×{m['scale']} bicubic)"
+    )
+    _print_skipped(m)
     return 0
 
 
@@ -421,6 +510,58 @@ def _add_data(sub) -> None:
         "readable image (default: skip such files and list them at the end)",
     )
     s.set_defaults(fn=_shards)
+    _add_translation_data(dsub)
+
+
+def _common_split_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--holdout", type=float, default=0.1, help=f"fraction of {what} held out (default 0.1)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split (default 0)")
+    p.add_argument("--max-train", type=int, metavar="N", help=f"keep only N training {what}")
+
+
+def _add_translation_data(dsub) -> None:
+    """``data pairs``, ``data unpaired`` and ``data superres``: image-to-image shards."""
+    sources = "folders, .zips, .npz files or built-ins (builtin:digits, builtin:digits-edges, builtin:digits-m, "
+    sources += "builtin:photos)"
+    for name, fn, text in (
+        (
+            "pairs",
+            _pairs,
+            "Write paired shards (Pix2Pix): SOURCE_A is the input, SOURCE_B the target, matched by relative "
+            "path without extension (keys for built-ins); files without a counterpart are skipped and listed. "
+            f"Sources: {sources}.",
+        ),
+        (
+            "unpaired",
+            _unpaired,
+            "Write unpaired shards (CycleGAN): train-a-*/holdout-a-* (domain A, the input) and "
+            "train-b-*/holdout-b-* (domain B). Items in both sources go to one domain only. "
+            f"Sources: {sources}.",
+        ),
+    ):
+        p = dsub.add_parser(name, help=f"write {name} image-to-image shards", description=text)
+        p.add_argument("source_a", metavar="SOURCE_A", help="domain A / the input images")
+        p.add_argument("source_b", metavar="SOURCE_B", help="domain B / the target images")
+        p.add_argument("out", help="output directory")
+        p.add_argument("--resolution", type=int, required=True, help="size of B's images (a power of two)")
+        p.add_argument("--input-resolution", type=int, help="size of A's images (default: --resolution)")
+        _common_split_options(p, "pairs" if name == "pairs" else "images per domain")
+        p.set_defaults(fn=fn)
+    p = dsub.add_parser(
+        "superres",
+        help="write super-resolution shards",
+        description="Write super-resolution shards: whole training images at --resolution (cropped to --crop at "
+        "random when read) and held-out images cut into fixed --crop tiles. The low-resolution input is made "
+        f"when reading, by bicubic downscaling by --scale. Source: {sources.replace('folders', 'a folder')}.",
+    )
+    p.add_argument("source", help="folder, .zip, .npz or a built-in (builtin:photos)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--resolution", type=int, required=True, help="stored image size (a power of two), e.g. 256")
+    p.add_argument("--crop", type=int, required=True, help="size of the crops G outputs, e.g. 64")
+    p.add_argument("--scale", type=int, default=4, help="upscaling factor: inputs are crop/scale px (default 4)")
+    _common_split_options(p, "images")
+    p.set_defaults(fn=_superres)
 
 
 def _add_submit(sub, overrides: dict) -> None:
