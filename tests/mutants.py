@@ -36,6 +36,7 @@ NONFINITE = "tests/faults/test_nonfinite.py"
 TRUNCATED = "tests/faults/test_bad_data.py::test_truncated_tar_names_its_shard_and_the_next_shard_is_read"
 BAD_KIND = "tests/faults/test_bad_data.py::test_each_bad_kind_is_skipped_and_reported_with_shard_and_key"
 T2T = "tests/test_translation_recipes.py::"
+T2R = "tests/test_translation_runs.py::"
 
 
 @dataclass(frozen=True)
@@ -390,6 +391,22 @@ MUTANTS = [
         "total = cont + opts.adv_weight * adv",
         "total = cont + adv",
         (T2T + "test_srgan_phases_take_the_gradients_of_the_perceptual_loss",),
+    ),
+    Mutant(
+        "cyclegan-pool-per-rank",
+        "Each worker keeps its own history of fakes (the pool no longer serves the global batch)",
+        "orchestrator/recipes/cyclegan.py",
+        "        fake_a = pool_a.query(gather_rows(fake_a), rng)[mine]\n        fake_b = pool_b.query(gather_rows(fake_b), rng)[mine]",
+        "        fake_a = pool_a.query(fake_a, rng)\n        fake_b = pool_b.query(fake_b, rng)",
+        (T2R + "test_two_ddp_workers_reach_the_weights_of_one[cyclegan]",),
+    ),
+    Mutant(
+        "superres-crop-per-stream",
+        "A super-resolution crop is seeded by the sample's place in its worker's stream, not by the sample",
+        "orchestrator/data/shards.py",
+        "decoded = self._decode(sample, bad, f\"{epoch}-{sample.get('__key__', index)}\")",
+        'decoded = self._decode(sample, bad, f"{epoch}-{stream}-{index}")',
+        (T2R + "test_two_ddp_workers_reach_the_weights_of_one[srgan]",),
     ),
 ]
 

@@ -744,7 +744,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _decode(self, sample: dict, bad: list[tuple[str, str, str]], where: str) -> tuple | None:
         """``(image, label, input or None)`` of ``sample`` (x-flipped, input and image together, for a
         mirror), or None after adding it to ``bad`` (a bad mirror is not reported again). ``where`` names
-        the sample's place in the stream (``epoch-stream-index``): it seeds a super-resolution crop."""
+        the sample and its epoch (``epoch-key``): it seeds a super-resolution crop, so that a sample's crop in an epoch
+        is the same for any number of workers."""
         if self.spec.pairing == "paired":
             rng = random.Random(f"{self.seed}{self.domain}-crop-{where}") if self.stored_resolution else None
             decoded = decode_paired(sample, self.spec, rng, stored_resolution=self.stored_resolution)
@@ -808,7 +809,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if index < skip:
                     continue
                 read += not sample.get(MIRRORED, False)  # a mirror is the same sample again: counted once
-                decoded = self._decode(sample, bad, f"{epoch}-{stream}-{index}")
+                decoded = self._decode(sample, bad, f"{epoch}-{sample.get('__key__', index)}")
                 if decoded is None:
                     continue
                 good_in_epoch += 1

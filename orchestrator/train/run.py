@@ -223,7 +223,7 @@ class Run:
         run._start_monitoring(start_from)
         if run.growth is not None:
             run._enter_level()
-        if run.guard.state.lr_scale != 1.0 or run.guard.state.fp32 or run.recipe.lr_schedule is not None:
+        if run.guard.state.lr_scale != 1.0 or run.guard.state.fp32:
             run._apply_fault_state()
         return run
 
