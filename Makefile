@@ -49,7 +49,7 @@ data/digitsm32/manifest.json: | $(BIN)/ganforge
 	$(BIN)/ganforge data shards builtin:digits-m data/digitsm32 --resolution 32 --shard-size 256
 
 data/digitsm32/dataset-cnn.pt: data/digitsm32/manifest.json
-	$(BIN)/ganforge extractor train --data 'data/digitsm32/train-*.tar' --holdout 'data/digitsm32/holdout-*.tar' --out $@
+	$(BIN)/ganforge extractor train --data 'data/digitsm32/train-*.tar' --holdout 'data/digitsm32/holdout-*.tar' --epochs 30 --out $@
 
 demo-cyclegan: data/digits2digitsm/manifest.json data/digits32/dataset-cnn.pt data/digitsm32/dataset-cnn.pt
 	$(BIN)/ganforge train configs/cyclegan/digits2digitsm.yaml --run-dir runs/demo-cyclegan --resume auto

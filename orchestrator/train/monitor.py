@@ -55,12 +55,14 @@ def save_grid(G: nn.Module, z: torch.Tensor, c: torch.Tensor | None, ncol: int, 
 
 def grid_examples(cfg: JobConfig, spec: ImageSpec, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed examples for the grids of an image → image model: ``n`` held-out inputs and targets (domain A and B
-    images when unpaired) in [-1, 1], or training ones where there are no held-out shards."""
+    images when unpaired) in [-1, 1], spread over the first ``4n`` held-out samples (tiles of more than one image),
+    or training ones where there are no held-out shards."""
     from orchestrator.data.shards import read_heldout
 
     try:
-        held = read_heldout(resolve_holdout(cfg.eval, cfg.data), spec, limit=n)
-        return held.a[:n].float() / 127.5 - 1, held.b[:n].float() / 127.5 - 1
+        held = read_heldout(resolve_holdout(cfg.eval, cfg.data), spec, limit=4 * n)
+        a, b = held.a[:: max(1, len(held.a) // n)][:n], held.b[:: max(1, len(held.b) // n)][:n]  # spread out
+        return a.float() / 127.5 - 1, b.float() / 127.5 - 1
     except DataError:
         data = cfg.data.model_copy(update={"workers": 0, "shuffle_buffer": 1})
         batch = ShardLoader(data, spec, n, seed=cfg.train.seed).next()
