@@ -235,10 +235,14 @@ def _info(a: argparse.Namespace) -> int:
     arch = architectures.get(cfg.model.arch)
     with torch.device("meta"):  # shapes and counts without allocating or computing anything
         G, D = arch.build_generator(cfg.model, spec), arch.build_discriminator(cfg.model, spec)
-        z = torch.zeros(1, G.z_dim)
-        c = torch.zeros(1, dtype=torch.long) if spec.num_classes else None
-        out_shape = list(G(z, c).shape)
-        d_shape = list(D(torch.zeros(out_shape), c).shape)
+        if arch.capabilities.conditioning == "image":  # G(x); each family's D has its own call (its recipe's)
+            out_shape = list(G(torch.zeros(1, spec.input_channels, spec.input_resolution, spec.input_resolution)).shape)
+            d_shape = None
+        else:
+            z = torch.zeros(1, G.z_dim)
+            c = torch.zeros(1, dtype=torch.long) if spec.num_classes else None
+            out_shape = list(G(z, c).shape)
+            d_shape = list(D(torch.zeros(out_shape), c).shape)
     info = {
         "config": cfg.model_dump(mode="json"),
         "arch": cfg.model.arch,

@@ -108,10 +108,13 @@ def test_a_resumed_run_is_the_uninterrupted_one(data, tmp_path, recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["pix2pix", "cyclegan", "srgan"])
-def test_two_ddp_workers_reach_the_weights_of_one(data, tmp_path, recipe):
+@pytest.mark.parametrize(
+    "recipe, strategy", [("pix2pix", "ddp"), ("cyclegan", "ddp"), ("srgan", "ddp"), ("cyclegan", "deepspeed")]
+)
+def test_two_ddp_workers_reach_the_weights_of_one(data, tmp_path, recipe, strategy):
     """Each worker takes half of every batch (different images), the history pool serves the global batch and a
-    super-resolution crop depends on the sample, not the worker: 2 DDP workers end where 1 worker does."""
+    super-resolution crop depends on the sample, not the worker: 2 DDP workers (and 2 DeepSpeed ZeRO-2 workers,
+    for CycleGAN's four networks in two engines) end where 1 worker does."""
     steps = 2
     # Adam's ε at 1e-3: conv biases before a non-affine instance norm have no gradient but float noise, which
     # Adam at ε = 1e-8 turns into full lr-sized steps; a real gradient (1e-2 and up) scaled by the worker
@@ -124,7 +127,8 @@ def test_two_ddp_workers_reach_the_weights_of_one(data, tmp_path, recipe):
     assert one.step == steps
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(raw))
-    torchrun(config, tmp_path / "two", 2, "distributed.strategy=ddp")
+    ds = [f"distributed.deepspeed_config={ROOT / 'configs/deepspeed/zero2.yaml'}"] if strategy == "deepspeed" else []
+    torchrun(config, tmp_path / "two", 2, f"distributed.strategy={strategy}", *ds)
     a, b = state(tmp_path / "one"), state(tmp_path / "two")
     for net in ("G", "D"):
         assert a[net].keys() == b[net].keys()
@@ -181,6 +185,17 @@ def test_cyclegan_generates_both_ways_and_grids_show_the_cycle(data, tmp_path):
     paths = translate(ckpt, src, tmp_path / "out", direction="ba")
     with Image.open(paths[0]) as img:
         assert img.mode == "L" and img.text["ganforge:direction"] == "ba"
+
+
+def test_info_shows_an_image_to_image_model(data, tmp_path):
+    """``ganforge info`` builds G from the data's input image and counts both networks."""
+    raw = job("cyclegan", data["cyclegan"])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
+    p = subprocess.run([sys.executable, "-m", "launch.cli", "info", str(tmp_path / "job.yaml"), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    info = json.loads(p.stdout)
+    assert info["output_shape"] == [1, 3, 32, 32] and info["g_params"] > 0 and info["d_params"] > 0
 
 
 @pytest.mark.parametrize(
