@@ -214,3 +214,14 @@ def test_data_that_does_not_fit_the_recipe_is_a_config_error(data, tmp_path, rec
     with pytest.raises(ConfigError, match=error):
         Run.build(validate_config(raw, "bad"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_classifier_trains_on_either_domain_of_unpaired_shards(data, tmp_path):
+    """``ganforge extractor train --data 'OUT/train-a-*.tar'`` reads domain A as A (grey digits), B as B (RGB):
+    the classifiers that CycleGAN's label metrics need."""
+    from orchestrator.eval.extractors import load_classifier, train_feature_extractor
+
+    for domain, channels in (("a", 1), ("b", 3)):
+        out = tmp_path / f"classifier-{domain}.pt"
+        train_feature_extractor(str(data["cyclegan"] / f"train-{domain}-*.tar"), out, epochs=1)
+        assert load_classifier(out).in_channels == channels

@@ -158,9 +158,14 @@ if NAME not in FEATURE_EXTRACTORS_REGISTRY:  # a module reload must not register
 
 
 def shards_spec(pattern: str) -> ImageSpec:
-    """Resolution, channels and classes of shards, from the manifest beside them."""
-    spec = image_spec(DataConfig(shards=pattern), load_manifest(DataConfig(shards=pattern)))
-    return spec
+    """Resolution, channels and classes of shards, from the manifest beside them; for unpaired shards, of the
+    domain the shards belong to (``train-a-*``: domain A, the manifest's input image; else domain B)."""
+    manifest = load_manifest(DataConfig(shards=pattern))
+    spec = image_spec(DataConfig(shards=pattern), manifest)
+    if spec.pairing == "unpaired" and all(Path(u).name.split("-")[1] == "a" for u in expand_shards(pattern)):
+        names = tuple(manifest.get("input_class_names") or ())
+        return ImageSpec(spec.input_resolution, spec.input_channels, int(manifest.get("input_num_classes", 0)), names)
+    return ImageSpec(spec.resolution, spec.channels, spec.num_classes, spec.class_names)
 
 
 def read_labelled_images(urls: list[str], spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
