@@ -96,7 +96,7 @@ def write_synthetic_shards(out: Path, resolution: int, count: int = 64, shard_si
     import numpy as np
     from PIL import Image
 
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
 
     folder = out / "images"
     folder.mkdir(parents=True)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def dev_loader_settings(steps: int = 150) -> None:
     """Training images/s of the DCGAN digits preset for DataLoader workers × torch threads."""
     from orchestrator.config import load_config
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
     from orchestrator.train.run import train
 
     os.environ["WANDB_MODE"] = "disabled"
@@ -169,7 +169,7 @@ def ddp_scaling(
     same global batch), and the scaling efficiency (img/s with 2) / (2 × img/s with 1). With ``profile``,
     rank 0's labelled regions of 10 profiled steps are printed as well; with ``compile``, both runs compile
     their networks (``train.compile=true``; the first half of each run, compile included, is not measured)."""
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
 
     rows, ceiling = [], parallel_capacity()
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +210,7 @@ def ddp_scaling(
 def strategy_memory() -> None:
     """Peak resident memory of rank 0 for one step of the StyleGAN2 `cifar` networks (20.2 M + 23.1 M
     parameters) on 2 workers: DDP versus DeepSpeed ZeRO-2 (fp32, global batch 16: micro-batches of 4, 2 accumulated)."""
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=128, channels=3)
@@ -254,7 +254,7 @@ def evaluator_overhead(steps: int = 600) -> None:
     Starts and stops a loopback Ray head."""
     import subprocess
 
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
     from orchestrator.eval.extractors import train_feature_extractor
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -352,7 +352,7 @@ def nonfinite_guard_overhead(steps: int = 300, repeats: int = 2) -> None:
     """Training images/s of the DCGAN digits preset with the NaN/Inf guard (``faults.skip_nonfinite``: one
     finiteness check and host sync per optimizer step) on and off, alternated, best of ``repeats`` each."""
     from orchestrator.config import load_config
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
     from orchestrator.train.run import train
 
     os.environ["WANDB_MODE"] = "disabled"
@@ -416,7 +416,7 @@ def stylegan2_cifar_compile(batch: int = 16, main_steps: int = 3) -> None:
     2 threads, each in its own process. Full step = median main step + (a step with R1 - that) / 16."""
     import subprocess
 
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=256, channels=3)
@@ -520,7 +520,7 @@ def data_stream(batches: int = 200, digits_steps: int = 150, cifar_steps: int = 
     steps (a StyleGAN2 cifar step took 80-160 s on 2 shared CPU cores: the whole benchmark takes most of an hour).
     The speed issue's bar: stream ≥ 3× training and data wait < 2% of wall time."""
     from orchestrator.config import load_config
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
 
     os.environ["WANDB_MODE"] = "disabled"
     default_threads = _torch_threads()
@@ -577,7 +577,8 @@ def ada_small_data(
 
     from core.spec import ImageSpec
     from orchestrator.config import load_config
-    from orchestrator.data.shards import expand_shards, write_shards
+    from orchestrator.data.shards import expand_shards
+    from orchestrator.data.write import write_shards
     from orchestrator.train.run import train
 
     weights = ROOT / "data/digits32/dataset-cnn.pt"

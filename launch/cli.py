@@ -108,7 +108,7 @@ def _report(a: argparse.Namespace) -> int:
 
 
 def _shards(a: argparse.Namespace) -> int:
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
 
     m = write_shards(
         a.source,
@@ -148,7 +148,7 @@ def _shape(m: dict, res: str = "resolution", ch: str = "channels") -> str:
 
 
 def _pairs(a: argparse.Namespace) -> int:
-    from orchestrator.data.shards import write_pairs
+    from orchestrator.data.write import write_pairs
 
     m = write_pairs(
         a.source_a,
@@ -173,7 +173,7 @@ def _pairs(a: argparse.Namespace) -> int:
 
 
 def _unpaired(a: argparse.Namespace) -> int:
-    from orchestrator.data.shards import write_unpaired
+    from orchestrator.data.write import write_unpaired
 
     m = write_unpaired(
         a.source_a,
@@ -199,7 +199,7 @@ def _unpaired(a: argparse.Namespace) -> int:
 
 
 def _superres(a: argparse.Namespace) -> int:
-    from orchestrator.data.shards import write_superres
+    from orchestrator.data.write import write_superres
 
     m = write_superres(
         a.source,
@@ -814,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from core.config import ConfigError
     from orchestrator.checkpoint import CheckpointError
-    from orchestrator.data.shards import DataError
+    from orchestrator.data.errors import DataError
     from orchestrator.eval.evaluator import EvalError
     from orchestrator.eval.weights import WeightsError
     from orchestrator.faults import NonfiniteError

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from launch.ray_worker import prepare_for_workers, ray_worker, start_evaluator
     from orchestrator.config import ConfigError, load_config
-    from orchestrator.data.shards import DataError, image_spec, load_manifest
+    from orchestrator.data.errors import DataError
+    from orchestrator.data.shards import image_spec, load_manifest
     from orchestrator.eval.evaluator import EvalError
     from orchestrator.faults import STOP_FILE
     from orchestrator.train.preflight import check_batches

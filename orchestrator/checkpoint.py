@@ -31,7 +31,7 @@ import architectures
 from architectures.registry import ArchConfig, Architecture
 from core.config import StrictConfig
 from core.spec import ImageSpec
-from orchestrator.data.shards import sha256_file
+from orchestrator.data.write import sha256_file
 
 STATE, CONFIG, COMPLETE, BEST = "state.pt", "config.yaml", "COMPLETE.json", "BEST"
 META = "meta"  # the state entry that describes the run (see Checkpoint)

@@ -25,7 +25,7 @@ def _offline_tracking(monkeypatch, tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits16(tmp_path_factory) -> Path:
     """Digits at 16×16 in shards of 128 (13 train shards, 2 held-out)."""
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
 
     out = tmp_path_factory.mktemp("digits16")
     write_shards("builtin:digits", out, resolution=16, holdout=0.1, shard_size=128)

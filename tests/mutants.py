@@ -111,7 +111,7 @@ MUTANTS = [
     Mutant(
         "holdout-train-dedup",
         "images equal to a held-out image stay in the training split",
-        "orchestrator/data/shards.py",
+        "orchestrator/data/write.py",
         "train_idx = [i for i in order[n_hold:] if encoded[i][1] not in held_hashes]",
         "train_idx = list(order[n_hold:])",
         ("tests/test_data.py::test_duplicates_never_cross_the_split",),
@@ -120,7 +120,7 @@ MUTANTS = [
         "truncated-tar-check",
         "a shard cut at or inside a member header passes for a complete one",
         "orchestrator/data/shards.py",
-        "if url not in reported and not _ends_like_a_tar(url):",
+        "if url not in reported and not ends_like_a_tar(url):",
         "if False:",
         (f"{TRUNCATED}[mid-header]", f"{TRUNCATED}[at-member-boundary]"),
     ),

@@ -27,7 +27,7 @@ SPEC = ImageSpec(resolution=32, channels=1, num_classes=3)
 @pytest.fixture(scope="session")
 def digits32(tmp_path_factory) -> Path:
     """Digits at 32×32 in shards of 256, for the dev preset."""
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
 
     out = tmp_path_factory.mktemp("digits32")
     write_shards("builtin:digits", out, resolution=32, shard_size=256)

@@ -15,18 +15,17 @@ import webdataset as wds
 from PIL import Image
 
 from core.spec import ImageSpec
+from orchestrator.data.errors import DataError
 from orchestrator.data.shards import (
     DataConfig,
-    DataError,
     DataHealth,
     ShardLoader,
     ShardStream,
     expand_shards,
     image_spec,
     load_manifest,
-    sha256_file,
-    write_shards,
 )
+from orchestrator.data.write import sha256_file, write_shards
 
 
 def read_all(pattern: str) -> list[dict]:

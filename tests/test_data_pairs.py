@@ -16,9 +16,10 @@ from PIL import Image
 from core.spec import ImageSpec
 from launch.cli import main
 from orchestrator.data import builtins
+from orchestrator.data.errors import DataError
+from orchestrator.data.heldout import read_heldout
 from orchestrator.data.shards import (
     DataConfig,
-    DataError,
     ShardLoader,
     ShardStream,
     decode_paired,
@@ -26,13 +27,9 @@ from orchestrator.data.shards import (
     expand_shards,
     image_spec,
     load_manifest,
-    prepare_image,
-    read_heldout,
-    read_source,
-    write_pairs,
-    write_superres,
-    write_unpaired,
 )
+from orchestrator.data.sources import prepare_image, read_source
+from orchestrator.data.write import write_pairs, write_superres, write_unpaired
 
 
 def read_all(pattern: str) -> list[dict]:

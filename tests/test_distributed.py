@@ -22,7 +22,7 @@ from gradient_probe import probe, zero_gradients
 
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import validate_config
-from orchestrator.data.shards import write_shards
+from orchestrator.data.write import write_shards
 from orchestrator.train.run import train
 
 pytestmark = pytest.mark.slow

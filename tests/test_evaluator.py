@@ -27,7 +27,8 @@ from webdataset import TarWriter, tariterators
 
 import architectures
 from core.spec import ImageSpec
-from orchestrator.data.shards import expand_shards, sha256_file
+from orchestrator.data.shards import expand_shards
+from orchestrator.data.write import sha256_file
 from orchestrator.eval import extractors
 from orchestrator.eval.evaluator import (
     INCEPTION_ENV,

@@ -572,7 +572,7 @@ def test_biggan_cli_and_generate(tmp_path, capsys):
 def test_an_imported_network_is_fine_tuned_with_init_from(official, tmp_path):
     """``ganforge import`` then ``ganforge train --init-from``: a new run on other data (8×8 RGB shards written
     here) starts from the imported G, D and G_ema, with ADA and Freeze-D, and trains."""
-    from orchestrator.data.shards import write_shards
+    from orchestrator.data.write import write_shards
     from orchestrator.tools.imports.stylegan2_ada import import_stylegan2_ada
     from orchestrator.train.run import Run
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.data.shards import write_shards
+from orchestrator.data.write import write_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).parents[1]
@@ -268,7 +268,7 @@ def test_deepspeed_zero2_stylegan2_with_r1_checkpoints_and_resumes(cluster, digi
     the weights of an uninterrupted 8-step run (G, D, G_ema bit for bit: the same data positions, RNG states
     and ZeRO optimizer shards are restored, and CPU training here is deterministic)."""
     from orchestrator.checkpoint import load_checkpoint
-    from orchestrator.data.shards import write_shards as _write  # digits at 16 px for the StyleGAN2 dev preset
+    from orchestrator.data.write import write_shards as _write  # digits at 16 px for the StyleGAN2 dev preset
 
     shards = tmp_path / "digits16"
     _write("builtin:digits", shards, resolution=16, shard_size=128)
@@ -379,7 +379,7 @@ def test_the_evaluator_actor_works_beside_training_and_survives_being_killed(clu
 def test_a_cyclegan_job_trains_on_two_ray_workers_with_the_evaluator_actor(cluster, digits32, tmp_path):
     """An image → image recipe through `ganforge submit`: 2 Ray Train workers (DDP) on unpaired shards, the
     evaluator actor measuring label preservation and FID on the held-out domains, the pools in the checkpoint."""
-    from orchestrator.data.shards import write_unpaired
+    from orchestrator.data.write import write_unpaired
 
     shards = tmp_path / "cycle"
     write_unpaired("builtin:digits", "builtin:digits-m", shards, 32, holdout=0.05, shard_size=64, max_train=256)

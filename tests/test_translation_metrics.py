@@ -33,7 +33,7 @@ CYCLE = Capabilities(conditioning="image", cycle=True)
 
 
 @dataclass
-class HeldOut:  # what orchestrator.data.shards.read_heldout returns
+class HeldOut:  # what orchestrator.data.heldout.read_heldout returns
     a: torch.Tensor
     b: torch.Tensor
     a_labels: torch.Tensor | None = None
@@ -430,7 +430,7 @@ def tiny_pix2pix(monkeypatch):
 
 
 def test_evaluator_service_reads_the_heldout_once_and_writes_eval_rows(tiny_pix2pix, tmp_path, monkeypatch):
-    import orchestrator.data.shards as shards
+    import orchestrator.data.heldout as heldout
     from orchestrator.eval.service import EvalJob, Evaluator
 
     b = smooth_images(3, 16)
@@ -440,7 +440,7 @@ def test_evaluator_service_reads_the_heldout_once_and_writes_eval_rows(tiny_pix2
         reads.append((list(urls), spec, limit))
         return HeldOut(b, b)
 
-    monkeypatch.setattr(shards, "read_heldout", read_heldout, raising=False)
+    monkeypatch.setattr(heldout, "read_heldout", read_heldout, raising=False)
     cfg = EvalConfig(metrics="l1,psnr", holdout_num=3)
     evaluator = Evaluator(EvalJob(cfg, "test-tiny-pix2pix", TinyPix2PixConfig(), PAIRED, ["h.tar"]), str(tmp_path))
     first = evaluator.evaluate(1, 0.1, {"gain": torch.ones(())})

@@ -18,7 +18,7 @@ from test_distributed import torchrun
 
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.config import ConfigError, validate_config
-from orchestrator.data.shards import write_pairs, write_superres, write_unpaired
+from orchestrator.data.write import write_pairs, write_superres, write_unpaired
 from orchestrator.train.run import Run, train
 
 ROOT = Path(__file__).parents[1]

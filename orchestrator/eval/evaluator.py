@@ -41,7 +41,9 @@ from architectures.registry import Capabilities
 from core.config import StrictConfig
 from core.spec import ImageSpec
 from orchestrator.checkpoint import load_generator
-from orchestrator.data.shards import DataConfig, DataError, decode_sample, expand_shards, load_manifest, sha256_file
+from orchestrator.data.errors import DataError
+from orchestrator.data.shards import DataConfig, decode_sample, expand_shards, load_manifest
+from orchestrator.data.write import sha256_file
 from orchestrator.eval.weights import INCEPTION_FILE, INCEPTION_URL, cached_inception
 
 # torch-fidelity (and torchvision, which it imports) is imported where it is used: importing this
@@ -854,7 +856,7 @@ def evaluate_checkpoint(
         except DataError:
             pass
     if loaded.spec.translates:
-        from orchestrator.data.shards import read_heldout  # the held-out pairs or domains
+        from orchestrator.data.heldout import read_heldout  # the held-out pairs or domains
         from orchestrator.eval.translation import evaluate_translation
 
         heldout = read_heldout(urls, loaded.spec, cfg.holdout_num)

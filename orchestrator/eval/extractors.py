@@ -29,7 +29,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from webdataset import tariterators
 
 from core.spec import ImageSpec
-from orchestrator.data.shards import DataConfig, DataError, decode_sample, expand_shards, image_spec, load_manifest
+from orchestrator.data.errors import DataError
+from orchestrator.data.shards import DataConfig, decode_sample, expand_shards, image_spec, load_manifest
 
 NAME = "dataset-cnn"
 

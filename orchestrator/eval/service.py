@@ -146,10 +146,10 @@ class Evaluator:
         )
 
     def heldout(self):
-        """The held-out images of image-to-image data (``orchestrator.data.shards.read_heldout``), read at the
+        """The held-out images of image-to-image data (``orchestrator.data.heldout.read_heldout``), read at the
         first call and kept in memory."""
         if self._heldout is None:
-            from orchestrator.data.shards import read_heldout
+            from orchestrator.data.heldout import read_heldout
 
             self._heldout = read_heldout(self.holdout, self.spec, self.cfg.holdout_num)
         return self._heldout

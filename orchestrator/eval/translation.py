@@ -58,7 +58,7 @@ from orchestrator.eval.evaluator import (
 if TYPE_CHECKING:
     from orchestrator.eval.extractors import SmallCNN
 
-    class HeldOut:  # stand-in for orchestrator.data.shards.HeldOut (any object with these attributes will do)
+    class HeldOut:  # stand-in for orchestrator.data.heldout.HeldOut (any object with these attributes will do)
         a: torch.Tensor  # uint8 N×C×h×w: inputs (paired, super-resolution) or domain-A images (unpaired)
         b: torch.Tensor  # uint8 M×C×H×W: targets (paired: row i is a[i]'s target) or domain-B images
         a_labels: torch.Tensor | None
@@ -306,7 +306,7 @@ def evaluate_translation(
     manifest: dict | None = None,
 ) -> EvalResult:
     """Compute ``cfg.metrics`` (default: :func:`default_metrics`) for an image-to-image ``G`` on held-out
-    images (what ``orchestrator.data.shards.read_heldout`` returns; ``cfg.holdout_num`` limits them here too).
+    images (what ``orchestrator.data.heldout.read_heldout`` returns; ``cfg.holdout_num`` limits them here too).
 
     See the module docstring for what each metric compares. ``extractor``: what
     :func:`~orchestrator.eval.evaluator.check_feature_extractor` returned (checked here when a FID is asked

@@ -443,7 +443,7 @@ def translate(
     to the size the model was trained on, super-resolution inputs keep their size (G is fully convolutional).
     ``direction``: ``ab`` (what ``G`` does) or ``ba`` (CycleGAN's B → A generator).
     """
-    from orchestrator.data.shards import prepare_image
+    from orchestrator.data.sources import prepare_image
 
     loaded = load_generator(checkpoint, device)
     G, spec, caps = loaded.G, loaded.spec, loaded.arch.capabilities

@@ -17,7 +17,8 @@ import architectures
 from core.spec import ImageSpec
 from orchestrator.checkpoint import mark_best
 from orchestrator.config import JobConfig
-from orchestrator.data.shards import DataError, ShardLoader, load_manifest
+from orchestrator.data.errors import DataError
+from orchestrator.data.shards import ShardLoader, load_manifest
 from orchestrator.eval.evaluator import resolve_holdout
 from orchestrator.eval.service import NAMESPACE, EvalClient, EvalJob, Evaluator
 from orchestrator.health import HealthMonitor
@@ -57,7 +58,7 @@ def grid_examples(cfg: JobConfig, spec: ImageSpec, n: int) -> tuple[torch.Tensor
     """Fixed examples for the grids of an image → image model: ``n`` held-out inputs and targets (domain A and B
     images when unpaired) in [-1, 1], spread over the first ``4n`` held-out samples (tiles of more than one image),
     or training ones where there are no held-out shards."""
-    from orchestrator.data.shards import read_heldout
+    from orchestrator.data.heldout import read_heldout
 
     try:
         held = read_heldout(resolve_holdout(cfg.eval, cfg.data), spec, limit=4 * n)

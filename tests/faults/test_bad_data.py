@@ -23,7 +23,8 @@ from PIL import Image
 
 from core.spec import ImageSpec
 from orchestrator.config import validate_config
-from orchestrator.data.shards import DataConfig, DataError, ShardLoader, ShardStream
+from orchestrator.data.errors import DataError
+from orchestrator.data.shards import DataConfig, ShardLoader, ShardStream
 from orchestrator.train.run import train
 
 pytestmark = pytest.mark.faults

@@ -24,7 +24,7 @@ from orchestrator.checkpoint import (
     save_checkpoint,
     verify,
 )
-from orchestrator.data.shards import sha256_file
+from orchestrator.data.write import sha256_file
 
 pytestmark = pytest.mark.faults
 ROOT = Path(__file__).parents[2]

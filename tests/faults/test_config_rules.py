@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_config
 
 from orchestrator.config import ConfigError, validate_config
-from orchestrator.data.shards import DataError, write_shards
+from orchestrator.data.errors import DataError
+from orchestrator.data.write import write_shards
 from orchestrator.train.run import WorkerContext, train
 
 pytestmark = pytest.mark.faults

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from architectures.biggan import BOTTOM_WIDTH, D_ARCH, G_MULTS, BigGANConfig, BigGANDiscriminator, BigGANGenerator
 from architectures.biggan import _d_block_resolutions as d_block_resolutions
 from core.spec import ImageSpec
-from orchestrator.data.shards import sha256_file
+from orchestrator.data.write import sha256_file
 from orchestrator.tools.imports.common import fit_state, write_checkpoint
 from orchestrator.tools.imports.pickles import NetworkImportError
 

@@ -24,7 +24,7 @@ import torch
 
 from architectures.stylegan2 import StyleGAN2Config, build_discriminator, build_generator
 from core.spec import ImageSpec
-from orchestrator.data.shards import sha256_file
+from orchestrator.data.write import sha256_file
 from orchestrator.tools.imports.common import fit_state, write_checkpoint
 from orchestrator.tools.imports.pickles import NetworkImportError, Record, load_network_pickle
 
