@@ -112,8 +112,8 @@ MUTANTS = [
         "holdout-train-dedup",
         "images equal to a held-out image stay in the training split",
         "orchestrator/data/write.py",
-        "train_idx = [i for i in order[n_hold:] if encoded[i][1] not in held_hashes]",
-        "train_idx = list(order[n_hold:])",
+        "train = [i for i in order[n_hold:] if pixels(i) not in held_hashes]",
+        "train = list(order[n_hold:])",
         ("tests/test_data.py::test_duplicates_never_cross_the_split",),
     ),
     Mutant(
@@ -340,8 +340,8 @@ MUTANTS = [
         "mirror-not-flipped",
         "data.mirror repeats each sample without flipping it",
         "orchestrator/data/shards.py",
-        "return (decoded[0].flip(-1), decoded[1]) if mirrored else decoded",
-        "return decoded",
+        "return img.flip(-1), label, None if inp is None else inp.flip(-1)",
+        "return img, label, inp",
         ("tests/test_data.py::test_mirror_doubles_the_data_with_flipped_images_and_the_same_labels",),
     ),
     Mutant(
