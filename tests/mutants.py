@@ -251,8 +251,8 @@ MUTANTS = [
         "biggan-compile-allowed",
         "BigGAN no longer declares that it does not compile (train.compile: true would crash in D's backward)",
         "architectures/biggan.py",
-        'truncation="resample", compiles=False)',
-        'truncation="resample", compiles=True)',
+        'truncation="resample", compiles=False, d_blocks=True)',
+        'truncation="resample", compiles=True, d_blocks=True)',
         ("tests/test_compile.py::test_compile_is_refused_for_a_family_that_does_not_compile",),
     ),
     Mutant(
@@ -398,7 +398,7 @@ MUTANTS = [
         "orchestrator/recipes/cyclegan.py",
         "        fake_a = pool_a.query(gather_rows(fake_a), rng)[mine]\n        fake_b = pool_b.query(gather_rows(fake_b), rng)[mine]",
         "        fake_a = pool_a.query(fake_a, rng)\n        fake_b = pool_b.query(fake_b, rng)",
-        (T2R + "test_two_ddp_workers_reach_the_weights_of_one[cyclegan]",),
+        (T2R + "test_two_ddp_workers_reach_the_weights_of_one[cyclegan-ddp]",),
     ),
     Mutant(
         "superres-crop-per-stream",
@@ -406,7 +406,7 @@ MUTANTS = [
         "orchestrator/data/shards.py",
         "decoded = self._decode(sample, bad, f\"{epoch}-{sample.get('__key__', index)}\")",
         'decoded = self._decode(sample, bad, f"{epoch}-{stream}-{index}")',
-        (T2R + "test_two_ddp_workers_reach_the_weights_of_one[srgan]",),
+        (T2R + "test_two_ddp_workers_reach_the_weights_of_one[srgan-ddp]",),
     ),
 ]
 
