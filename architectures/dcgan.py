@@ -8,6 +8,11 @@ start from N(0, 0.02) and BatchNorm gains from N(1, 0.02) (section 4).
 
 Conditional models (an addition to the paper, as in most class-conditional DCGANs) concatenate a
 label embedding to z in G and use a projection term (Miyato & Koyama 2018) in D.
+
+``norm`` chooses D's normalisation: the paper's BatchNorm, instance norm (Ulyanov et al. 2016, "Instance
+Normalization"; per image, so each logit depends on its own image only, as a per-sample critic penalty
+such as WGAN-GP's assumes: Gulrajani et al. 2017, section 4) or none. G keeps BatchNorm, the paper's
+choice, whose batch dependence does no harm there.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ class DCGANConfig(ArchConfig):
     d_channels: int = Field(64, ge=1, description="D width at the input resolution; doubles per halving")
     max_channels: int = Field(512, ge=1, description="cap on any layer's width")
     label_dim: int = Field(32, ge=1, description="label embedding size (conditional models)")
+    norm: Literal["batch", "instance", "none"] = Field(
+        "batch",
+        description="D's normalisation: batch (the paper) | instance (per image, affine) | none; G keeps batch",
+    )
 
 
 def _widths(base: int, cap: int, resolution: int) -> list[int]:
@@ -40,13 +49,22 @@ def _widths(base: int, cap: int, resolution: int) -> list[int]:
     return [min(base * 2**i, cap) for i in range(n)]
 
 
+def _norm(kind: str, channels: int) -> list[nn.Module]:
+    """D's normalisation layer of ``model.norm`` (none: no layer)."""
+    if kind == "batch":
+        return [nn.BatchNorm2d(channels)]
+    if kind == "instance":
+        return [nn.InstanceNorm2d(channels, affine=True)]
+    return []
+
+
 def _init_dcgan(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, 0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.weight is not None:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
@@ -85,7 +103,7 @@ class DCGANDiscriminator(nn.Module):
         widths = _widths(cfg.d_channels, cfg.max_channels, spec.resolution)
         layers: list[nn.Module] = [nn.Conv2d(spec.channels, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), *_norm(cfg.norm, c_out), nn.LeakyReLU(0.2, True)]
         self.features = nn.Sequential(*layers)
         self.out = nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)
         # Projection discriminator: logit += <embed(c), pooled features>.

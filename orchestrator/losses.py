@@ -10,7 +10,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import StrictConfig
 
@@ -37,6 +37,19 @@ class LossConfig(StrictConfig):
         description="weight of AC-GAN's label terms for a D that classifies "
         "(ProGAN, conditional: official 1.0): cross-entropy on reals and fakes for D, fakes for G",
     )
+    clip: float | None = Field(
+        None,
+        gt=0.0,
+        description="WGAN weight clipping: every D parameter clamped to [−clip, clip] after each D step "
+        "(Arjovsky et al. 2017, Algorithm 1: 0.01; null: off)",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="one-sided label smoothing s: D's real target 1 − s, fakes stay 0 (Salimans et al. 2016, "
+        "section 3.4: 0.1 → 0.9); minimax and nonsaturating only; 0: off",
+    )
     ortho_beta: float = Field(
         0.0,
         ge=0.0,
@@ -44,11 +57,27 @@ class LossConfig(StrictConfig):
         "β·Σ‖WWᵀ ⊙ (1 − I)‖²_F (paper: 1e-4; the authors' --G_ortho s is β = s/2; 0: off)",
     )
 
+    @model_validator(mode="after")
+    def _smoothing_needs_a_cross_entropy(self) -> LossConfig:
+        if self.label_smoothing and self.kind not in ("minimax", "nonsaturating"):
+            raise ValueError(
+                f"label_smoothing {self.label_smoothing} smooths the cross-entropy target of minimax or "
+                f"nonsaturating; loss.kind {self.kind} has none: set it to 0"
+            )
+        return self
 
-def d_loss(kind: LossKind, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """The discriminator's loss for one batch of real and one of fake logits."""
+
+def d_loss(
+    kind: LossKind, real_logits: torch.Tensor, fake_logits: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
+    """The discriminator's loss for one batch of real and one of fake logits. ``smoothing`` s (minimax and
+    nonsaturating): one-sided label smoothing, the real term is the cross-entropy against 1 − s,
+    ``s·softplus(x) + (1 − s)·softplus(−x)`` (Salimans et al. 2016, section 3.4); the fake term stays."""
     if kind in ("minimax", "nonsaturating"):  # −log D(x) − log(1 − D(G(z))), Goodfellow et al. 2014 eq. 1
-        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        real = F.softplus(-real_logits).mean()
+        if smoothing:
+            real = (1 - smoothing) * real + smoothing * F.softplus(real_logits).mean()
+        return real + F.softplus(fake_logits).mean()
     if kind == "hinge":  # Lim & Ye 2017; Miyato et al. 2018
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     if kind == "wgan":  # Arjovsky et al. 2017: the critic maximises E[D(x)] − E[D(G(z))]

@@ -166,7 +166,7 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool, aug: Augment) ->
             real_logits, real_classes = scores(ctx.nets["D"], real_in, c_real, cfg, aug)
             fake_logits, fake_classes = scores(ctx.nets["D"], fake.detach(), c_fake, cfg, aug)
         aug.observe(real_logits)
-        total = d_loss(cfg.kind, real_logits, fake_logits)
+        total = d_loss(cfg.kind, real_logits, fake_logits, cfg.label_smoothing)
         stats = {
             "loss/D": total,
             "D/real": torch.sigmoid(real_logits).mean(),
@@ -193,7 +193,21 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool, aug: Augment) ->
             total = total + stats["reg/r1"] * (cfg.r1_gamma / 2)
         return total, stats
 
-    return Phase("D", steps=("D",), loss=loss, inputs=inputs, reals="new")
+    return Phase("D", steps=("D",), loss=loss, inputs=inputs, reals="new", after=clip_d(cfg.clip))
+
+
+def clip_d(clip: float | None):
+    """WGAN's weight clipping (Arjovsky et al. 2017, Algorithm 1, line 7): after each D update, every D parameter
+    clamped to [−clip, clip], in place on the module the strategy steps; None when ``clip`` is off."""
+    if clip is None:
+        return None
+
+    def after(ctx: StepContext) -> None:
+        with torch.no_grad():
+            for p in ctx.raw["D"].parameters():
+                p.clamp_(-clip, clip)
+
+    return after
 
 
 def d_reg_phase(cfg: LossConfig, aug: Augment) -> Phase:
@@ -207,7 +221,13 @@ def d_reg_phase(cfg: LossConfig, aug: Augment) -> Phase:
         return total, {"reg/r1": r1.mean()}
 
     return Phase(
-        "Dreg", steps=("D",), loss=loss, inputs=lambda ctx, reals, n: reals, reals="same", interval=cfg.r1_interval
+        "Dreg",
+        steps=("D",),
+        loss=loss,
+        inputs=lambda ctx, reals, n: reals,
+        reals="same",
+        interval=cfg.r1_interval,
+        after=clip_d(cfg.clip),
     )
 
 

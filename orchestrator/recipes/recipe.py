@@ -138,7 +138,8 @@ class Phase:
     here); the runner cuts each into micro-batches. ``frozen``: networks that get no gradient while
     the phase runs (D in the G phase). ``active(nimg)``: whether the phase runs at this point of training
     (real images shown so far; None: always), e.g. SRGAN's MSE pre-training before its GAN phases; an inactive
-    phase is not counted for its interval."""
+    phase is not counted for its interval. ``after(ctx)``: runs right after the optimizer steps, on every
+    strategy that steps the module's own parameters (WGAN's weight clipping, Arjovsky et al. 2017, Algorithm 1)."""
 
     name: str
     steps: tuple[str, ...]
@@ -149,6 +150,7 @@ class Phase:
     frozen: tuple[str, ...] = ()
     shrink: int = 1  # the phase uses 1/shrink of the batch (StyleGAN2's pl_batch_shrink)
     active: Callable[[int], bool] | None = None
+    after: Callable[[StepContext], None] | None = None
 
 
 StepHook = Callable[[int, int, int], dict[str, torch.Tensor]]
@@ -284,6 +286,8 @@ def _run_phase(
             for name in phase.steps:
                 stats[f"grad/{name}"] = grad_norm(ctx.raw[name], st.loss_scale)
         skipped = sum(not st.step(name) for name in phase.steps)
+        if phase.after is not None:
+            phase.after(ctx)
     finally:
         for p in thaw:
             p.requires_grad_(True)

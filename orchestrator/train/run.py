@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import architectures
+from core.config import ConfigError
 from orchestrator import recipes  # noqa: F401  (registers the built-in recipes)
 from orchestrator.checkpoint import (
     META,
@@ -41,7 +42,7 @@ from orchestrator.ema import ema_beta, update_ema
 from orchestrator.faults import FaultGuard, StopRequest
 from orchestrator.finetune import init_networks
 from orchestrator.growth import Growth
-from orchestrator.optim import lazy_ratio, make_adam
+from orchestrator.optim import lr_ratio, make_optimizer
 from orchestrator.precision import make_precision
 from orchestrator.recipes.recipe import RecipeSetup, StepContext, get_recipe, run_phase
 from orchestrator.tracking import Tracker
@@ -273,12 +274,18 @@ class Run:
         own_dtype = set(self.recipe.networks) if self.arch.capabilities.reduced_dtype else set()
         precision = make_precision(cfg.train.precision, self.device)
         skip_nonfinite = cfg.faults.skip_nonfinite and cfg.train.precision != "fp16"  # fp16: the scaler's job
+        if cfg.loss.clip is not None and cfg.distributed.strategy == "deepspeed":
+            # ZeRO steps its own fp32 master weights and copies them over the module's: a clamp would not hold
+            raise ConfigError(
+                f"loss.clip: {cfg.loss.clip} (WGAN weight clipping) cannot hold under distributed.strategy: "
+                f"deepspeed, whose engine keeps its own master weights; use strategy single or ddp, or loss.clip: null"
+            )
         self.strategy = make_strategy(
             cfg.distributed, precision, own_dtype & set(trained), skip_nonfinite, self.micro_batch, self.num_micro,
             self.ctx.world_size,
         )  # fmt: skip
         optimizers = {
-            name: make_adam(n.module.parameters(), n.optimizer, n.reg_interval) for name, n in trained.items()
+            name: make_optimizer(n.module.parameters(), n.optimizer, n.reg_interval) for name, n in trained.items()
         }
         wrapped = self.strategy.prepare({name: net.module for name, net in trained.items()}, optimizers)
         copies = {name: net.module for name, net in self.recipe.networks.items() if name not in trained}
@@ -453,7 +460,7 @@ class Run:
         schedule = self.recipe.lr_schedule(self.progress.nimg) if self.recipe.lr_schedule else 1.0
         for name, net in self.recipe.trained.items():
             lr = self.growth.lr(net.optimizer.lr) if self.growth else net.optimizer.lr
-            self.strategy.set_lr(name, lr * lazy_ratio(net.reg_interval) * self.guard.state.lr_scale * schedule)
+            self.strategy.set_lr(name, lr * lr_ratio(net.optimizer, net.reg_interval) * self.guard.state.lr_scale * schedule)
 
     def _apply_fault_state(self) -> None:
         self._apply_lr()
