@@ -29,7 +29,6 @@ class AdamConfig(StrictConfig):
     eps: float = Field(1e-8, gt=0, description="Adam or RMSProp ε")
 
 
-
 class OptimConfig(StrictConfig):
     """The optimizers of G and D, one each (their own lr: the two time-scale update rule, Heusel et al. 2017)."""
 

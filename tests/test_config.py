@@ -43,7 +43,9 @@ def test_unknown_key_names_file_line_and_nearest_key(tmp_path):
 def test_unknown_section_and_nested_key(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'trian'; did you mean 'train'"):
         load_config(write(tmp_path, GOOD + "trian: {}\n"))
-    with pytest.raises(ConfigError, match=r"unknown key 'optim.g.learning_rate'.*valid keys here: betas, eps, kind, lr"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'optim.g.learning_rate'.*valid keys here: betas, eps, kind, lr"
+    ):
         load_config(write(tmp_path, GOOD + "optim:\n  g:\n    learning_rate: 0.1\n"))
 
 

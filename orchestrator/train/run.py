@@ -460,7 +460,9 @@ class Run:
         schedule = self.recipe.lr_schedule(self.progress.nimg) if self.recipe.lr_schedule else 1.0
         for name, net in self.recipe.trained.items():
             lr = self.growth.lr(net.optimizer.lr) if self.growth else net.optimizer.lr
-            self.strategy.set_lr(name, lr * lr_ratio(net.optimizer, net.reg_interval) * self.guard.state.lr_scale * schedule)
+            self.strategy.set_lr(
+                name, lr * lr_ratio(net.optimizer, net.reg_interval) * self.guard.state.lr_scale * schedule
+            )
 
     def _apply_fault_state(self) -> None:
         self._apply_lr()
