@@ -37,6 +37,7 @@ TRUNCATED = "tests/faults/test_bad_data.py::test_truncated_tar_names_its_shard_a
 BAD_KIND = "tests/faults/test_bad_data.py::test_each_bad_kind_is_skipped_and_reported_with_shard_and_key"
 T2T = "tests/test_translation_recipes.py::"
 T2R = "tests/test_translation_runs.py::"
+STAB = "tests/test_stability.py::"
 
 
 @dataclass(frozen=True)
@@ -407,6 +408,38 @@ MUTANTS = [
         "decoded = self._decode(sample, bad, f\"{epoch}-{sample.get('__key__', index)}\")",
         'decoded = self._decode(sample, bad, f"{epoch}-{stream}-{index}")',
         (T2R + "test_two_ddp_workers_reach_the_weights_of_one[srgan-ddp]",),
+    ),
+    Mutant(
+        "wgan-clip-skipped",
+        "WGAN weight clipping never runs after the D phases",
+        "orchestrator/recipes/recipe.py",
+        "        if phase.after is not None:\n            phase.after(ctx)\n",
+        "",
+        (STAB + "test_clipping_bounds_every_d_weight_after_each_d_step_and_leaves_g_alone",),
+    ),
+    Mutant(
+        "rmsprop-momentum",
+        "RMSProp gets momentum, which WGAN's Algorithm 1 avoids",
+        "orchestrator/optim.py",
+        "eps=cfg.eps, momentum=0.0)",
+        "eps=cfg.eps, momentum=0.9)",
+        (STAB + "test_rmsprop_has_the_configured_lr_no_momentum_and_no_lazy_correction",),
+    ),
+    Mutant(
+        "label-smoothing-two-sided",
+        "label smoothing also smooths the fake term (two-sided)",
+        "orchestrator/losses.py",
+        "        return real + F.softplus(fake_logits).mean()",
+        "        return real + ((1 - smoothing) * F.softplus(fake_logits) + smoothing * F.softplus(-fake_logits)).mean()",
+        (STAB + "test_label_smoothing_changes_only_the_real_term",),
+    ),
+    Mutant(
+        "instance-norm-is-batch-norm",
+        "model.norm: instance builds BatchNorm (batch-dependent logits)",
+        "architectures/dcgan.py",
+        "        return [nn.InstanceNorm2d(channels, affine=True)]",
+        "        return [nn.BatchNorm2d(channels)]",
+        (STAB + "test_a_d_without_batch_norm_scores_each_image_on_its_own",),
     ),
 ]
 
