@@ -204,6 +204,7 @@ def test_info_shows_an_image_to_image_model(data, tmp_path):
         ("noise_to_image", "pix2pix", "noise_to_image generates from noise"),
         ("pix2pix", "cyclegan", "pix2pix needs paired image → image shards"),
         ("cyclegan", "pix2pix", "cyclegan needs unpaired"),
+        ("pix2pix", "pix2pix", "pix2pix does not use loss.label_smoothing"),
     ],
 )
 def test_data_that_does_not_fit_the_recipe_is_a_config_error(data, tmp_path, recipe, shards, error):
@@ -211,6 +212,8 @@ def test_data_that_does_not_fit_the_recipe_is_a_config_error(data, tmp_path, rec
     raw["train"]["recipe"] = recipe
     if recipe == "noise_to_image":
         raw["model"] = {"arch": "dcgan", "z_dim": 8, "g_channels": 4, "d_channels": 4}
+    if "label_smoothing" in error:
+        raw["loss"]["label_smoothing"] = 0.1
     with pytest.raises(ConfigError, match=error):
         Run.build(validate_config(raw, "bad"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -41,8 +41,9 @@ def check_setup(setup: RecipeSetup, recipe: str, pairing: str, same_size: bool |
     if same_size is False and spec.input_resolution >= spec.resolution:
         raise ConfigError(f"{recipe}: input images ({spec.input_resolution} px) must be smaller than the targets")
     loss = setup.loss
-    unused = [k for k in ("r1_gamma", "gp_weight", "drift", "pl_weight", "style_mixing_prob", "ac_weight",
-                          "ortho_beta") if getattr(loss, k)]  # fmt: skip
+    noise_only = ("r1_gamma", "gp_weight", "drift", "pl_weight", "style_mixing_prob", "ac_weight", "ortho_beta",
+                  "clip", "label_smoothing")  # fmt: skip
+    unused = [f"loss.{k}" for k in noise_only if getattr(loss, k)]
     unused += ["loss.d_steps"] if loss.d_steps != 1 else []
     unused += [f"augment.kind: {setup.augment.kind}"] if setup.augment.kind != "none" else []
     unused += ["finetune.freeze_d"] if setup.finetune.freeze_d else []
