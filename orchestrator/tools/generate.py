@@ -152,6 +152,14 @@ class Provenance:
     step: int | None
     kimg: float | None
 
+    @classmethod
+    def of(cls, checkpoint: str | Path, arch: str, progress: dict) -> Provenance:
+        """The provenance of images from ``checkpoint`` (its family and its ``progress`` state)."""
+        nimg = progress.get("nimg")
+        return cls(
+            arch, str(Path(checkpoint).resolve()), progress.get("step"), nimg / 1000 if nimg is not None else None
+        )
+
     def pnginfo(self, what: str, **params: object) -> PngInfo:
         """PNG text chunks labelling the image as synthetic, with ``params`` (seed, ψ, class, …)."""
         described = (
@@ -237,11 +245,7 @@ class Renderer:
                 f"--class {class_index}: this model has {n} classes"
                 + (" (it is unconditional)" if not n else f"; use 0-{n - 1}")
             )
-        step = progress.get("step")
-        nimg = progress.get("nimg")
-        self.provenance = Provenance(
-            self.arch.name, str(Path(checkpoint).resolve()), step, nimg / 1000 if nimg is not None else None
-        )
+        self.provenance = Provenance.of(checkpoint, self.arch.name, progress)
 
     @property
     def has_mapping(self) -> bool:
@@ -444,6 +448,7 @@ def translate(
     ``direction``: ``ab`` (what ``G`` does) or ``ba`` (CycleGAN's B → A generator).
     """
     from orchestrator.data.sources import prepare_image
+    from orchestrator.recipes.image_to_image import as_shown
 
     loaded = load_generator(checkpoint, device)
     G, spec, caps = loaded.G, loaded.spec, loaded.arch.capabilities
@@ -461,10 +466,7 @@ def translate(
         print(f"skipped {source / name if source.is_dir() else name}: {why}")
     if not images:
         raise ConfigError(f"--input {source}: no readable image")
-    progress = loaded.progress
-    nimg = progress.get("nimg")
-    provenance = Provenance(loaded.arch.name, str(Path(checkpoint).resolve()), progress.get("step"),
-                            nimg / 1000 if nimg is not None else None)  # fmt: skip
+    provenance = Provenance.of(checkpoint, loaded.arch.name, loaded.progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths, shown = [], []
@@ -481,9 +483,7 @@ def translate(
         what = f"{'B → A' if direction == 'ba' else 'translation'} of input image {name}"
         paths.append(_save_png(to_pil(y), out / f"{Path(name).stem}.png",
                                provenance.pnginfo(what, input=name, direction=direction)))  # fmt: skip
-        size = y.shape[-1]
-        shown += [torch.nn.functional.interpolate(x.cpu(), size=(size, size), mode="nearest")[0], y.cpu()]
-    shown = [s.expand(3, -1, -1) if s.shape[0] == 1 else s for s in shown]
+        shown += [as_shown(x.cpu(), y.shape[-1])[0], as_shown(y[None].cpu(), y.shape[-1])[0]]
     info = provenance.pnginfo(f"grid of {len(images)} inputs and their outputs, input | output", direction=direction)
     paths.append(_save_png(to_pil(make_grid(shown, 2 * max(1, int(len(images) ** 0.5)))), out / "grid.png", info))
     return paths
