@@ -13,6 +13,11 @@ label embedding to z in G and use a projection term (Miyato & Koyama 2018) in D.
 Normalization"; per image, so each logit depends on its own image only, as a per-sample critic penalty
 such as WGAN-GP's assumes: Gulrajani et al. 2017, section 4) or none. G keeps BatchNorm, the paper's
 choice, whose batch dependence does no harm there.
+
+``mbdisc_kernels`` B > 0 adds minibatch discrimination (Salimans et al. 2016, section 3.2;
+:class:`architectures.layers.MinibatchDiscrimination`) on D's last features: the logit gains a linear term of the
+layer's B outputs, which is the paper's "concatenate and feed the next layer" with the 4×4 output convolution as
+that layer. ``D(img, c, return_features=True)`` also returns those features (feature matching, section 3.1).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from architectures.registry import ArchConfig, Architecture, register
+from architectures.layers import MinibatchDiscrimination
+from architectures.registry import ArchConfig, Architecture, Capabilities, register
 from core.spec import ImageSpec
 
 
@@ -41,6 +47,10 @@ class DCGANConfig(ArchConfig):
         "batch",
         description="D's normalisation: batch (the paper) | instance (per image, affine) | none; G keeps batch",
     )
+    mbdisc_kernels: int = Field(
+        0, ge=0, description="minibatch discrimination kernels B in D (Salimans et al. 2016: 100; 0: off)"
+    )
+    mbdisc_dim: int = Field(5, ge=1, description="minibatch discrimination: size C of each kernel's rows (paper: 5)")
 
 
 def _widths(base: int, cap: int, resolution: int) -> list[int]:
@@ -109,13 +119,21 @@ class DCGANDiscriminator(nn.Module):
         # Projection discriminator: logit += <embed(c), pooled features>.
         self.embed = nn.Embedding(spec.num_classes, widths[-1]) if spec.num_classes else None
         _init_dcgan(self)
+        self.mbdisc = self.mbdisc_out = None
+        if cfg.mbdisc_kernels:  # its own initialisation (the paper's), after DCGAN's
+            self.mbdisc = MinibatchDiscrimination(widths[-1] * 16, cfg.mbdisc_kernels, cfg.mbdisc_dim)
+            self.mbdisc_out = nn.Linear(cfg.mbdisc_kernels, 1, bias=False)
+            nn.init.normal_(self.mbdisc_out.weight, 0.0, 0.02)
 
-    def forward(self, img: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, c: torch.Tensor | None = None, return_features: bool = False):
+        """One logit per image; with ``return_features`` also D's last features ``[N, C, 4, 4]``."""
         h = self.features(img)
         logit = self.out(h).flatten(1).squeeze(1)
+        if self.mbdisc is not None:
+            logit = logit + self.mbdisc_out(self.mbdisc(h)).squeeze(1)
         if self.embed is not None:
             logit = logit + (self.embed(c) * h.sum(dim=(2, 3))).sum(dim=1)
-        return logit
+        return (logit, h) if return_features else logit
 
 
-register(Architecture("dcgan", DCGANConfig, DCGANGenerator, DCGANDiscriminator))
+register(Architecture("dcgan", DCGANConfig, DCGANGenerator, DCGANDiscriminator, Capabilities(features=True)))

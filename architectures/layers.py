@@ -376,3 +376,35 @@ class MinibatchStdLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}, num_channels={self.num_channels}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Minibatch discrimination.
+
+
+class MinibatchDiscrimination(nn.Module):
+    """Minibatch discrimination (Salimans et al. 2016, "Improved Techniques for Training GANs", section 3.2).
+
+    Each sample's features ``f(x_i) ∈ R^A`` are multiplied by a learned tensor ``T ∈ R^{A×B×C}`` into ``B`` rows
+    ``M_{i,b} ∈ R^C``; sample i's closeness to sample j under kernel b is ``c_b(x_i, x_j) = exp(−‖M_{i,b} − M_{j,b}‖₁)``
+    and the layer outputs ``o(x_i)_b = Σ_{j≠i} c_b(x_i, x_j)``, the ``B`` features the next layer reads beside
+    ``f(x_i)``. The sum leaves out ``j = i`` (a constant 1), as the authors' code does; ``T`` starts from
+    N(0, 0.05²), their initialisation. "The batch" is the batch of one forward pass (a micro-batch), as for
+    BatchNorm: real and fake batches are compared among themselves.
+
+    Compare ProGAN's minibatch standard deviation (:class:`MinibatchStdLayer`): one parameter-free statistic
+    per group of a few samples; this layer learns ``B`` similarity kernels over the whole batch."""
+
+    def __init__(self, in_features: int, kernels: int, kernel_dim: int):
+        super().__init__()
+        self.kernels, self.kernel_dim = kernels, kernel_dim
+        self.T = nn.Parameter(torch.randn(in_features, kernels * kernel_dim) * 0.05)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        m = (features.flatten(1) @ self.T).view(-1, self.kernels, self.kernel_dim)  # [N, B, C]
+        l1 = (m[:, None] - m[None, :]).abs().sum(3)  # [N, N, B]: ‖M_{i,b} − M_{j,b}‖₁
+        close = torch.exp(-l1)
+        return close.sum(1) - 1  # Σ_j c_b minus the j = i term, exp(0) = 1
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.T.shape[0]}, kernels={self.kernels}, kernel_dim={self.kernel_dim}"

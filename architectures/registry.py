@@ -58,6 +58,8 @@ class Capabilities:
     * ``d_blocks``: ``D.blocks`` lists D's blocks from the image side (Freeze-D freezes the first k).
     * ``conditioning``: ``"latent"`` (``G(z, c)``) or ``"image"`` (``G(x)``: image-to-image, see the module docstring).
     * ``cycle``: G holds two generators, ``G.ab`` and ``G.ba`` (CycleGAN).
+    * ``features``: ``D(img, c, return_features=True)`` returns ``(logits, features)``, D's last hidden features
+      (feature matching, Salimans et al. 2016).
     """
 
     mapping: bool = False
@@ -71,6 +73,7 @@ class Capabilities:
     d_blocks: bool = False
     conditioning: Literal["latent", "image"] = "latent"
     cycle: bool = False
+    features: bool = False
 
 
 @dataclass(frozen=True)

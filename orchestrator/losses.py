@@ -50,6 +50,26 @@ class LossConfig(StrictConfig):
         description="one-sided label smoothing s: D's real target 1 − s, fakes stay 0 (Salimans et al. 2016, "
         "section 3.4: 0.1 → 0.9); minimax and nonsaturating only; 0: off",
     )
+    pack: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="PacGAN packing m: D judges m samples at once, concatenated along channels (Lin et al. "
+        "2018: 2-4; 1: off); D's input has m× the channels and each micro-batch must be a multiple of m",
+    )
+    feature_matching: Literal["off", "alone", "added"] = Field(
+        "off",
+        description="feature matching (Salimans et al. 2016, section 3.1): G matches the mean of D's last "
+        "features on real and fake batches, alone (instead of the adversarial loss) or added to it; off",
+    )
+    feature_matching_weight: float = Field(1.0, gt=0.0, description="weight of the feature matching term")
+    unroll_steps: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="unrolled GAN (Metz et al. 2017): G's loss is taken against D after this many look-ahead "
+        "steps of D's optimizer, differentiated through them (paper: 1, 5, 10); D itself is untouched; 0: off",
+    )
     ortho_beta: float = Field(
         0.0,
         ge=0.0,
@@ -161,3 +181,26 @@ def orthogonal_penalty(params) -> torch.Tensor:
     if total is None:
         raise ValueError("orthogonal_penalty: no parameters")
     return total
+
+
+def pack(img: torch.Tensor, m: int) -> torch.Tensor:
+    """PacGAN's packing (Lin et al. 2018, section 3): ``[N, C, H, W]`` → ``[N/m, m·C, H, W]``, each group of m
+    consecutive images concatenated along channels, so D judges m samples at once."""
+    if m == 1:
+        return img
+    n, c, h, w = img.shape
+    if n % m:
+        raise ValueError(
+            f"loss.pack: {m}: a batch of {n} images does not split into packs of {m}; make train.batch_size "
+            f"and train.micro_batch multiples of {m} per worker"
+        )
+    return img.reshape(n // m, m * c, h, w)
+
+
+def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
+    """Feature matching (Salimans et al. 2016, section 3.1, ``‖E f(x) − E f(G(z))‖²``): the squared distance
+    between the batch means of D's features on real and fake images, averaged over the features as the
+    authors' code does (so its size does not grow with D's width). Zero for identical batches."""
+    real = real_features.float().flatten(1).mean(0)
+    fake = fake_features.float().flatten(1).mean(0)
+    return (real - fake).square().mean()

@@ -38,6 +38,7 @@ BAD_KIND = "tests/faults/test_bad_data.py::test_each_bad_kind_is_skipped_and_rep
 T2T = "tests/test_translation_recipes.py::"
 T2R = "tests/test_translation_runs.py::"
 STAB = "tests/test_stability.py::"
+ANTI = "tests/test_anti_collapse.py::"
 
 
 @dataclass(frozen=True)
@@ -440,6 +441,54 @@ MUTANTS = [
         "        return [nn.InstanceNorm2d(channels, affine=True)]",
         "        return [nn.BatchNorm2d(channels)]",
         (STAB + "test_a_d_without_batch_norm_scores_each_image_on_its_own",),
+    ),
+    Mutant(
+        "mbdisc-counts-itself",
+        "minibatch discrimination keeps the j = i term in its sum",
+        "architectures/layers.py",
+        "        return close.sum(1) - 1  # Σ_j c_b minus the j = i term, exp(0) = 1",
+        "        return close.sum(1)",
+        (ANTI + "test_minibatch_discrimination_is_the_papers_sum_over_the_other_samples",),
+    ),
+    Mutant(
+        "unroll-shares-d-buffers",
+        "the look-ahead runs on D's own BatchNorm statistics (and changes them)",
+        "orchestrator/unroll.py",
+        "{n: b.clone() for n, b in D.named_buffers()}",
+        "dict(D.named_buffers())",
+        (ANTI + "test_lookahead_steps_are_those_of_torchs_optimizer_and_leave_d_alone",),
+    ),
+    Mutant(
+        "unroll-adam-no-bias-correction",
+        "the look-ahead's Adam step forgets the bias correction of the first moment",
+        "orchestrator/unroll.py",
+        'group["lr"] / (1 - b1**t) * m / denom',
+        'group["lr"] * m / denom',
+        (ANTI + "test_lookahead_steps_are_those_of_torchs_optimizer_and_leave_d_alone",),
+    ),
+    Mutant(
+        "unroll-detached-fakes",
+        "the look-ahead steps D on detached fakes: G's gradient misses the dθ_D/dθ_G term",
+        "orchestrator/recipes/noise_to_image.py",
+        "seen(real[0], cfg, aug), real[1], seen(fake, cfg, aug)",
+        "seen(real[0], cfg, aug), real[1], seen(fake.detach(), cfg, aug)",
+        (ANTI + "test_unrolled_g_gradient_is_the_derivative_of_the_loss_after_the_look_ahead",),
+    ),
+    Mutant(
+        "pack-interleaved",
+        "packing groups images n and n + N/m instead of m consecutive images",
+        "orchestrator/losses.py",
+        "    return img.reshape(n // m, m * c, h, w)",
+        "    return img.reshape(m, n // m, c, h, w).transpose(0, 1).reshape(n // m, m * c, h, w)",
+        (ANTI + "test_pack_concatenates_consecutive_images_along_channels",),
+    ),
+    Mutant(
+        "feature-matching-ignores-reals",
+        "feature matching compares fakes with fakes (the real batch ignored)",
+        "orchestrator/recipes/noise_to_image.py",
+        "        _, real_features = D(seen(real[0], cfg, aug), real[1], return_features=True)",
+        "        _, real_features = D(seen(fake.detach(), cfg, aug), c, return_features=True)",
+        (ANTI + "test_feature_matching_g_phase_applies_the_gradient_of_the_papers_objective",),
     ),
 ]
 

@@ -52,7 +52,12 @@ class DataConfig(StrictConfig):
     )
     resolution: int | None = Field(None, ge=4, description="must match the manifest when both are given")
     channels: int | None = Field(None, ge=1, le=4, description="must match the manifest when both are given")
-    num_classes: int | None = Field(None, ge=0, description="must match the manifest when both are given")
+    num_classes: int | None = Field(
+        None,
+        ge=0,
+        description="must match the manifest when both are given; 0 trains unconditionally, ignoring the shards' "
+        "labels (StyleGAN2-ADA without --cond)",
+    )
     workers: int = Field(
         2, ge=0, le=64, description="DataLoader worker processes per rank (0: read in the training process)"
     )
@@ -113,7 +118,8 @@ def image_spec(cfg: DataConfig, manifest: dict | None) -> ImageSpec:
     values = {}
     for key in ("resolution", "channels", "num_classes"):
         mine, theirs = getattr(cfg, key), (manifest or {}).get(key)
-        if mine is not None and theirs is not None and mine != theirs:
+        unconditional = key == "num_classes" and mine == 0  # labels in the shards, ignored
+        if mine is not None and theirs is not None and mine != theirs and not unconditional:
             raise DataError(
                 f"data.{key} is {mine} but the shards' manifest says {theirs}; "
                 f"remove data.{key} or point data.shards at matching shards"

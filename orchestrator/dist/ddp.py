@@ -76,6 +76,9 @@ class DDPStrategy:
         self.opts.by_name[name].step()  # an AcceleratedOptimizer: unscales, skips inf steps, updates the scale
         return True
 
+    def optimizer(self, name: str) -> torch.optim.Optimizer:
+        return self.opts.by_name[name]
+
     def lr(self, name: str) -> float:
         return self.opts.lr(name)
 

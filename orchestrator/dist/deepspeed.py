@@ -73,6 +73,9 @@ class DeepSpeedStrategy:
     def step(self, name: str) -> bool:
         return True  # the engine stepped at the last micro-batch's backward
 
+    def optimizer(self, name: str) -> None:
+        return None  # ZeRO partitions the optimizer state across ranks
+
     def lr(self, name: str) -> float:
         return self.engines[name].optimizer.param_groups[0]["lr"]
 

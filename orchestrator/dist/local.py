@@ -57,6 +57,9 @@ class LocalStrategy:
         self.precision.scaler.update()
         return True
 
+    def optimizer(self, name: str) -> torch.optim.Optimizer:
+        return self.opts.by_name[name]
+
     def lr(self, name: str) -> float:
         return self.opts.lr(name)
 

@@ -86,6 +86,10 @@ class Strategy(Protocol):
     def lr(self, name: str) -> float:
         """The learning rate of ``name``'s optimizer."""
 
+    def optimizer(self, name: str) -> torch.optim.Optimizer | None:
+        """``name``'s optimizer, whole on this rank (for a look-ahead that reads its state: unrolled GAN); None
+        where the strategy shards it (DeepSpeed)."""
+
     def set_lr(self, name: str, lr: float) -> None:
         """Set the learning rate of ``name``'s optimizer."""
 

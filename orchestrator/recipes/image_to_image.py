@@ -44,7 +44,10 @@ def check_setup(setup: RecipeSetup, recipe: str, pairing: str, same_size: bool |
     noise_only = ("r1_gamma", "gp_weight", "drift", "pl_weight", "style_mixing_prob", "ac_weight", "ortho_beta",
                   "clip", "label_smoothing")  # fmt: skip
     unused = [f"loss.{k}" for k in noise_only if getattr(loss, k)]
+    unused += ["loss.unroll_steps"] if loss.unroll_steps else []
     unused += ["loss.d_steps"] if loss.d_steps != 1 else []
+    unused += ["loss.pack"] if loss.pack != 1 else []
+    unused += ["loss.feature_matching"] if loss.feature_matching != "off" else []
     unused += [f"augment.kind: {setup.augment.kind}"] if setup.augment.kind != "none" else []
     unused += ["finetune.freeze_d"] if setup.finetune.freeze_d else []
     if unused:

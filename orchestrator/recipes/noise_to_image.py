@@ -22,7 +22,9 @@ compiled graphs have no double backward, and every other pass runs the compiled 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -37,13 +39,16 @@ from orchestrator.losses import (
     LossConfig,
     class_loss,
     d_loss,
+    feature_matching_loss,
     g_loss,
     gradient_penalty,
     orthogonal_penalty,
+    pack,
     path_length_penalty,
     r1_penalty,
 )
 from orchestrator.recipes.recipe import Micro, Network, Phase, Recipe, RecipeSetup, StepContext, register_recipe
+from orchestrator.unroll import lookahead
 
 
 @dataclass
@@ -79,12 +84,17 @@ def fakes(
     return G(z, c)
 
 
+def seen(img: torch.Tensor, cfg: LossConfig, aug: Augment) -> torch.Tensor:
+    """``img`` as D sees it: augmented, then packed by ``loss.pack`` (PacGAN)."""
+    return pack(aug(img), cfg.pack)
+
+
 def scores(
-    D: nn.Module, img: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig, aug: Augment
+    D: Callable[..., torch.Tensor], img: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig, aug: Augment
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """D's real/fake logits (fp32) of the augmented ``img`` and, when the AC-GAN term is on, its class logits
+    """D's real/fake logits (fp32) of ``img`` as D sees it and, when the AC-GAN term is on, its class logits
     (else None)."""
-    img = aug(img)
+    img = seen(img, cfg, aug)
     if cfg.ac_weight:
         logits, class_logits = D(img, c, return_class_logits=True)
         return logits.float(), class_logits
@@ -102,13 +112,13 @@ def anchor(ctx: StepContext, name: str, output: torch.Tensor, x: torch.Tensor, c
 
 
 def r1_through_raw(
-    ctx: StepContext, real: torch.Tensor, c: torch.Tensor | None, aug: Augment
+    ctx: StepContext, real: torch.Tensor, c: torch.Tensor | None, cfg: LossConfig, aug: Augment
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image R1 through the raw D (eagerly: it takes a second backward), and the logits it came from.
-    The gradient is taken w.r.t. the image before augmentation, as the official loss does."""
+    The gradient is taken w.r.t. the image before augmentation (and packing), as the official loss does."""
     real = real.detach().requires_grad_(True)
     with ctx.eager(), ctx.strategy.autocast("D"):
-        logits = ctx.raw["D"](aug(real), c).float()
+        logits = ctx.raw["D"](seen(real, cfg, aug), c).float()
     return r1_penalty(real, logits, ctx.strategy.loss_scale), logits
 
 
@@ -143,6 +153,31 @@ def check(setup: RecipeSetup, caps: Capabilities) -> None:
             f"loss.ortho_beta: {cfg.ortho_beta} needs a generator that names its orthogonally "
             f"regularized weights (biggan's ortho_parameters); the {arch} generator does not: "
             f"set it to 0"
+        )
+    check_stability(setup, caps)
+
+
+def check_stability(setup: RecipeSetup, caps: Capabilities) -> None:
+    """Packing, feature matching and unrolling where they cannot work are config errors."""
+    cfg, arch = setup.loss, setup.arch.name
+    if cfg.pack > 1:
+        clash = [k for k, on in (("data.num_classes (labels)", setup.spec.num_classes), ("loss.gp_weight",
+                 cfg.gp_weight), ("loss.ac_weight", cfg.ac_weight)) if on]  # fmt: skip
+        if clash:
+            raise ConfigError(
+                f"loss.pack: {cfg.pack} judges packs of images, which have no single label or per-image "
+                f"critic gradient: it cannot go with {', '.join(clash)}"
+            )
+    if cfg.feature_matching != "off" and not caps.features:
+        raise ConfigError(
+            f"loss.feature_matching: {cfg.feature_matching} needs a D that returns its features (dcgan, mlp); "
+            f"the {arch} D does not: set it to off"
+        )
+    if cfg.unroll_steps and (cfg.clip is not None or setup.finetune.freeze_d):
+        what = "loss.clip" if cfg.clip is not None else "finetune.freeze_d"
+        raise ConfigError(
+            f"loss.unroll_steps: {cfg.unroll_steps}: the look-ahead steps D freely and cannot follow {what}; "
+            f"drop one of them"
         )
 
 
@@ -185,7 +220,7 @@ def d_phase(cfg: LossConfig, caps: Capabilities, with_r1: bool, aug: Augment) ->
             total = total + cfg.gp_weight * stats["reg/gp"]
         if with_r1:
             r1 = (
-                r1_through_raw(ctx, real, c_real, aug)[0]
+                r1_through_raw(ctx, real, c_real, cfg, aug)[0]
                 if own_r1_pass
                 else r1_penalty(real_in, real_logits, st.loss_scale)
             )
@@ -215,9 +250,10 @@ def d_reg_phase(cfg: LossConfig, aug: Augment) -> Phase:
 
     def loss(ctx: StepContext, m: Micro):
         real, c = m.data["img"], m.data["label"]
-        r1, logits = r1_through_raw(ctx, real, c, aug)
+        r1, logits = r1_through_raw(ctx, real, c, cfg, aug)
         with ctx.eager():
-            total = r1.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval + 0 * anchor(ctx, "D", logits, real, c)
+            packed = pack(real, cfg.pack)
+            total = r1.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval + 0 * anchor(ctx, "D", logits, packed, c)
         return total, {"reg/r1": r1.mean()}
 
     return Phase(
@@ -231,23 +267,27 @@ def d_reg_phase(cfg: LossConfig, aug: Augment) -> Phase:
     )
 
 
-def g_phase(cfg: LossConfig, caps: Capabilities, aug: Augment) -> Phase:
+def g_phase(cfg: LossConfig, caps: Capabilities, aug: Augment, d_optimizer: str = "adam") -> Phase:
     """G against the current D (D gets no gradient and runs unwrapped) on augmented fakes, so that G learns
     through the (differentiable) augmentation; plus BigGAN's orthogonal term.
-    G runs through its wrapper (which synchronises its gradient), with style mixing when it has a mapping."""
+    G runs through its wrapper (which synchronises its gradient), with style mixing when it has a mapping.
+    With ``loss.unroll_steps`` D is replaced by its look-ahead (:func:`orchestrator.unroll.lookahead`, with D's
+    optimizer of kind ``d_optimizer``), and with ``loss.feature_matching`` G matches D's mean features; both read
+    the real images of the phase before (the D phase's)."""
+    reads_reals = cfg.unroll_steps > 0 or cfg.feature_matching != "off"
 
     def inputs(ctx: StepContext, reals: dict, n: int) -> dict:
         z, c = ctx.sampler.latents(n)
-        return {"z": z, "c": c}
+        return {"z": z, "c": c, **({"img": reals["img"], "label": reals["label"]} if reads_reals else {})}
 
     def loss(ctx: StepContext, m: Micro):
         st, z, c = ctx.strategy, m.data["z"], m.data["c"]
         with st.autocast("G"):
             fake = fakes(ctx.nets["G"], z, c, cfg, caps.mapping)
-        with st.autocast("D"):
-            logits, classes = scores(ctx.raw["D"], fake, c, cfg, aug)
-        total = g_loss(cfg.kind, logits)
-        stats = {"loss/G": total}
+        real = (m.data["img"], m.data["label"]) if reads_reals else None
+        with ctx.eager() if cfg.unroll_steps else contextlib.nullcontext(), st.autocast("D"):
+            D = unrolled_d(ctx, cfg, aug, d_optimizer, real, fake, c) if cfg.unroll_steps else ctx.raw["D"]
+            total, stats, classes = g_adversarial(D, fake, c, real, cfg, aug)
         if cfg.ac_weight:
             stats["loss/G_ac"] = class_loss(classes, c)
             total = total + cfg.ac_weight * stats["loss/G_ac"]
@@ -257,7 +297,53 @@ def g_phase(cfg: LossConfig, caps: Capabilities, aug: Augment) -> Phase:
             stats["reg/ortho"] = ortho.detach() * m.count  # the runner averages over the micro-batches
         return total, stats
 
-    return Phase("G", steps=("G",), loss=loss, inputs=inputs, frozen=("D",))
+    return Phase("G", steps=("G",), loss=loss, inputs=inputs, frozen=("D",), reals="same" if reads_reals else "none")
+
+
+def g_adversarial(
+    D: Callable[..., torch.Tensor],
+    fake: torch.Tensor,
+    c: torch.Tensor | None,
+    real: tuple[torch.Tensor, torch.Tensor | None] | None,
+    cfg: LossConfig,
+    aug: Augment,
+) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """G's loss against ``D`` (the adversarial term, feature matching with the ``(images, labels)`` of ``real``,
+    or both), its statistics, and D's class logits of the fakes when the AC-GAN term is on (else None)."""
+    if cfg.feature_matching == "off":
+        logits, classes = scores(D, fake, c, cfg, aug)
+        total = g_loss(cfg.kind, logits)
+        return total, {"loss/G": total}, classes
+    logits, fake_features = D(seen(fake, cfg, aug), c, return_features=True)
+    with torch.no_grad():  # the real features are the target (Salimans et al. 2016, section 3.1)
+        _, real_features = D(seen(real[0], cfg, aug), real[1], return_features=True)
+    matching = feature_matching_loss(real_features, fake_features)
+    stats = {"loss/G_fm": matching}
+    total = cfg.feature_matching_weight * matching
+    if cfg.feature_matching == "added":
+        stats["loss/G"] = g_loss(cfg.kind, logits.float())
+        total = total + stats["loss/G"]
+    return total, stats, None
+
+
+def unrolled_d(
+    ctx: StepContext,
+    cfg: LossConfig,
+    aug: Augment,
+    kind: str,
+    real: tuple[torch.Tensor, torch.Tensor | None],
+    fake: torch.Tensor,
+    c: torch.Tensor | None,
+) -> Callable[..., torch.Tensor]:
+    """D after ``loss.unroll_steps`` look-ahead steps of its optimizer on the D loss of this micro-batch's
+    ``real`` (images, labels) and ``fake`` (labels ``c``; not detached: G's gradient flows through the steps,
+    Metz et al. 2017, eq. 8). The look-ahead takes the adversarial loss only, not R1 or drift; D does not change."""
+    real_seen, real_c, fake_seen = seen(real[0], cfg, aug), real[1], seen(fake, cfg, aug)
+
+    def d_objective(D_k: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return d_loss(cfg.kind, D_k(real_seen, real_c).float(), D_k(fake_seen, c).float(), cfg.label_smoothing)
+
+    return lookahead(ctx.raw["D"], ctx.strategy.optimizer("D"), kind, d_objective, cfg.unroll_steps)
 
 
 def g_pl_phase(cfg: LossConfig, reg: RegState) -> Phase:
@@ -289,9 +375,10 @@ def build(setup: RecipeSetup) -> Recipe:
     """G, D and G_ema of ``model.arch`` with the phases ``loss`` asks for."""
     cfg, caps = setup.loss, setup.arch.capabilities
     check(setup, caps)
+    d_spec = replace(setup.spec, channels=setup.spec.channels * cfg.pack)  # PacGAN: m images per D input
     try:
         G = setup.arch.build_generator(setup.model, setup.spec).to(setup.device)
-        D = setup.arch.build_discriminator(setup.model, setup.spec).to(setup.device)
+        D = setup.arch.build_discriminator(setup.model, d_spec).to(setup.device)
     except ValueError as e:  # e.g. a resolution the architecture cannot take
         raise ConfigError(f"model ({setup.arch.name}) on data {setup.spec}: {e}") from None
     lazy_r1 = cfg.r1_gamma > 0 and cfg.r1_interval > 1
@@ -304,7 +391,7 @@ def build(setup: RecipeSetup) -> Recipe:
         phases.append(d_phase(cfg, caps, with_r1=cfg.r1_gamma > 0 and not lazy_r1, aug=aug))
         if lazy_r1:
             phases.append(d_reg_phase(cfg, aug))
-    phases.append(g_phase(cfg, caps, aug))
+    phases.append(g_phase(cfg, caps, aug, setup.optim.d.kind))
     if cfg.pl_weight > 0:
         phases.append(g_pl_phase(cfg, reg))
     networks = {

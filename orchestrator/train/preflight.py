@@ -44,7 +44,13 @@ def check_batches(cfg: JobConfig, world_size: int) -> None:
     """Every global batch the run will use (``train.batch_size`` and each of ``growth.batch_size``) splits
     evenly into ``world_size`` workers × micro-batches."""
     for batch in {cfg.train.batch_size, *cfg.growth.batch_size.values()}:
-        batch_split(batch, cfg.train.micro_batch, world_size)
+        micro, _ = batch_split(batch, cfg.train.micro_batch, world_size)
+        if micro % cfg.loss.pack:
+            raise ConfigError(
+                f"loss.pack: {cfg.loss.pack}: each worker's micro-batch of {micro} images (global batch {batch}, "
+                f"{world_size} workers, train.micro_batch {cfg.train.micro_batch}) does not split into packs; "
+                f"make it a multiple of {cfg.loss.pack}"
+            )
 
 
 def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
@@ -68,6 +74,17 @@ def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
         raise ConfigError(
             "train.compile: not supported with distributed.strategy deepspeed (its engines own the "
             "forward pass and the optimizer step); use ddp, or set train.compile: false"
+        )
+    if cfg.distributed.strategy == "deepspeed" and (cfg.loss.clip is not None or cfg.loss.unroll_steps):
+        # ZeRO steps its own fp32 master weights (a clamp would not hold) and partitions the optimizer state
+        what = (
+            f"loss.clip: {cfg.loss.clip}"
+            if cfg.loss.clip is not None
+            else f"loss.unroll_steps: {cfg.loss.unroll_steps}"
+        )
+        raise ConfigError(
+            f"{what} needs D's own weights and whole optimizer state, which distributed.strategy: deepspeed "
+            f"keeps in its engine; use strategy single or ddp"
         )
     if caps.growth and cfg.distributed.strategy == "ddp" and not cfg.distributed.find_unused_parameters:
         raise ConfigError(

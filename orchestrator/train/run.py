@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 import architectures
-from core.config import ConfigError
 from orchestrator import recipes  # noqa: F401  (registers the built-in recipes)
 from orchestrator.checkpoint import (
     META,
@@ -274,12 +273,6 @@ class Run:
         own_dtype = set(self.recipe.networks) if self.arch.capabilities.reduced_dtype else set()
         precision = make_precision(cfg.train.precision, self.device)
         skip_nonfinite = cfg.faults.skip_nonfinite and cfg.train.precision != "fp16"  # fp16: the scaler's job
-        if cfg.loss.clip is not None and cfg.distributed.strategy == "deepspeed":
-            # ZeRO steps its own fp32 master weights and copies them over the module's: a clamp would not hold
-            raise ConfigError(
-                f"loss.clip: {cfg.loss.clip} (WGAN weight clipping) cannot hold under distributed.strategy: "
-                f"deepspeed, whose engine keeps its own master weights; use strategy single or ddp, or loss.clip: null"
-            )
         self.strategy = make_strategy(
             cfg.distributed, precision, own_dtype & set(trained), skip_nonfinite, self.micro_batch, self.num_micro,
             self.ctx.world_size,
