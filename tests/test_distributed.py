@@ -5,6 +5,7 @@ count), on different real images per worker, and on the number of gradient synch
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import subprocess
@@ -73,11 +74,11 @@ def free_port() -> int:
 
 def run_config(shards: Path, tmp: Path, train: dict | None = None, **sections) -> Path:
     sections.setdefault("loss", {"r1_gamma": 1.0})
+    sections.setdefault("data", {"workers": 0, "shuffle_buffer": 1})
     raw = tiny_config(
         shards,
         "mlp",
         train={"batch_size": 8, "total_kimg": 1, "stop_at_step": 2, "threads": 1, **(train or {})},
-        data={"workers": 0, "shuffle_buffer": 1},
         **sections,
     )
     raw["model"].update(hidden=16, layers=1)
@@ -232,3 +233,41 @@ def test_progan_growing_on_two_ddp_workers_matches_one(same_image_shards, tmp_pa
         for d in (tmp_path / "single", tmp_path / "two")
     ]
     assert growth[0] == growth[1] == {"resolution": 8, "alpha": 1.0, "level_img": 16}
+
+
+TOOLKIT = {
+    "pack": {"loss": {"pack": 2}},
+    "minibatch_discrimination": {"model": {"mbdisc_kernels": 4, "mbdisc_dim": 3}},
+    "feature_matching": {"loss": {"feature_matching": "added"}},
+    "unrolled": {"loss": {"unroll_steps": 2}},
+    "wgan_clip_rmsprop": {
+        "loss": {"kind": "wgan", "clip": 0.05, "d_steps": 2},
+        "optim": {"g": {"kind": "rmsprop", "lr": 5e-5}, "d": {"kind": "rmsprop", "lr": 5e-5}},
+    },
+    "label_smoothing": {"loss": {"label_smoothing": 0.1}},
+}
+
+
+@pytest.mark.parametrize("option", sorted(TOOLKIT))
+def test_each_stability_option_on_two_ddp_workers_applies_the_gradient_of_one(digit_shards, tmp_path, option):
+    """Two DDP workers with 4 images each apply, at every optimizer step, the gradient one worker computes in
+    two micro-batches of 4, and both end with the same weights. The same images per forward pass matter:
+    minibatch discrimination, feature means and the unrolled look-ahead are taken over one forward pass's batch,
+    as BatchNorm is (with one pass of 8, those three fail this test)."""
+    sections = {"loss": {}, **copy.deepcopy(TOOLKIT[option])}
+    sections["loss"] = {"r1_gamma": 0.0 if sections["loss"].get("kind") == "wgan" else 1.0, **sections["loss"]}
+    model = sections.pop("model", {})
+    config = run_config(digit_shards, tmp_path, data={"workers": 0, "shuffle_buffer": 1, "num_classes": 0}, **sections)
+    raw = yaml.safe_load(config.read_text())
+    raw["model"].update(model)
+    config.write_text(yaml.safe_dump(raw))
+    raw["train"]["micro_batch"] = 4
+    with probe() as one:
+        assert train(validate_config(raw, "ref"), tmp_path / "single").step == 2
+    torchrun(config, tmp_path / "two", 2, "distributed.strategy=ddp", probe_dir=tmp_path / "probe")
+    for r in (0, 1):
+        got = torch.load(tmp_path / "probe" / f"probe-rank{r}.pt")
+        assert_same_gradients(got["grads"], one["grads"], f"{option}, ddp rank {r}")
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{option} {k}: {m}")
