@@ -700,6 +700,42 @@ def image_to_image(names: tuple[str, ...] = tuple(IMAGE_TO_IMAGE)) -> None:
             print(f"  {row['kimg']:6.1f} kimg: {shown}")
 
 
+def stability_cost(steps: int = 60) -> None:
+    """Training img/s of the DCGAN digits demo (32×32, batch 64) with each stability option against the plain
+    run: unrolled GAN at k = 1, 5 and 10 look-ahead steps (the paper's), packing, minibatch discrimination and
+    feature matching. One process, the steady rate of the last third of ``steps``."""
+    from orchestrator.config import load_config
+    from orchestrator.data.write import write_shards
+    from orchestrator.train.run import train
+
+    os.environ["WANDB_MODE"] = "disabled"
+    cases = {
+        "plain": [],
+        "unroll k=1": ["loss.unroll_steps=1"],
+        "unroll k=5": ["loss.unroll_steps=5"],
+        "unroll k=10": ["loss.unroll_steps=10"],
+        "pack m=2": ["loss.pack=2"],
+        "minibatch discrimination B=100": ["model.mbdisc_kernels=100"],
+        "feature matching (added)": ["loss.feature_matching=added"],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards("builtin:digits", Path(tmp) / "d", resolution=32, shard_size=256)
+        print(f"\n| option | img/s ({_torch_threads()} threads) | × plain |\n|---|---|---|")
+        plain = None
+        for name, extra in cases.items():
+            cfg = load_config(ROOT / "configs/dev/dcgan-digits.yaml", [
+                f"data.shards={tmp}/d/train-*.tar", "data.num_classes=0", f"train.stop_at_step={steps}",
+                "tracking.progress_bar=false", "tracking.wandb.mode=disabled", "eval.enabled=false",
+                f"tracking.log_every={steps // 3}", "checkpoint.every_kimg=1000", "tracking.sample_every_kimg=1000",
+                *extra,
+            ])  # fmt: skip
+            run_dir = Path(tmp) / name.replace(" ", "_")
+            train(cfg, run_dir)
+            rate = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["perf/img_per_s"]
+            plain = plain or rate
+            print(f"| {name} | {_rate(rate)} | {rate / plain:.2f} |", flush=True)
+
+
 BENCHMARKS = {
     "dev_loader_settings": dev_loader_settings,
     "stylegan2_1024_forward": stylegan2_1024_forward,
@@ -714,6 +750,7 @@ BENCHMARKS = {
     "ada_small_data": ada_small_data,
     "augment_cost": augment_cost,
     "image_to_image": image_to_image,
+    "stability_cost": stability_cost,
 }
 
 

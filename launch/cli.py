@@ -223,6 +223,8 @@ def _superres(a: argparse.Namespace) -> int:
 
 
 def _info(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     import torch
 
     import architectures
@@ -233,8 +235,9 @@ def _info(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.set)
     spec = image_spec(cfg.data, load_manifest(cfg.data))
     arch = architectures.get(cfg.model.arch)
+    d_spec = replace(spec, channels=spec.channels * cfg.loss.pack)  # PacGAN's D takes m images at once
     with torch.device("meta"):  # shapes and counts without allocating or computing anything
-        G, D = arch.build_generator(cfg.model, spec), arch.build_discriminator(cfg.model, spec)
+        G, D = arch.build_generator(cfg.model, spec), arch.build_discriminator(cfg.model, d_spec)
         if arch.capabilities.conditioning == "image":  # G(x); each family's D has its own call (its recipe's)
             out_shape = list(G(torch.zeros(1, spec.input_channels, spec.input_resolution, spec.input_resolution)).shape)
             d_shape = None
@@ -242,7 +245,7 @@ def _info(a: argparse.Namespace) -> int:
             z = torch.zeros(1, G.z_dim)
             c = torch.zeros(1, dtype=torch.long) if spec.num_classes else None
             out_shape = list(G(z, c).shape)
-            d_shape = list(D(torch.zeros(out_shape), c).shape)
+            d_shape = list(D(torch.zeros([cfg.loss.pack, *out_shape[1:]]).view(1, -1, *out_shape[2:]), c).shape)
     info = {
         "config": cfg.model_dump(mode="json"),
         "arch": cfg.model.arch,

@@ -77,6 +77,18 @@ def test_info_json(digits16, tmp_path):
     assert "g_channels: 4" in human and "trainable parameters" in human
 
 
+def test_info_counts_a_packed_d_with_minibatch_discrimination(digits16, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(digits16, data={"num_classes": 0})))
+    extra = ("--set", "loss.pack=2", "--set", "model.mbdisc_kernels=10", "--set", "model.mbdisc_dim=5")
+    info = json.loads(cli("info", str(cfg), "--json", *extra).stdout)
+    plain = json.loads(cli("info", str(cfg), "--json").stdout)
+    # the first conv (4×4, no bias) takes 2 channels instead of 1: 4·4·8 more weights; T is 16·16·10·5 (the 4×4
+    # features of the 16 channels at 4×4 px: d_channels 8 doubled once), plus a weight per kernel
+    assert info["d_params"] - plain["d_params"] == 4 * 4 * 8 + 16 * 16 * 10 * 5 + 10
+    assert info["d_output_shape"] == [1] and info["g_params"] == plain["g_params"]
+
+
 def test_info_on_a_deepspeed_config_says_what_it_is():
     path = Path(__file__).parents[1] / "configs" / "deepspeed" / "zero1.yaml"
     p = cli("info", str(path), check=False)
