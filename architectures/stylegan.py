@@ -32,7 +32,9 @@ blur before every downscaling conv: :class:`Discriminator`, a :class:`architectu
 and G_ema; G returns images at the current resolution, fading the new level in with
 :func:`~architectures.progan.fade_in`; reals go through :func:`~architectures.progan.blend_reals`. Style
 mixing (sec. 3.1) draws its crossover among the layers in use at the current level, as the official
-``G_style`` (``cur_layers = num_layers - 2 * int(lod)``).
+``G_style`` (``cur_layers = num_layers - 2 * int(lod)``). Like ProGAN, the networks do not train under
+``torch.compile`` (``compiles=False``): the level of detail is Python state that changes the graph at every
+level and during each fade-in.
 
 **Labels** as in the official code: G concatenates a learned embedding of the one-hot label
 (``[num_classes, z_dim]``, N(0, 1), no weight scaling: ``LabelConcat``) to ``z`` before the normalisation;
