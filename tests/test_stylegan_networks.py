@@ -214,6 +214,25 @@ def test_const_input_starts_at_ones_and_upsampling_is_nearest_conv_then_blur():
     assert torch.allclose(seen[0], want)
 
 
+def test_upsampling_conv_equals_the_official_fused_one_used_from_64x64():
+    """From 64x64 on the official G fuses upsampling and conv (``fused_scale='auto'``: a stride-2 transposed conv
+    with the 3x3 kernel summed over four shifts into 4x4, same fan-in, same variables); here it stays nearest
+    upsampling + 3x3 conv, the same function with the same parameters, followed by the blur."""
+    torch.manual_seed(0)
+    block = sg.SynthesisBlock(8, 4, w_dim=5, resolution=64).double()
+    x = torch.randn(2, 8, 32, 32, dtype=torch.float64)
+    w = block.conv0.weight * math.sqrt(2) / math.sqrt(8 * 9)
+    wp = F.pad(w, [1, 1, 1, 1])
+    w4 = wp[:, :, 1:, 1:] + wp[:, :, :-1, 1:] + wp[:, :, 1:, :-1] + wp[:, :, :-1, :-1]
+    fused = F.conv_transpose2d(x, w4.flip([2, 3]).transpose(0, 1), stride=2, padding=1)
+    seen = []
+    hook = block.epilogue0.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    block(x, torch.zeros(2, 2, 5, dtype=torch.float64), noise_mode="none")
+    hook.remove()
+    assert torch.allclose(seen[0], depthwise_blur(fused))
+    assert count_params(block.conv0) == 8 * 4 * 9  # no bias: the epilogue adds it
+
+
 def test_discriminator_blurs_before_the_downscaling_conv_and_progans_does_not():
     _, D = tiny()
     block = D.blocks["16"]
