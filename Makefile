@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo demo-stylegan2 demo-progan demo-pix2pix demo-cyclegan demo-srgan test test-fast test-faults lint format mutants bench clean
+.PHONY: install demo demo-stylegan2 demo-stylegan demo-progan demo-pix2pix demo-cyclegan demo-srgan test test-fast test-faults lint format mutants bench clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,9 @@ demo-stylegan2: data/digits16/manifest.json
 
 demo-progan: data/digits16/manifest.json
 	$(BIN)/ganforge train configs/progan/dev.yaml --run-dir runs/demo-progan --resume auto
+
+demo-stylegan: data/digits16/manifest.json
+	$(BIN)/ganforge train configs/stylegan/dev.yaml --run-dir runs/demo-stylegan --resume auto
 
 data/edges2digits/manifest.json: | $(BIN)/ganforge
 	$(BIN)/ganforge data pairs builtin:digits-edges builtin:digits data/edges2digits --resolution 32 --shard-size 256

@@ -8,6 +8,7 @@ from architectures import (  # noqa: F401  (each module registers its family)
     pix2pix,  # noqa: F401
     progan,  # noqa: F401
     srgan,  # noqa: F401
+    stylegan,  # noqa: F401
     stylegan2,  # noqa: F401
 )
 from architectures.registry import REGISTRY, ArchConfig, Architecture, Capabilities, count_params, get

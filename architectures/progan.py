@@ -51,7 +51,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from architectures.layers import EqualizedConv2d, EqualizedLinear, bias_act, minibatch_stddev, normalize_2nd_moment
+from architectures.layers import (
+    EqualizedConv2d,
+    EqualizedLinear,
+    bias_act,
+    minibatch_stddev,
+    normalize_2nd_moment,
+    setup_filter,
+    upfirdn2d,
+)
 from architectures.registry import ArchConfig, Architecture, Capabilities, count_params, register
 from core.spec import ImageSpec
 
@@ -82,6 +90,12 @@ def upscale2d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
 def downscale2d(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
     """Box-filter downsampling: the mean of each ``factor x factor`` block (average pooling)."""
     return x if factor == 1 else F.avg_pool2d(x, factor)
+
+
+def blur2d(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Low-pass each channel with the odd-sized 2-D filter ``f`` (:func:`~architectures.layers.setup_filter`),
+    zero-padded to keep the size: StyleGAN v1's ``blur2d`` (``[1, 2, 1]``, a "SAME" depthwise conv)."""
+    return upfirdn2d(x, f, padding=f.shape[-1] // 2)
 
 
 def fade_in(new: torch.Tensor, old: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -287,18 +301,26 @@ class DBlock(nn.Module):
     """Halving the resolution: 3x3 conv -> lrelu -> 3x3 conv -> 2x2 average pool -> lrelu.
 
     The second conv is the official default fused ``conv2d_downscale2d`` (pooling before bias and
-    activation): :class:`EqualizedConv2d` with ``down=2`` and a 2x2 box filter.
+    activation): :class:`EqualizedConv2d` with ``down=2`` and a 2x2 box filter. ``blur_filter`` (StyleGAN
+    v1's ``D_basic``: ``(1, 2, 1)``) low-passes the activations before that conv (:func:`blur2d`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, blur_filter: tuple[float, ...] | None = None):
         super().__init__()
+        if blur_filter is not None:
+            self.register_buffer("blur_filter", setup_filter(blur_filter))
+        else:
+            self.blur_filter = None
         self.conv0 = EqualizedConv2d(in_channels, in_channels, 3, activation="lrelu", he_gain=SQRT2)
         self.conv1 = EqualizedConv2d(
             in_channels, out_channels, 3, activation="lrelu", down=2, resample_filter=(1, 1), he_gain=SQRT2
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv1(self.conv0(x))
+        x = self.conv0(x)
+        if self.blur_filter is not None:
+            x = blur2d(x, self.blur_filter)
+        return self.conv1(x)
 
 
 class DEpilogue(nn.Module):
@@ -325,6 +347,7 @@ class Discriminator(_Progressive):
     ``from_rgb[str(res)]`` for every resolution; ``blocks[str(res)]`` for ``res >= 8`` halve the
     resolution; ``epilogue`` is the 4x4 part. ``c`` is accepted and ignored (AC-GAN: D predicts
     labels instead of reading them); ``return_class_logits=True`` also returns them ``[N, num_classes]``.
+    ``blur_filter`` blurs before every downscaling conv (StyleGAN v1's ``D_basic``, see :class:`DBlock`).
     """
 
     def __init__(
@@ -336,6 +359,7 @@ class Discriminator(_Progressive):
         fmap_decay: float = 1.0,
         fmap_max: int = 512,
         mbstd_group_size: int = 4,
+        blur_filter: tuple[float, ...] | None = None,
     ):
         super().__init__()
         if not _is_pow2(img_resolution) or img_resolution < 4:
@@ -351,13 +375,14 @@ class Discriminator(_Progressive):
         for res in self.resolutions:
             self.from_rgb[str(res)] = EqualizedConv2d(img_channels, nf(res), 1, activation="lrelu", he_gain=SQRT2)
             if res > 4:
-                self.blocks[str(res)] = DBlock(nf(res), nf(res // 2))
+                self.blocks[str(res)] = DBlock(nf(res), nf(res // 2), blur_filter)
         self.epilogue = DEpilogue(
             nf(4), num_features(0, fmap_base, fmap_decay, fmap_max), num_classes, mbstd_group_size
         )
         self.set_lod(img_resolution, 1.0)
 
-    def forward(self, img: torch.Tensor, c: torch.Tensor | None = None, return_class_logits: bool = False):
+    def outputs(self, img: torch.Tensor) -> torch.Tensor:
+        """The epilogue's outputs ``[N, 1 + num_classes]`` for images at the current level."""
         res = self.current_resolution
         if img.shape[-2:] != (res, res):
             raise ValueError(f"D is at {res}x{res} (set_lod) but got images {tuple(img.shape[-2:])}")
@@ -370,7 +395,10 @@ class Discriminator(_Progressive):
         for r in reversed(self.resolutions):
             if 4 < r < res:
                 x = self.blocks[str(r)](x)
-        out = self.epilogue(x)
+        return self.epilogue(x)
+
+    def forward(self, img: torch.Tensor, c: torch.Tensor | None = None, return_class_logits: bool = False):
+        out = self.outputs(img)
         if return_class_logits:
             return out[:, 0], out[:, 1:]
         return out[:, 0]

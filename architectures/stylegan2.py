@@ -160,6 +160,9 @@ class MappingNetwork(nn.Module):
     running mean ``w_avg`` moves towards the batch mean: ``w_avg <- lerp(mean(w), w_avg, w_avg_beta)``.
     ``truncation_psi`` applies the truncation trick ``w' = w_avg + psi * (w - w_avg)`` (StyleGAN
     appendix B) to all ``ws`` or to the first ``truncation_cutoff`` of them.
+
+    ``he_gain`` places the He gain in the weights as StyleGAN v1's ``G_mapping`` does (see
+    :class:`~architectures.layers.EqualizedLinear`); ``None`` is StyleGAN2's placement.
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class MappingNetwork(nn.Module):
         activation: str = "lrelu",
         lr_multiplier: float = 0.01,
         w_avg_beta: float | None = 0.995,
+        he_gain: float | None = None,
     ):
         super().__init__()
         self.z_dim, self.c_dim, self.w_dim, self.num_ws = z_dim, c_dim, w_dim, num_ws
@@ -184,7 +188,7 @@ class MappingNetwork(nn.Module):
 
         self.embed = EqualizedLinear(c_dim, embed_features) if c_dim > 0 else None
         self.layers = nn.ModuleList(
-            EqualizedLinear(fin, fout, activation=activation, lr_multiplier=lr_multiplier)
+            EqualizedLinear(fin, fout, activation=activation, lr_multiplier=lr_multiplier, he_gain=he_gain)
             for fin, fout in zip(features[:-1], features[1:])
         )
         if num_ws is not None and w_avg_beta is not None:

@@ -39,6 +39,7 @@ T2T = "tests/test_translation_recipes.py::"
 T2R = "tests/test_translation_runs.py::"
 STAB = "tests/test_stability.py::"
 ANTI = "tests/test_anti_collapse.py::"
+SG1 = "tests/test_stylegan_networks.py::"
 
 
 @dataclass(frozen=True)
@@ -489,6 +490,46 @@ MUTANTS = [
         "        _, real_features = D(seen(real[0], cfg, aug), real[1], return_features=True)",
         "        _, real_features = D(seen(fake.detach(), cfg, aug), c, return_features=True)",
         (ANTI + "test_feature_matching_g_phase_applies_the_gradient_of_the_papers_objective",),
+    ),
+    Mutant(
+        "stylegan-style-mod-without-plus-one",
+        "StyleGAN's AdaIN scales by y_s instead of the official y_s + 1 (a fresh layer zeroes every map)",
+        "architectures/stylegan.py",
+        "        return x * (style[:, 0] + 1) + style[:, 1]",
+        "        return x * style[:, 0] + style[:, 1]",
+        (SG1 + "test_adain_epilogue_matches_a_hand_computation",),
+    ),
+    Mutant(
+        "stylegan-no-instance-norm",
+        "StyleGAN's layer epilogue styles the activations without normalising them first (AdaIN without IN)",
+        "architectures/stylegan.py",
+        "        return self.style(instance_norm(x), w)",
+        "        return self.style(x, w)",
+        (SG1 + "test_adain_epilogue_matches_a_hand_computation",),
+    ),
+    Mutant(
+        "stylegan-mixing-ignores-the-level",
+        "StyleGAN's style mixing draws its crossover among all 2·log2(R) − 2 layers, not the ones in use at the level",
+        "architectures/stylegan.py",
+        "            cutoff = torch.randint(1, max(in_use, 2), [], device=ws.device)",
+        "            cutoff = torch.randint(1, self.num_ws, [], device=ws.device)",
+        (SG1 + "test_style_mixing_swaps_the_ws_after_one_crossover_among_the_layers_in_use",),
+    ),
+    Mutant(
+        "stylegan-truncation-every-layer",
+        "StyleGAN's truncation ignores the configured cutoff (official 8) and truncates every layer",
+        "architectures/stylegan.py",
+        "        cutoff = self.default_cutoff if truncation_cutoff is None else truncation_cutoff",
+        "        cutoff = truncation_cutoff",
+        (SG1 + "test_truncation_psi_one_is_identity_and_zero_gives_w_avg_on_the_cutoff_layers_only",),
+    ),
+    Mutant(
+        "stylegan-d-without-blur",
+        "StyleGAN's D_basic loses the [1, 2, 1] blur before its downscaling convs (ProGAN's D)",
+        "architectures/stylegan.py",
+        "        super().__init__(img_resolution, img_channels, 0, blur_filter=BLUR_FILTER, **kwargs)",
+        "        super().__init__(img_resolution, img_channels, 0, **kwargs)",
+        (SG1 + "test_discriminator_blurs_before_the_downscaling_conv_and_progans_does_not",),
     ),
 ]
 

@@ -131,6 +131,18 @@ def test_info_progan_shows_the_official_count_and_names_the_final_level_only_one
     assert "final level only (ganforge's figure, not an official one): G 23,071,507, D 23,077,137" in human
 
 
+def test_info_stylegan_shows_the_official_counts_with_the_mapping_share():
+    """StyleGAN (v1) FFHQ 1024: the official G_style / D_basic totals (sources in tests/test_stylegan_networks.py),
+    the mapping network's share and ganforge's final-level-only figures."""
+    config = str(Path(__file__).parents[1] / "configs" / "stylegan" / "ffhq-1024.yaml")
+    info = json.loads(cli("info", config, "--json").stdout)
+    assert (info["g_params"], info["g_mapping_params"], info["d_params"]) == (26_219_627, 2_101_248, 23_087_249)
+    assert (info["g_params_final_level"], info["d_params_final_level"]) == (26_212_019, 23_077_137)
+    human = cli("info", config).stdout
+    assert "# stylegan: G 26,219,627 trainable parameters, D 23,087,249;" in human
+    assert "G includes the mapping network (2,101,248)" in human
+
+
 def test_data_shards_command(tmp_path):
     out = cli(
         "data",

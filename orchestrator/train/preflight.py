@@ -57,7 +57,7 @@ def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
     """Growth settings the family cannot honour, and strategies that cannot follow a growing network or compile."""
     if cfg.growth != type(cfg.growth)() and not caps.growth:
         raise ConfigError(
-            f"growth: progressive growing needs a growing architecture (progan); "
+            f"growth: progressive growing needs a growing architecture (progan, stylegan); "
             f"model.arch is {cfg.model.arch}: remove the growth section"
         )
     if caps.growth and cfg.distributed.strategy == "deepspeed":
@@ -88,7 +88,7 @@ def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
         )
     if caps.growth and cfg.distributed.strategy == "ddp" and not cfg.distributed.find_unused_parameters:
         raise ConfigError(
-            "distributed.find_unused_parameters: must be true for progan under ddp (the blocks of "
+            f"distributed.find_unused_parameters: must be true for {cfg.model.arch} under ddp (the blocks of "
             "levels not yet grown get no gradient)"
         )
 
