@@ -3,7 +3,7 @@ unrolling, at equal kimg, over several seeds; figures go to docs/benchmarks.md (
 
     python -m benchmarks.modes                                   # every variant of VARIANTS, seeds 0 1 2
     python -m benchmarks.modes --variants dcgan --seeds 0 --kimg 20   # a smoke run
-    python -m benchmarks.modes --variant lr4 optim.d.lr=4e-4     # another variant: a name and its overrides
+    python -m benchmarks.modes --variant lr4 optim.d.lr=0.0004   # another variant: a name and its overrides
 
 Each run trains ``configs/dev/dcgan-stacked.yaml`` (16×16, unconditional, eval off) with the variant's overrides
 (dotted ``key=value``, as ``ganforge train --set`` takes them) and ``train.seed``, then draws ``--samples``
