@@ -139,9 +139,9 @@ def run_one(variant: str, overrides: list[str], seed: int, args: argparse.Namesp
     )
     seconds = time.perf_counter() - t0
     if done.returncode:
-        error = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-        print(f"{variant} seed {seed}: FAILED ({error[0]})", flush=True)
-        return Row(variant, seed, None, None, seconds, error[0])
+        error = ((done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"])[-1].strip()
+        print(f"{variant} seed {seed}: FAILED ({error})", flush=True)
+        return Row(variant, seed, None, None, seconds, error)
     cov = measure(sample_images(last_checkpoint(run_dir), args.samples))
     print(f"{variant} seed {seed}: {cov.modes} modes, reverse KL {cov.reverse_kl:.3f}, {seconds:.0f} s", flush=True)
     return Row(variant, seed, cov.modes, cov.reverse_kl, seconds)

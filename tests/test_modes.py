@@ -221,3 +221,10 @@ def test_the_benchmark_config_trains_unconditionally_on_the_labelled_shards(tmp_
     labelled = json.loads((tmp_path / "manifest.json").read_text())
     assert labelled["num_classes"] == 10 and cfg.eval.enabled is False and cfg.ema.start_kimg > cfg.train.total_kimg
     assert DataConfig(shards=str(tmp_path / "train-*.tar")).manifest is None  # the labelled one is the default
+
+
+def test_a_variant_with_a_key_the_config_lacks_fails_alone_with_the_reason(tmp_path):
+    args = bench.parse_args(["--kimg", "1", "--out", str(tmp_path)])
+    row = bench.run_one("nope", ["loss.no_such_option=3"], 0, args, measure=lambda images: pytest.fail("measured"))
+    assert (row.variant, row.seed, row.modes, row.reverse_kl) == ("nope", 0, None, None)
+    assert "unknown key 'loss.no_such_option'" in row.error
