@@ -45,7 +45,8 @@ VARIANTS = {  # name: config overrides; the keys of the stability options (docs/
 
 @dataclass
 class Row:
-    """One run: its variant, seed, result (None fields and ``error`` when it failed) and wall seconds."""
+    """One run: its variant, seed, result (None fields and ``error`` when it failed) and wall seconds;
+    ``confident``: the fraction of samples whose three digits the classifier read with confidence."""
 
     variant: str
     seed: int
@@ -53,6 +54,7 @@ class Row:
     reverse_kl: float | None
     train_s: float
     error: str | None = None
+    confident: float | None = None
 
 
 def ensure_data(root: Path = ROOT) -> None:
@@ -143,8 +145,9 @@ def run_one(variant: str, overrides: list[str], seed: int, args: argparse.Namesp
         print(f"{variant} seed {seed}: FAILED ({error})", flush=True)
         return Row(variant, seed, None, None, seconds, error)
     cov = measure(sample_images(last_checkpoint(run_dir), args.samples))
-    print(f"{variant} seed {seed}: {cov.modes} modes, reverse KL {cov.reverse_kl:.3f}, {seconds:.0f} s", flush=True)
-    return Row(variant, seed, cov.modes, cov.reverse_kl, seconds)
+    print(f"{variant} seed {seed}: {cov.modes} modes, reverse KL {cov.reverse_kl:.3f}, "
+          f"{cov.confident:.1%} read with confidence, {seconds:.0f} s", flush=True)  # fmt: skip
+    return Row(variant, seed, cov.modes, cov.reverse_kl, seconds, confident=cov.confident)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float | None]:
@@ -153,8 +156,8 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 
 def summarize(rows: list[Row]) -> list[dict]:
-    """Per variant, in order of first appearance: mean ± sd over its successful seeds of modes, reverse KL
-    and wall seconds, and how many seeds ran and failed."""
+    """Per variant, in order of first appearance: mean ± sd over its successful seeds of modes, reverse KL, the
+    fraction read with confidence and wall seconds, and how many seeds ran and failed."""
     out = []
     for variant in dict.fromkeys(r.variant for r in rows):
         ok = [r for r in rows if r.variant == variant and r.error is None]
@@ -163,8 +166,9 @@ def summarize(rows: list[Row]) -> list[dict]:
             "seeds": len(ok),
             "failed": sum(r.variant == variant for r in rows) - len(ok),
         }
-        for key in ("modes", "reverse_kl", "train_s"):
-            entry[key] = mean_sd([float(getattr(r, key)) for r in ok]) if ok else None
+        for key in ("modes", "reverse_kl", "confident", "train_s"):
+            values = [float(getattr(r, key)) for r in ok if getattr(r, key) is not None]
+            entry[key] = mean_sd(values) if values else None
         out.append(entry)
     return out
 
@@ -178,21 +182,34 @@ def _pm(value: tuple[float, float | None] | None, digits: int) -> str:
 
 def markdown(rows: list[Row], summary: list[dict], reference: dict | None = None) -> str:
     """The per-run table and the per-variant table (mean ± sd over seeds) as markdown."""
-    lines = ["| variant | seed | modes (of 1000) | reverse KL | train s |", "|---|---|---|---|---|"]
+    head = "| variant | seed | modes (of 1000) | reverse KL | read with confidence | train s |"
+    lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.variant} | {r.seed} | failed: {r.error} | | {r.train_s:.0f} |")
+            lines.append(f"| {r.variant} | {r.seed} | failed: {r.error} | | | {r.train_s:.0f} |")
         else:
-            lines.append(f"| {r.variant} | {r.seed} | {r.modes} | {r.reverse_kl:.3f} | {r.train_s:.0f} |")
-    lines += ["", "| variant | seeds | modes | reverse KL | train s |", "|---|---|---|---|---|"]
+            conf = "–" if r.confident is None else f"{r.confident:.1%}"
+            lines.append(f"| {r.variant} | {r.seed} | {r.modes} | {r.reverse_kl:.3f} | {conf} | {r.train_s:.0f} |")
+    lines += [
+        "",
+        "| variant | seeds | modes | reverse KL | read with confidence | train s |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in summary:
         failed = f" ({s['failed']} failed)" if s["failed"] else ""
+        conf = (
+            None if s["confident"] is None else (100 * s["confident"][0], s["confident"][1] and 100 * s["confident"][1])
+        )
         lines.append(
             f"| {s['variant']} | {s['seeds']}{failed} | {_pm(s['modes'], 1)} | {_pm(s['reverse_kl'], 3)} "
-            f"| {_pm(s['train_s'], 0)} |"
+            f"| {_pm(conf, 1)}{'' if conf is None else ' %'} | {_pm(s['train_s'], 0)} |"
         )
     if reference:
-        lines.append(f"| real training images | – | {reference['modes']} | {reference['reverse_kl']:.3f} | – |")
+        conf = reference.get("confident")
+        conf_text = "–" if conf is None else f"{conf:.1%}"
+        lines.append(
+            f"| real training images | – | {reference['modes']} | {reference['reverse_kl']:.3f} | {conf_text} | – |"
+        )
     return "\n".join(lines)
 
 
@@ -243,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = variants_of(args)
     ensure_data()
     measure, reference = make_measure(samples=args.samples)
-    print(f"real training images ({reference.samples}): {reference.modes} modes, reverse KL {reference.reverse_kl:.3f}")
+    print(f"real training images ({reference.samples}): {reference.modes} modes, reverse KL {reference.reverse_kl:.3f}, "
+          f"{reference.confident:.1%} read with confidence")  # fmt: skip
     jobs = [(v, o, s) for v, o in variants.items() for s in args.seeds]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

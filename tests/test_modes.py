@@ -130,6 +130,17 @@ def test_the_counter_reads_the_modes_of_real_stacked_images(digit_classifier):
     data = modes.mode_counts(torch.from_numpy(labels))
     counted, true = modes.count_modes(net, x, data), modes.coverage(y, data)
     assert abs(counted.modes - true.modes) <= 20 and counted.reverse_kl == pytest.approx(true.reverse_kl, abs=0.05)
+    assert counted.confident >= 0.95  # measured 98.9% on 10,000 training images
+
+
+@pytest.mark.slow
+def test_noise_covers_modes_but_is_not_read_with_confidence(digit_classifier):
+    """The classifier names a digit for anything: uniform noise "covers" about half the modes, which is what
+    the confidence column is for."""
+    net, _ = digit_classifier
+    noise = torch.randint(0, 256, (2000, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    cov = modes.count_modes(net, noise, torch.ones(1000))
+    assert cov.modes > 300 and cov.confident < 0.2, cov  # measured 539 modes, 4.1% confident
 
 
 @pytest.mark.slow
@@ -161,8 +172,8 @@ def test_channel_digits_refuses_grey_images_and_rgb_classifiers():
 
 def _rows() -> list[bench.Row]:
     return [
-        bench.Row("dcgan", 0, 600, 1.5, 30.0),
-        bench.Row("dcgan", 1, 700, 1.0, 34.0),
+        bench.Row("dcgan", 0, 600, 1.5, 30.0, confident=0.2),
+        bench.Row("dcgan", 1, 700, 1.0, 34.0, confident=0.4),
         bench.Row("pack2", 0, 900, 0.25, 40.0),
         bench.Row("unroll5", 0, None, None, 3.0, "unknown key 'loss.unroll_steps'"),
     ]
@@ -173,18 +184,20 @@ def test_summary_is_mean_and_sample_sd_over_the_seeds_that_ran():
     assert list(summary) == ["dcgan", "pack2", "unroll5"]
     assert summary["dcgan"]["modes"] == pytest.approx((650.0, math.sqrt(5000)))
     assert summary["dcgan"]["reverse_kl"] == pytest.approx((1.25, math.sqrt(0.125)))
+    assert summary["dcgan"]["confident"] == pytest.approx((0.3, math.sqrt(0.02)))
+    assert summary["pack2"]["confident"] is None
     assert summary["pack2"]["modes"] == (900.0, None) and summary["pack2"]["failed"] == 0
     assert (summary["unroll5"]["seeds"], summary["unroll5"]["failed"], summary["unroll5"]["modes"]) == (0, 1, None)
 
 
 def test_markdown_tables_show_every_run_the_means_and_the_failures():
     rows = _rows()
-    table = bench.markdown(rows, bench.summarize(rows), {"modes": 1000, "reverse_kl": 0.031})
-    assert "| dcgan | 1 | 700 | 1.000 | 34 |" in table
-    assert "| dcgan | 2 | 650.0 ± 70.7 | 1.250 ± 0.354 | 32 ± 3 |" in table
-    assert "| pack2 | 1 | 900.0 | 0.250 | 40 |" in table
-    assert "failed: unknown key 'loss.unroll_steps'" in table and "| unroll5 | 0 (1 failed) | – | – | – |" in table
-    assert "| real training images | – | 1000 | 0.031 | – |" in table
+    table = bench.markdown(rows, bench.summarize(rows), {"modes": 1000, "reverse_kl": 0.031, "confident": 0.989})
+    assert "| dcgan | 1 | 700 | 1.000 | 40.0% | 34 |" in table
+    assert "| dcgan | 2 | 650.0 ± 70.7 | 1.250 ± 0.354 | 30.0 ± 14.1 % | 32 ± 3 |" in table
+    assert "| pack2 | 0 | 900 | 0.250 | – | 40 |" in table and "| pack2 | 1 | 900.0 | 0.250 | – | 40 |" in table
+    assert "failed: unknown key 'loss.unroll_steps'" in table and "| unroll5 | 0 (1 failed) | – | – | – | – |" in table
+    assert "| real training images | – | 1000 | 0.031 | 98.9% | – |" in table
 
 
 def test_variants_are_the_chosen_presets_then_named_overrides():

@@ -8,6 +8,11 @@ a grey digit classifier (a :class:`~orchestrator.eval.extractors.SmallCNN` train
 the number of distinct modes among the samples; ``reverse_kl`` is
 ``KL(p_gen ‖ p_data) = Σ_m p_gen(m) · log(p_gen(m) / p_data(m))`` (natural log), with ``p_gen`` the samples'
 mode frequencies and ``p_data`` the modes' frequencies in the training data (the labels of its shards).
+
+The classifier names a digit for any image, a blur included, so a generator of noise still "covers" modes;
+``confident`` (the fraction of samples whose three digits the classifier gives a probability of at least
+``CONFIDENT``) tells samples that look like stacked digits from those that do not. It is not part of the papers'
+measurement; compare it with that of real images.
 """
 
 from __future__ import annotations
@@ -24,28 +29,41 @@ from orchestrator.eval.extractors import SmallCNN
 
 NUM_MODES = 1000
 PLACES = (100, 10, 1)  # red, green, blue digit → mode
+CONFIDENT = 0.9  # a channel's digit is read with confidence when the classifier gives it this probability
 
 
 @dataclass(frozen=True)
 class ModeCoverage:
-    """Modes covered (out of ``NUM_MODES``) and ``KL(p_gen ‖ p_data)`` of ``samples`` images."""
+    """Modes covered (out of ``NUM_MODES``) and ``KL(p_gen ‖ p_data)`` of ``samples`` images, and the fraction
+    of them whose three digits were read with confidence (None when not measured)."""
 
     modes: int
     reverse_kl: float
     samples: int
+    confident: float | None = None
 
 
 @torch.no_grad()
-def channel_digits(net: SmallCNN, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """The digit ``net`` sees in each channel of uint8 ``N×3×H×W`` images, as ``N×3`` class indices."""
+def channel_predictions(
+    net: SmallCNN, images: torch.Tensor, batch_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digit ``net`` sees in each channel of uint8 ``N×3×H×W`` images and its probability, both ``N×3``."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 RGB images N×3×H×W, got {images.dtype} {tuple(images.shape)}")
     if net.in_channels != 1:
         raise ValueError(f"the mode counter needs a grey digit classifier; this one takes {net.in_channels} channels")
     n, _, h, w = images.shape
     grey = images.reshape(n * 3, 1, h, w)  # row-major: image 0's R, G, B, then image 1's …
-    out = [net(net.prepare(grey[i : i + batch_size]))[1].argmax(1) for i in range(0, len(grey), batch_size)]
-    return torch.cat(out).reshape(n, 3) if out else torch.zeros(0, 3, dtype=torch.long)
+    probs = [net(net.prepare(grey[i : i + batch_size]))[1].softmax(1) for i in range(0, len(grey), batch_size)]
+    if not probs:
+        return torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
+    best, digits = torch.cat(probs).max(dim=1)
+    return digits.reshape(n, 3), best.reshape(n, 3)
+
+
+def channel_digits(net: SmallCNN, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The digit ``net`` sees in each channel of uint8 ``N×3×H×W`` images, as ``N×3`` class indices."""
+    return channel_predictions(net, images, batch_size)[0]
 
 
 def modes_of(digits: torch.Tensor) -> torch.Tensor:
@@ -76,8 +94,12 @@ def coverage(gen_modes: torch.Tensor, data_counts: torch.Tensor) -> ModeCoverage
 
 
 def count_modes(net: SmallCNN, images: torch.Tensor, data_counts: torch.Tensor) -> ModeCoverage:
-    """Classify each channel of uint8 RGB ``images`` with ``net`` and measure their mode coverage."""
-    return coverage(modes_of(channel_digits(net, images)), data_counts)
+    """Classify each channel of uint8 RGB ``images`` with ``net`` and measure their mode coverage, with the
+    fraction read with confidence."""
+    digits, prob = channel_predictions(net, images)
+    confident = float((prob >= CONFIDENT).all(dim=1).float().mean())
+    cov = coverage(modes_of(digits), data_counts)
+    return ModeCoverage(cov.modes, cov.reverse_kl, cov.samples, confident)
 
 
 def shard_mode_counts(pattern: str, num_modes: int = NUM_MODES) -> torch.Tensor:
