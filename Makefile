@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo demo-stylegan2 demo-stylegan demo-progan demo-pix2pix demo-cyclegan demo-srgan test test-fast test-faults lint format mutants bench clean
+.PHONY: install demo demo-stylegan2 demo-stylegan demo-progan demo-pix2pix demo-cyclegan demo-srgan test test-fast test-faults lint format mutants bench bench-modes clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -89,5 +89,10 @@ mutants: $(BIN)/ganforge
 bench: $(BIN)/ganforge
 	$(BIN)/python -m benchmarks.run
 
+# Mode coverage on stacked digits (issue 18): writes data/stacked-digits and its digit classifier when missing, then
+# trains every variant with seeds 0 1 2, two runs at a time; e.g. BENCH_MODES_ARGS="--variants dcgan --seeds 0".
+bench-modes: $(BIN)/ganforge data/digits16/manifest.json
+	$(BIN)/python -m benchmarks.modes $(BENCH_MODES_ARGS)
+
 clean:
-	rm -rf runs data/digits32 data/digits16 .pytest_cache
+	rm -rf runs data/digits32 data/digits16 data/stacked-digits .pytest_cache

@@ -495,7 +495,7 @@ def _add_data(sub) -> None:
         "folder (class labels from subfolders), a .zip of one, an .npz (images, labels) or "
         "builtin:digits (scikit-learn's handwritten digits).",
     )
-    s.add_argument("source", help="folder, .zip, .npz or builtin:digits")
+    s.add_argument("source", help="folder, .zip, .npz or a built-in (builtin:digits, builtin:stacked-digits, …)")
     s.add_argument("out", help="output directory")
     s.add_argument("--resolution", type=int, required=True, help="square output size in pixels (a power of two)")
     s.add_argument("--holdout", type=float, default=0.1, help="fraction held out for evaluation (default 0.1)")

@@ -1,5 +1,5 @@
 """Built-in data sets that need no download: scikit-learn's digits, their edge maps, MNIST-M-style colour
-digits, and scikit-image's bundled colour photos.
+digits, stacked digits (1,000 modes, for measuring mode coverage), and scikit-image's bundled colour photos.
 
 ``builtin:digits-edges`` and ``builtin:digits-m`` have the keys (``digits-00000`` …) and labels of
 ``builtin:digits``, so each is a paired counterpart of it (edges → digit, colour digit → grey digit).
@@ -13,6 +13,8 @@ import numpy as np
 
 DIGITS_SIZE = 32  # digits are upsampled to this size before edges or colour are made
 DIGITS_M_SEED = 2016  # fixed: builtin:digits-m is the same every time
+STACKED_SEED = 2017  # fixed: builtin:stacked-digits is the same every time (Metz et al. 2017's Stacked MNIST)
+STACKED_COUNT = 30_000  # 30 images per mode on average; every one of the 1,000 modes is in the training split
 # scikit-image's colour photos shipped inside its wheel (no pooch download). ``cat`` is left out: it is
 # the same photo as ``chelsea``, and duplicates would cross the held-out split.
 PHOTO_NAMES = (
@@ -103,3 +105,17 @@ def digits_m() -> tuple[np.ndarray, np.ndarray]:
     mask = digits_upsampled()[..., None].astype(np.float64) / 255.0
     images = np.round(np.abs(patches.astype(np.float64) - 255.0 * mask)).astype(np.uint8)
     return images, patches
+
+
+@functools.lru_cache(maxsize=1)
+def stacked_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stacked digits, the Stacked MNIST of Metz et al. 2017 ("Unrolled GANs") and Lin et al. 2018 ("PacGAN")
+    on scikit-learn's digits: each image's red, green and blue channels are three digits drawn independently
+    and uniformly (seeded, ``STACKED_SEED``) from the 1,797, so its mode ``100·d_r + 10·d_g + d_b`` is one of
+    1,000. Returns the ``STACKED_COUNT``×8×8×3 uint8 images (each channel exactly a ``digits()`` image: a
+    writer's resize treats the channels alike, as it treats a grey digit), their modes, and the N×3 indices of
+    the digits they were made from."""
+    images, labels = digits()
+    idx = np.random.default_rng(STACKED_SEED).integers(len(images), size=(STACKED_COUNT, 3))
+    modes = labels[idx] @ np.array([100, 10, 1])
+    return np.stack([images[idx[:, c]] for c in range(3)], axis=-1), modes, idx

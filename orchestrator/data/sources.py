@@ -40,13 +40,15 @@ BUILTINS = {
     "builtin:digits": "scikit-learn's 1,797 handwritten digits, 8×8 grey, labelled 0–9",
     "builtin:digits-edges": "Canny edge maps of those digits (upsampled to 32×32), grey, same keys and labels",
     "builtin:digits-m": "MNIST-M-style colour digits (digit over a photo patch), 32×32 RGB, same keys and labels",
+    "builtin:stacked-digits": "30,000 RGB images of three digits, one per channel; labelled by the 1,000 modes 000–999",
     "builtin:photos": "scikit-image's bundled colour photos (astronaut, coffee, …), RGB, keyed by name",
 }
 
 
 def read_source(source: str) -> SourceImages:
     """Read an image folder (labels from subfolders), a .zip of one, an .npz, or a built-in set:
-    ``builtin:digits``, ``builtin:digits-edges``, ``builtin:digits-m`` or ``builtin:photos`` (see ``BUILTINS``)."""
+    ``builtin:digits``, ``builtin:digits-edges``, ``builtin:digits-m``, ``builtin:stacked-digits`` or
+    ``builtin:photos`` (see ``BUILTINS``)."""
     if source.startswith("builtin:"):
         return _from_builtin(source)
     path = Path(source)
@@ -79,6 +81,8 @@ def _from_builtin(source: str) -> SourceImages:
         if source == "builtin:photos":
             photos = builtins.photos()
             return SourceImages([Image.fromarray(photos[n]) for n in sorted(photos)], None, [], sorted(photos))
+        if source == "builtin:stacked-digits":
+            return _stacked_digits()
         arrays = {
             "builtin:digits": lambda: builtins.digits()[0],
             "builtin:digits-edges": builtins.digits_edges,
@@ -92,6 +96,19 @@ def _from_builtin(source: str) -> SourceImages:
         [int(t) for t in labels],
         [str(n) for n in range(10)],
         [f"digits-{i:05d}" for i in range(len(arrays))],
+    )
+
+
+def _stacked_digits() -> SourceImages:
+    """``builtin:stacked-digits``: keys ``stacked-00000`` …, labels the modes, class names ``000`` … ``999``."""
+    from orchestrator.data import builtins
+
+    images, modes, _ = builtins.stacked_digits()
+    return SourceImages(
+        [Image.fromarray(x) for x in images],
+        [int(m) for m in modes],
+        [f"{m:03d}" for m in range(1000)],
+        [f"stacked-{i:05d}" for i in range(len(images))],
     )
 
 
