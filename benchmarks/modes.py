@@ -10,8 +10,8 @@ Each run trains ``configs/dev/dcgan-stacked.yaml`` (16×16, unconditional, eval 
 images from G (the config keeps G_ema a copy of G), reads each channel's digit with a 16×16 digit
 classifier (``data/stacked-digits/digit-cnn16.pt``, trained on the training split of ``builtin:digits``) and
 reports the modes covered (of 1,000) and ``KL(p_gen ‖ p_data)``, ``p_data`` the modes' frequencies in the
-training split of ``builtin:stacked-digits`` (orchestrator/eval/modes.py). The shards, the unlabelled
-manifest the DCGAN reads and the classifier are made first when missing. Results: ``OUT/results.json`` and
+training split of ``builtin:stacked-digits`` (orchestrator/eval/modes.py). The shards (read without labels:
+``data.num_classes: 0``) and the classifier are made first when missing. Results: ``OUT/results.json`` and
 ``OUT/results.md``.
 """
 
@@ -34,7 +34,6 @@ STACKED = "data/stacked-digits"
 DIGITS = "data/digits16"
 CLASSIFIER = f"{STACKED}/digit-cnn16.pt"  # a grey single-digit classifier, trained on DIGITS' training split
 CLASSIFIER_EPOCHS = 20  # 97.2% of the 180 held-out single digits (8 epochs: 96.1%)
-UNLABELLED = "manifest-unlabelled.json"
 VARIANTS = {  # name: config overrides; the keys of the stability options (docs/architectures.md)
     "dcgan": [],
     "pack2": ["loss.pack=2"],
@@ -58,16 +57,14 @@ class Row:
 
 
 def ensure_data(root: Path = ROOT) -> None:
-    """Write what the benchmark reads, where missing: the stacked-digit shards (16×16), their unlabelled
-    manifest, the single-digit shards at 16×16 and the digit classifier."""
+    """Write what the benchmark reads, where missing: the stacked-digit shards (16×16), the single-digit
+    shards at 16×16 and the digit classifier."""
     from orchestrator.data.write import write_shards
     from orchestrator.eval.extractors import train_feature_extractor
 
     stacked, digits = root / STACKED, root / DIGITS
     if not (stacked / "manifest.json").exists():
         write_shards("builtin:stacked-digits", stacked, resolution=16, shard_size=2000)
-    if not (stacked / UNLABELLED).exists():
-        write_unlabelled_manifest(stacked)
     if not (digits / "manifest.json").exists():
         write_shards("builtin:digits", digits, resolution=16, shard_size=128)
     if not (root / CLASSIFIER).exists():
@@ -78,17 +75,6 @@ def ensure_data(root: Path = ROOT) -> None:
             holdout_shards=str(digits / "holdout-*.tar"),
         )
         print(f"digit classifier: held-out accuracy {result.holdout_accuracy:.1%} of {result.num_holdout}", flush=True)
-
-
-def write_unlabelled_manifest(shards: Path) -> Path:
-    """``manifest-unlabelled.json`` beside labelled shards: their manifest with no classes, so that a config
-    naming it as ``data.manifest`` trains an unconditional GAN on the same shards (the loader then ignores
-    the labels)."""
-    manifest = json.loads((shards / "manifest.json").read_text())
-    manifest.update(num_classes=0, class_names=[], note="the labelled shards read without labels (benchmarks/modes.py)")
-    out = shards / UNLABELLED
-    out.write_text(json.dumps(manifest, indent=1))
-    return out
 
 
 def train_command(overrides: list[str], seed: int, kimg: float, run_dir: Path, threads: int) -> list[str]:

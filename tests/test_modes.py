@@ -13,7 +13,7 @@ from PIL import Image
 
 from benchmarks import modes as bench
 from orchestrator.data import builtins
-from orchestrator.data.shards import DataConfig, image_spec, load_manifest
+from orchestrator.data.shards import image_spec, load_manifest
 from orchestrator.data.sources import prepare_image, read_source
 from orchestrator.data.write import write_shards
 from orchestrator.eval import modes
@@ -224,16 +224,11 @@ def test_the_benchmark_config_trains_unconditionally_on_the_labelled_shards(tmp_
     from orchestrator.config import load_config
 
     write_shards("builtin:digits", tmp_path, resolution=16, shard_size=2000)  # any labelled shards
-    bench.write_unlabelled_manifest(tmp_path)
-    cfg = load_config(
-        bench.ROOT / bench.CONFIG,
-        [f"data.shards={tmp_path}/train-*.tar", f"data.manifest={tmp_path / bench.UNLABELLED}"],
-    )
+    cfg = load_config(bench.ROOT / bench.CONFIG, [f"data.shards={tmp_path}/train-*.tar"])
     spec = image_spec(cfg.data, load_manifest(cfg.data))
     assert (spec.num_classes, spec.resolution) == (0, 16)
     labelled = json.loads((tmp_path / "manifest.json").read_text())
     assert labelled["num_classes"] == 10 and cfg.eval.enabled is False and cfg.ema.start_kimg > cfg.train.total_kimg
-    assert DataConfig(shards=str(tmp_path / "train-*.tar")).manifest is None  # the labelled one is the default
 
 
 def test_a_variant_with_a_key_the_config_lacks_fails_alone_with_the_reason(tmp_path):
