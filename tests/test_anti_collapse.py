@@ -293,13 +293,17 @@ OPTIONS = {
     "minibatch_discrimination": {"model": {"mbdisc_kernels": 6, "mbdisc_dim": 3}},
     "feature_matching": {"loss": {"feature_matching": "added"}},
     "unrolled": {"loss": {"unroll_steps": 2}},
+    "label_smoothing": {"loss": {"label_smoothing": 0.1}},
+    "instance_norm_dcgan": {
+        "model": {"arch": "dcgan", "z_dim": 16, "g_channels": 8, "d_channels": 8, "norm": "instance"}
+    },
 }
 
 
 def option_config(shards, option: str, **train_section) -> dict:
     raw = tiny_config(shards, "mlp", data={"num_classes": 0}, train={"total_kimg": 0.064, **train_section})
     for section, values in OPTIONS[option].items():
-        raw[section] = {**raw.get(section, {}), **values}
+        raw[section] = values if "arch" in values else {**raw.get(section, {}), **values}  # a whole other model
     return raw
 
 
