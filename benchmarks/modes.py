@@ -222,7 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="another variant: a name and its overrides (repeatable)")  # fmt: skip
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="train.seed of each run (default 0 to 4)")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="train.seed of each run (default 0 to 4)"
+    )
     p.add_argument("--kimg", type=float, default=50.0, help="train.total_kimg of every run (default 50)")
     p.add_argument("--samples", type=int, default=10_000, help="images drawn from each G (default 10,000)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
