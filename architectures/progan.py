@@ -433,20 +433,16 @@ def param_notes(G: Generator, D: Discriminator) -> tuple[dict[str, int], str]:
     return {"g_params_final_level": g, "d_params_final_level": d}, text
 
 
-class ProGANConfig(ArchConfig):
-    """ProGAN hyper-parameters; the defaults are the official ``networks.py`` / ``config.py`` ones
-    (the 1024x1024 CelebA-HQ networks of appendix A.1; CIFAR-10 used fmap_base 4096, fmap_max 128,
-    z_dim 128)."""
+class GrowingConfig(ArchConfig):
+    """What every progressively grown family (progan, stylegan) configures alike: the feature-map schedule, the
+    minibatch stddev group and the level of detail training starts at (official ``networks.py`` defaults)."""
 
-    arch: Literal["progan"] = "progan"
-    z_dim: int = Field(512, ge=1, le=8192, description="latent size")
     fmap_base: int = Field(
         8192, ge=1, description="fmaps at stage s: min(int(fmap_base / 2**(s * fmap_decay)), fmap_max)"
     )
     fmap_decay: float = Field(1.0, ge=0.0, le=4.0, description="log2 feature-map reduction per doubling")
     fmap_max: int = Field(512, ge=1, le=8192)
     mbstd_group_size: int = Field(4, ge=0, le=1024, description="minibatch stddev group size; 0 or 1: off")
-    use_pixelnorm: bool = Field(True, description="pixelwise feature normalisation after G's convs")
     start_resolution: int = Field(4, ge=4, le=8192, description="level of detail the training starts at")
 
     @field_validator("start_resolution")
@@ -457,13 +453,24 @@ class ProGANConfig(ArchConfig):
         return v
 
 
-def _check_spec(cfg: ProGANConfig, spec: ImageSpec) -> None:
+class ProGANConfig(GrowingConfig):
+    """ProGAN hyper-parameters; the defaults are the official ``networks.py`` / ``config.py`` ones
+    (the 1024x1024 CelebA-HQ networks of appendix A.1; CIFAR-10 used fmap_base 4096, fmap_max 128,
+    z_dim 128)."""
+
+    arch: Literal["progan"] = "progan"
+    z_dim: int = Field(512, ge=1, le=8192, description="latent size")
+    use_pixelnorm: bool = Field(True, description="pixelwise feature normalisation after G's convs")
+
+
+def check_spec(cfg: GrowingConfig, spec: ImageSpec) -> None:
+    """A growing network cannot start above the data's resolution."""
     if cfg.start_resolution > spec.resolution:
         raise ValueError(f"start_resolution {cfg.start_resolution} exceeds the data resolution {spec.resolution}")
 
 
 def build_generator(cfg: ProGANConfig, spec: ImageSpec) -> Generator:
-    _check_spec(cfg, spec)
+    check_spec(cfg, spec)
     G = Generator(
         z_dim=cfg.z_dim,
         img_resolution=spec.resolution,
@@ -478,9 +485,10 @@ def build_generator(cfg: ProGANConfig, spec: ImageSpec) -> Generator:
     return G
 
 
-def build_discriminator(cfg: ProGANConfig, spec: ImageSpec) -> Discriminator:
-    _check_spec(cfg, spec)
-    D = Discriminator(
+def build_discriminator(cfg: GrowingConfig, spec: ImageSpec, cls: type[Discriminator] | None = None) -> Discriminator:
+    """The D of ``cfg`` for ``spec`` images, of class ``cls`` (default: ProGAN's; StyleGAN's D_basic subclasses it)."""
+    check_spec(cfg, spec)
+    D = (cls or Discriminator)(
         img_resolution=spec.resolution,
         img_channels=spec.channels,
         num_classes=spec.num_classes,

@@ -49,21 +49,24 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from architectures.layers import EqualizedConv2d, EqualizedLinear, bias_act, setup_filter
 from architectures.progan import (
     SQRT2,
+    GrowingConfig,
     _as_onehot,
     _is_pow2,
     _Progressive,
     blur2d,
+    check_spec,
     fade_in,
     num_features,
     upscale2d,
 )
 from architectures.progan import Discriminator as ProGANDiscriminator
-from architectures.registry import ArchConfig, Architecture, Capabilities, count_params, register
+from architectures.progan import build_discriminator as build_progan_discriminator
+from architectures.registry import Architecture, Capabilities, count_params, register
 from architectures.stylegan2 import MappingNetwork, NoiseMode
 from core.spec import ImageSpec
 
@@ -403,9 +406,9 @@ def param_notes(G: Generator, D: Discriminator) -> tuple[dict[str, int], str]:
     return {"g_mapping_params": mapping, "g_params_final_level": g, "d_params_final_level": d}, text
 
 
-class StyleGANConfig(ArchConfig):
+class StyleGANConfig(GrowingConfig):
     """StyleGAN hyper-parameters; the defaults are the official ``networks_stylegan.py`` ones (the FFHQ
-    1024x1024 networks of ``train.py``)."""
+    1024x1024 networks of ``train.py``, which start growing at 8x8)."""
 
     arch: Literal["stylegan"] = "stylegan"
     z_dim: int = Field(512, ge=1, le=8192, description="latent size")
@@ -416,29 +419,11 @@ class StyleGANConfig(ArchConfig):
     truncation_cutoff: int | None = Field(
         8, ge=1, description="ws the truncation trick applies to (the first ones); None: all"
     )
-    fmap_base: int = Field(
-        8192, ge=1, description="fmaps at stage s: min(int(fmap_base / 2**(s * fmap_decay)), fmap_max)"
-    )
-    fmap_decay: float = Field(1.0, ge=0.0, le=4.0, description="log2 feature-map reduction per doubling")
-    fmap_max: int = Field(512, ge=1, le=8192)
-    mbstd_group_size: int = Field(4, ge=0, le=1024, description="minibatch stddev group size; 0 or 1: off")
     start_resolution: int = Field(8, ge=4, le=8192, description="level of detail the training starts at")
-
-    @field_validator("start_resolution")
-    @classmethod
-    def _power_of_two(cls, v: int) -> int:
-        if not _is_pow2(v):
-            raise ValueError(f"start_resolution must be a power of two, got {v}")
-        return v
-
-
-def _check_spec(cfg: StyleGANConfig, spec: ImageSpec) -> None:
-    if cfg.start_resolution > spec.resolution:
-        raise ValueError(f"start_resolution {cfg.start_resolution} exceeds the data resolution {spec.resolution}")
 
 
 def build_generator(cfg: StyleGANConfig, spec: ImageSpec) -> Generator:
-    _check_spec(cfg, spec)
+    check_spec(cfg, spec)
     G = Generator(
         z_dim=cfg.z_dim,
         w_dim=cfg.w_dim,
@@ -458,18 +443,8 @@ def build_generator(cfg: StyleGANConfig, spec: ImageSpec) -> Generator:
 
 
 def build_discriminator(cfg: StyleGANConfig, spec: ImageSpec) -> Discriminator:
-    _check_spec(cfg, spec)
-    D = Discriminator(
-        img_resolution=spec.resolution,
-        img_channels=spec.channels,
-        num_classes=spec.num_classes,
-        fmap_base=cfg.fmap_base,
-        fmap_decay=cfg.fmap_decay,
-        fmap_max=cfg.fmap_max,
-        mbstd_group_size=cfg.mbstd_group_size,
-    )
-    D.start_resolution = cfg.start_resolution
-    return D
+    """``D_basic``: ProGAN's D built the same way, with the blur (:class:`Discriminator`)."""
+    return build_progan_discriminator(cfg, spec, cls=Discriminator)
 
 
 register(
