@@ -141,3 +141,17 @@ def run_g_phase(ctx, caps, cfg, sizes, aug=None) -> dict:
 
     phase = g_phase(cfg, caps, aug or no_augment())
     return run_phase(phase, ctx, phase.inputs(ctx, {}, sum(sizes)), sizes).stats
+
+
+@pytest.fixture(scope="module")
+def ray_hosts(tmp_path_factory):
+    """A Ray cluster of three hosts in network namespaces (tests/hosts.py): the head ``head`` and the worker
+    nodes ``w1`` and ``w2``, each on its own 10.77.X.N address with a ``host_<name>`` resource. Torn down
+    afterwards, whatever happened; skipped only where namespaces cannot be made."""
+    import hosts
+
+    reason = hosts.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with hosts.ray_cluster(["head", "w1", "w2"], tmp_path_factory.mktemp("ray-home")) as cluster:
+        yield cluster

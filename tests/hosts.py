@@ -1,0 +1,280 @@
+"""Several hosts on one machine: network namespaces joined by a Linux bridge, and a Ray cluster across them.
+
+Each host is a network namespace with its own private address (10.77.X.N/24, X picked so that no interface of
+this machine uses that subnet) on a veth pair whose other end sits on a bridge in the root namespace. Processes
+started with :func:`run_in` see only the host's loopback and its veth, so a Ray node started there can bind to
+nothing but the host's address. Everything made here is named ``gf<pid>…`` and removed by :func:`remove_hosts`
+and :func:`stop_ray`, which also work on half-built state (teardown after a failed start). Needs root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+RAY_PORT = 6390  # the GCS port inside the head's namespace (namespaces have their own ports; 6379 is avoided anyway)
+
+
+@dataclass
+class Host:
+    """One namespace: ``ns`` is its name, ``addr`` its address on the bridge, ``veth`` the root-side link."""
+
+    name: str
+    ns: str
+    addr: str
+    veth: str
+    temp: Path = field(default_factory=Path)  # Ray's --temp-dir for this host's node
+
+
+@dataclass
+class Hosts:
+    """The hosts made by :func:`make_hosts`, the bridge joining them, and the subnet (a /24 prefix)."""
+
+    prefix: str
+    bridge: str
+    hosts: dict[str, Host]
+
+    def __getitem__(self, name: str) -> Host:
+        return self.hosts[name]
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (no shell) and capture its output; raise with the output when ``check`` and it fails."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def unavailable() -> str | None:
+    """Why namespaces cannot be made here (a skip reason), or None when they can (tried with a throwaway one)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "`ip` (iproute2) is not installed"
+    probe = f"gf{os.getpid()}probe"
+    p = sh("ip", "netns", "add", probe, check=False)
+    if p.returncode != 0:
+        return f"`ip netns add` fails here: {p.stderr.strip()}"
+    sh("ip", "netns", "del", probe, check=False)
+    return None
+
+
+def free_prefix() -> str:
+    """A 10.77.X subnet (as "10.77.X") that no address or route of the root namespace uses."""
+    used = sh("ip", "-4", "addr").stdout + sh("ip", "-4", "route").stdout
+    start = os.getpid() % 200
+    for i in range(250):
+        prefix = f"10.77.{(start + i) % 250 + 1}"
+        if f"{prefix}." not in used:
+            return prefix
+    raise RuntimeError("no free 10.77.X.0/24 subnet")
+
+
+def make_hosts(names: list[str], tag: str | None = None) -> Hosts:
+    """Namespaces ``gf<pid>-<name>`` with loopback up, host i at ``10.77.X.(i+1)/24`` on a shared bridge.
+
+    On any failure what was made so far is removed before the error propagates."""
+    tag = tag or f"gf{os.getpid()}"
+    prefix = free_prefix()
+    hosts = Hosts(prefix, f"{tag}br", {})
+    try:
+        sh("ip", "link", "add", hosts.bridge, "type", "bridge")
+        sh("ip", "link", "set", hosts.bridge, "up")
+        for i, name in enumerate(names):
+            host = Host(name, f"{tag}-{name}", f"{prefix}.{i + 1}", f"{tag}v{i}")
+            hosts.hosts[name] = host
+            sh("ip", "netns", "add", host.ns)
+            sh("ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.ns)
+            sh("ip", "link", "set", host.veth, "master", hosts.bridge, "up")
+            sh("ip", "-n", host.ns, "link", "set", "lo", "up")
+            sh("ip", "-n", host.ns, "addr", "add", f"{host.addr}/24", "dev", "eth0")
+            sh("ip", "-n", host.ns, "link", "set", "eth0", "up")
+    except BaseException:
+        remove_hosts(hosts)
+        raise
+    return hosts
+
+
+def kill_all(ns: str) -> None:
+    """SIGKILL every process in namespace ``ns`` and wait (up to 10 s) until none is left: a lost host."""
+    for _ in range(50):
+        pids = [int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    raise RuntimeError(f"processes left in {ns}: {pids}")
+
+
+def remove_hosts(hosts: Hosts) -> None:
+    """Kill what runs in the namespaces, delete them, their veths and the bridge; ignores what is already gone."""
+    errors = []
+    for host in hosts.hosts.values():
+        try:
+            kill_all(host.ns)
+        except RuntimeError as e:
+            errors.append(str(e))
+        sh("ip", "link", "del", host.veth, check=False)  # deleting one end removes the pair
+        sh("ip", "netns", "del", host.ns, check=False)
+    sh("ip", "link", "del", hosts.bridge, check=False)
+    if errors:
+        raise RuntimeError("; ".join(errors))
+
+
+def leftovers(tag: str) -> list[str]:
+    """Namespaces and links whose names start with ``tag`` (empty after a clean teardown)."""
+    netns = [line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines() if line.startswith(tag)]
+    links = [line.split()[0].split("@")[0] for line in sh("ip", "-br", "link").stdout.splitlines()]
+    return netns + [link for link in links if link.startswith(tag)]
+
+
+def ray_env(home: Path) -> dict[str, str]:
+    """The environment of Ray's CLI and drivers in the namespaces: this venv first, no usage stats."""
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "WANDB_MODE": "disabled",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
+
+
+def run_in(host: Host, cmd: list[str], env: dict, timeout: float = 180, check: bool = True):
+    """Run ``cmd`` inside ``host``'s namespace; raise with its output when ``check`` and it fails."""
+    p = subprocess.run(["ip", "netns", "exec", host.ns, *cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{cmd} in {host.ns} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def ray_start(host: Host, env: dict, head: Host | None = None, num_cpus: int = 1) -> None:
+    """``ray start`` in ``host``'s namespace on its own address, with a ``host_<name>`` resource: the head when
+    ``head`` is None, else a worker node joined to ``head``."""
+    where = ["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if head is None else []
+    join = [f"--address={head.addr}:{RAY_PORT}"] if head is not None else []
+    cmd = [
+        "ray", "start", *where, *join,
+        f"--node-ip-address={host.addr}",
+        f"--num-cpus={num_cpus}",
+        f"--resources={json.dumps({f'host_{host.name}': 1})}",
+        "--object-store-memory=100000000",
+        "--disable-usage-stats",
+        f"--temp-dir={host.temp}",
+    ]  # fmt: skip
+    run_in(host, cmd, env)
+
+
+def ray_stop(host: Host, env: dict) -> None:
+    """``ray stop --force`` in the namespace, then kill whatever is left there and remove its temp dir."""
+    if host.ns in sh("ip", "netns", "list").stdout:
+        run_in(host, ["ray", "stop", "--force"], env, timeout=120, check=False)
+        kill_all(host.ns)
+    shutil.rmtree(host.temp, ignore_errors=True)
+
+
+NODES = """
+import json, ray
+ray.init(address="{addr}:{port}", log_to_driver=False)
+print("NODES=" + json.dumps([
+    {{"ip": n["NodeManagerAddress"], "alive": n["Alive"], "resources": n["Resources"]}} for n in ray.nodes()
+]))
+"""
+
+
+def ray_nodes(head: Host, env: dict) -> list[dict]:
+    """``ray.nodes()`` seen by a driver in the head's namespace: address, liveness and resources of each node."""
+    p = run_in(head, [sys.executable, "-c", NODES.format(addr=head.addr, port=RAY_PORT)], env)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("NODES="))
+    return json.loads(line.removeprefix("NODES="))
+
+
+def wait_for_nodes(head: Host, env: dict, count: int, timeout: float = 120) -> list[dict]:
+    """Poll :func:`ray_nodes` until ``count`` nodes are alive; their list."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [n for n in ray_nodes(head, env) if n["alive"]]
+        if len(alive) >= count or time.monotonic() > deadline:
+            return alive
+        time.sleep(1)
+
+
+@dataclass
+class RayCluster:
+    """A Ray cluster on :class:`Hosts`: the head's host, the environment of its CLI and drivers, and how long
+    starting took (seconds, namespaces included)."""
+
+    hosts: Hosts
+    head: Host
+    env: dict[str, str]
+    start_s: float = 0.0
+
+    @property
+    def address(self) -> str:
+        return f"{self.head.addr}:{RAY_PORT}"
+
+
+@contextmanager
+def ray_cluster(names: list[str], home: Path, tag: str | None = None) -> Iterator[RayCluster]:
+    """Hosts ``names`` (the first is the Ray head, the others worker nodes joined to it), each a Ray node on its
+    own address with ``--num-cpus 1`` and a ``host_<name>`` resource. Afterwards (also after a failed start)
+    every node is stopped, the namespaces, links and temp dirs are removed, and nothing must be left."""
+    t0 = time.monotonic()
+    hosts = make_hosts(names, tag)
+    tag = hosts.bridge.removesuffix("br")
+    env = ray_env(home)
+    cluster = RayCluster(hosts, hosts[names[0]], env)
+    try:
+        for host in hosts.hosts.values():
+            host.temp = Path(tempfile.mkdtemp(prefix=f"{host.ns}-"))  # short: Ray's socket paths fit in 107 bytes
+        ray_start(cluster.head, env)
+        for name in names[1:]:
+            ray_start(hosts[name], env, head=cluster.head)
+        alive = wait_for_nodes(cluster.head, env, len(names))
+        if len(alive) != len(names):
+            raise RuntimeError(f"{len(alive)} of {len(names)} Ray nodes came up: {alive}")
+        cluster.start_s = time.monotonic() - t0
+        yield cluster
+    finally:
+        try:
+            for host in reversed(list(hosts.hosts.values())):  # workers first, the head last
+                ray_stop(host, env)
+        finally:
+            remove_hosts(hosts)
+        left = leftovers(tag)
+        if left:
+            raise RuntimeError(f"left behind after teardown: {left}")
+
+
+RESULT = """
+import json, ray
+ray.init(address="{address}", log_to_driver=False)
+{code}
+print("RESULT=" + json.dumps(main()))
+"""
+
+
+def driver(cluster: RayCluster, code: str, timeout: float = 300):
+    """Run ``code`` as a Ray driver in the head's namespace, connected to the cluster; ``code`` defines
+    ``main()``, whose JSON-able result is returned."""
+    script = RESULT.format(address=cluster.address, code=code)
+    p = run_in(cluster.head, [sys.executable, "-c", script], cluster.env, timeout=timeout)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT="))
+    return json.loads(line.removeprefix("RESULT="))

@@ -1,0 +1,128 @@
+"""Three hosts on one machine (network namespaces, tests/hosts.py): a Ray cluster whose nodes bind to their own
+addresses, never loopback; tasks placed per host; a gloo rendezvous across two hosts; and a teardown that leaves
+nothing behind."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+import hosts
+import pytest
+
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]
+
+
+def test_three_nodes_on_three_distinct_non_loopback_addresses(ray_hosts):
+    nodes = hosts.ray_nodes(ray_hosts.head, ray_hosts.env)
+    expected = {h.addr for h in ray_hosts.hosts.hosts.values()}
+    assert [n["alive"] for n in nodes] == [True] * 3
+    ips = [n["ip"] for n in nodes]
+    assert sorted(ips) == sorted(expected) and len(set(ips)) == 3
+    assert not any(ipaddress.ip_address(ip).is_loopback for ip in ips), ips  # no node binds to 127.0.0.1
+    for node in nodes:  # each host's resource is on the node with that host's address
+        (name,) = [k.removeprefix("host_") for k in node["resources"] if k.startswith("host_")]
+        assert ray_hosts.hosts[name].addr == node["ip"]
+
+
+PINNED = """
+@ray.remote(num_cpus=0)
+def where():
+    import ray.util
+    return ray.util.get_node_ip_address()
+
+def main():
+    names = {names!r}
+    return dict(zip(names, ray.get([where.options(resources={{f"host_{{n}}": 1}}).remote() for n in names])))
+"""
+
+
+def test_a_task_pinned_to_each_host_runs_on_that_hosts_address(ray_hosts):
+    names = list(ray_hosts.hosts.hosts)
+    seen = hosts.driver(ray_hosts, PINNED.format(names=names))
+    assert seen == {n: ray_hosts.hosts[n].addr for n in names}
+
+
+GLOO = """
+import os, socket
+
+@ray.remote(num_cpus=1)
+class Rank:
+    def free_port(self):
+        with socket.socket() as s:
+            s.bind((ray.util.get_node_ip_address(), 0))
+            return s.getsockname()[1]
+
+    def all_reduce(self, rank, master, port):
+        import torch, torch.distributed as dist
+        from datetime import timedelta
+        dist.init_process_group("gloo", init_method=f"tcp://{{master}}:{{port}}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=60))
+        t = torch.tensor([1.0, 2.0]) * (10 ** rank)
+        dist.all_reduce(t)
+        dist.destroy_process_group()
+        return {{"ip": ray.util.get_node_ip_address(), "sum": t.tolist()}}
+
+def main():
+    env = {{"env_vars": {{"GLOO_SOCKET_IFNAME": "eth0"}}}}  # the hostname resolves to no address of a namespace
+    ranks = [Rank.options(resources={{f"host_{{n}}": 1}}, runtime_env=env).remote() for n in ("w1", "w2")]
+    port = ray.get(ranks[0].free_port.remote())
+    return ray.get([r.all_reduce.remote(i, "{master}", port) for i, r in enumerate(ranks)])
+"""
+
+
+def test_gloo_all_reduce_across_two_hosts(ray_hosts):
+    w1, w2 = ray_hosts.hosts["w1"], ray_hosts.hosts["w2"]
+    out = hosts.driver(ray_hosts, GLOO.format(master=w1.addr))
+    assert [r["ip"] for r in out] == [w1.addr, w2.addr]
+    assert [r["sum"] for r in out] == [[11.0, 22.0], [11.0, 22.0]]
+
+
+SERVE = "import socket,sys; s=socket.create_server((sys.argv[1], 0)); print(s.getsockname()[1], flush=True); "
+SERVE += "c, _ = s.accept(); c.sendall(b'hello from ' + sys.argv[1].encode())"
+CONNECT = "import socket,sys; print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).recv(64))"
+
+
+def test_helpers_make_two_hosts_that_talk_and_remove_them_without_a_trace():
+    reason = hosts.unavailable()
+    if reason:
+        pytest.skip(reason)
+    import subprocess
+
+    tag = f"gf{os.getpid()}t"
+    pair = hosts.make_hosts(["a", "b"], tag=tag)
+    try:
+        a, b = pair["a"], pair["b"]
+        assert sorted(hosts.leftovers(tag)) == sorted([a.ns, b.ns, a.veth, b.veth, pair.bridge])
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", a.ns, sys.executable, "-c", SERVE, a.addr], stdout=subprocess.PIPE, text=True
+        )
+        port = server.stdout.readline().strip()
+        got = hosts.run_in(b, [sys.executable, "-c", CONNECT, a.addr, port], dict(os.environ), timeout=30)
+        assert f"hello from {a.addr}" in got.stdout
+        assert server.wait(timeout=10) == 0
+        server.stdout.close()
+        lo = hosts.run_in(a, ["ip", "-br", "addr"], dict(os.environ)).stdout
+        assert "127.0.0.1" in lo and f"{a.addr}/24" in lo  # loopback up, own address on eth0
+        subprocess.Popen(["ip", "netns", "exec", b.ns, "sleep", "600"])  # a process the teardown must kill
+    finally:
+        hosts.remove_hosts(pair)
+    assert hosts.leftovers(tag) == []
+    assert pair.bridge not in hosts.sh("ip", "link").stdout
+
+
+def test_a_cluster_whose_test_fails_is_still_torn_down(tmp_path):
+    reason = hosts.unavailable()
+    if reason:
+        pytest.skip(reason)
+    tag = f"gf{os.getpid()}f"
+    with pytest.raises(ZeroDivisionError):
+        with hosts.ray_cluster(["h", "x"], tmp_path, tag=tag) as cluster:
+            temps = [h.temp for h in cluster.hosts.hosts.values()]
+            assert all(t.is_dir() for t in temps)
+            1 / 0  # noqa: B018 — the test body fails
+    assert hosts.leftovers(tag) == []
+    assert not any(t.exists() for t in temps)
+    for temp in temps:  # no Ray process of either node survives (their command lines name the temp dir)
+        assert hosts.sh("pgrep", "-f", str(temp), check=False).stdout == ""
