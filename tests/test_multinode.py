@@ -58,14 +58,14 @@ class Rank:
         import torch, torch.distributed as dist
         from datetime import timedelta
         dist.init_process_group("gloo", init_method=f"tcp://{{master}}:{{port}}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=60))
+                                timeout=timedelta(seconds={timeout}))
         t = torch.tensor([1.0, 2.0]) * (10 ** rank)
         dist.all_reduce(t)
         dist.destroy_process_group()
         return {{"ip": ray.util.get_node_ip_address(), "sum": t.tolist()}}
 
 def main():
-    env = {{"env_vars": {{"GLOO_SOCKET_IFNAME": "eth0"}}}}  # the hostname resolves to no address of a namespace
+    env = {{"env_vars": {env_vars!r}}}
     ranks = [Rank.options(resources={{f"host_{{n}}": 1}}, runtime_env=env).remote() for n in ("w1", "w2")]
     port = ray.get(ranks[0].free_port.remote())
     return ray.get([r.all_reduce.remote(i, "{master}", port) for i, r in enumerate(ranks)])
@@ -73,10 +73,22 @@ def main():
 
 
 def test_gloo_all_reduce_across_two_hosts(ray_hosts):
+    """GLOO_SOCKET_IFNAME names the host's interface: gloo's own address is otherwise that of the hostname."""
     w1, w2 = ray_hosts.hosts["w1"], ray_hosts.hosts["w2"]
-    out = hosts.driver(ray_hosts, GLOO.format(master=w1.addr))
+    code = GLOO.format(master=w1.addr, env_vars={"GLOO_SOCKET_IFNAME": "eth0"}, timeout=60)
+    out = hosts.driver(ray_hosts, code)
     assert [r["ip"] for r in out] == [w1.addr, w2.addr]
     assert [r["sum"] for r in out] == [[11.0, 22.0], [11.0, 22.0]]
+
+
+def test_without_gloo_socket_ifname_gloo_advertises_the_hostnames_loopback_address_and_fails(ray_hosts):
+    """Here the hostname resolves to 127.0.0.1, so each rank offers its peer a loopback address: the reason the
+    multi-host launch must set GLOO_SOCKET_IFNAME (or a hostname that resolves to the host's own address)."""
+    if not hosts.sh("getent", "hosts", os.uname().nodename, check=False).stdout.startswith("127."):
+        pytest.skip("the hostname does not resolve to a loopback address here")
+    code = GLOO.format(master=ray_hosts.hosts["w1"].addr, env_vars={}, timeout=15)
+    with pytest.raises(RuntimeError, match=r"remote=\[127\.0\.0\.1\]"):
+        hosts.driver(ray_hosts, code)
 
 
 SERVE = "import socket,sys; s=socket.create_server((sys.argv[1], 0)); print(s.getsockname()[1], flush=True); "
