@@ -122,6 +122,11 @@ def kill_all(ns: str) -> None:
     raise RuntimeError(f"processes left in {ns}: {pids}")
 
 
+def set_link(host: Host, up: bool) -> None:
+    """Cut (``up=False``) or restore ``host``'s link to the bridge: a network partition of that one host."""
+    sh("ip", "link", "set", host.veth, "up" if up else "down")
+
+
 def remove_hosts(hosts: Hosts) -> None:
     """Kill what runs in the namespaces, delete them, their veths and the bridge; ignores what is already gone."""
     errors = []

@@ -93,7 +93,7 @@ def test_without_gloo_socket_ifname_gloo_advertises_the_hostnames_loopback_addre
 
 SERVE = "import socket,sys; s=socket.create_server((sys.argv[1], 0)); print(s.getsockname()[1], flush=True); "
 SERVE += "c, _ = s.accept(); c.sendall(b'hello from ' + sys.argv[1].encode())"
-CONNECT = "import socket,sys; print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).recv(64))"
+CONNECT = "import socket,sys; print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).recv(64))"
 
 
 def test_helpers_make_two_hosts_that_talk_and_remove_them_without_a_trace():
@@ -117,6 +117,10 @@ def test_helpers_make_two_hosts_that_talk_and_remove_them_without_a_trace():
         server.stdout.close()
         lo = hosts.run_in(a, ["ip", "-br", "addr"], dict(os.environ)).stdout
         assert "127.0.0.1" in lo and f"{a.addr}/24" in lo  # loopback up, own address on eth0
+        hosts.set_link(a, up=False)  # a partition: b no longer reaches a
+        cut = hosts.run_in(b, [sys.executable, "-c", CONNECT, a.addr, port], dict(os.environ), check=False)
+        assert cut.returncode != 0 and "timed out" in cut.stderr
+        hosts.set_link(a, up=True)
         subprocess.Popen(["ip", "netns", "exec", b.ns, "sleep", "600"])  # a process the teardown must kill
     finally:
         hosts.remove_hosts(pair)
