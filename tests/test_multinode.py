@@ -142,3 +142,8 @@ def test_a_cluster_whose_test_fails_is_still_torn_down(tmp_path):
     assert not any(t.exists() for t in temps)
     for temp in temps:  # no Ray process of either node survives (their command lines name the temp dir)
         assert hosts.sh("pgrep", "-f", str(temp), check=False).stdout == ""
+
+
+def test_without_root_the_reason_to_skip_says_so(monkeypatch):
+    monkeypatch.setattr(hosts.os, "geteuid", lambda: 1000)
+    assert hosts.unavailable() == "network namespaces need root"
