@@ -107,19 +107,28 @@ def make_hosts(names: list[str], tag: str | None = None) -> Hosts:
     return hosts
 
 
+def pids(ns: str) -> list[int]:
+    """The processes in namespace ``ns`` (none when it does not exist)."""
+    return [int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
+
+
+def signal_all(ns: str, sig: int) -> None:
+    """Send ``sig`` to every process in namespace ``ns``."""
+    for pid in pids(ns):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def kill_all(ns: str) -> None:
     """SIGKILL every process in namespace ``ns`` and wait (up to 10 s) until none is left: a lost host."""
     for _ in range(50):
-        pids = [int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()]
-        if not pids:
+        if not pids(ns):
             return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_all(ns, signal.SIGKILL)
         time.sleep(0.2)
-    raise RuntimeError(f"processes left in {ns}: {pids}")
+    raise RuntimeError(f"processes left in {ns}: {pids(ns)}")
 
 
 def set_link(host: Host, up: bool) -> None:
@@ -187,11 +196,15 @@ def ray_start(host: Host, env: dict, head: Host | None = None, num_cpus: int = 1
     run_in(host, cmd, env)
 
 
-def ray_stop(host: Host, env: dict) -> None:
-    """``ray stop --force`` in the namespace, then kill whatever is left there and remove its temp dir."""
-    if host.ns in sh("ip", "netns", "list").stdout:
-        run_in(host, ["ray", "stop", "--force"], env, timeout=120, check=False)
-        kill_all(host.ns)
+def ray_stop(host: Host, grace_s: float = 5) -> None:
+    """Stop the Ray node of ``host``: SIGTERM to every process in its namespace, SIGKILL to what is left after
+    ``grace_s``, then remove its temp dir. Not ``ray stop``: that kills every Ray process of the machine (the
+    namespaces share one PID space), other clusters included."""
+    signal_all(host.ns, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pids(host.ns) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    kill_all(host.ns)
     shutil.rmtree(host.temp, ignore_errors=True)
 
 
@@ -260,7 +273,7 @@ def ray_cluster(names: list[str], home: Path, tag: str | None = None) -> Iterato
     finally:
         try:
             for host in reversed(list(hosts.hosts.values())):  # workers first, the head last
-                ray_stop(host, env)
+                ray_stop(host)
         finally:
             remove_hosts(hosts)
         left = leftovers(tag)

@@ -132,7 +132,12 @@ def test_a_cluster_whose_test_fails_is_still_torn_down(tmp_path):
     reason = hosts.unavailable()
     if reason:
         pytest.skip(reason)
+    import shutil
+    import subprocess
+
     tag = f"gf{os.getpid()}f"
+    shutil.copy("/bin/sleep", tmp_path / "raylet")  # a Ray process outside the namespaces: not ours to stop
+    bystander = subprocess.Popen([str(tmp_path / "raylet"), "600"])
     with pytest.raises(ZeroDivisionError):
         with hosts.ray_cluster(["h", "x"], tmp_path, tag=tag) as cluster:
             temps = [h.temp for h in cluster.hosts.hosts.values()]
@@ -142,8 +147,75 @@ def test_a_cluster_whose_test_fails_is_still_torn_down(tmp_path):
     assert not any(t.exists() for t in temps)
     for temp in temps:  # no Ray process of either node survives (their command lines name the temp dir)
         assert hosts.sh("pgrep", "-f", str(temp), check=False).stdout == ""
+    alive = bystander.poll() is None
+    bystander.kill()
+    bystander.wait()
+    assert alive, "the teardown killed a Ray process of another cluster"
 
 
 def test_without_root_the_reason_to_skip_says_so(monkeypatch):
     monkeypatch.setattr(hosts.os, "geteuid", lambda: 1000)
     assert hosts.unavailable() == "network namespaces need root"
+
+
+EVALUATOR = """
+import os
+import time
+from pathlib import Path
+from architectures import ImageSpec, get
+from launch.ray_worker import start_evaluator
+from orchestrator.config import validate_config
+from orchestrator.eval.service import EvalClient
+
+@ray.remote(num_cpus=0, resources={{"host_w1": 1}})  # placed by its host alone
+def rank0(actor, model):
+    import torch
+    client, spec = EvalClient(actor=actor), ImageSpec(16, 1, 10)
+    client.submit(3, 96, get("dcgan").build_generator(model, spec), None)
+    deadline = time.time() + 120
+    while not (rows := client.poll(640)) and time.time() < deadline:
+        time.sleep(0.2)
+    return {{"ip": ray.util.get_node_ip_address(), "rows": rows}}
+
+def main():
+    cfg = validate_config(json.loads(Path("{cfg}").read_text()), "test")
+    _, actor = start_evaluator(cfg, ImageSpec(16, 1, 10), Path("{run}"))
+    out = ray.get(rank0.remote(actor, cfg.model))
+    pid = ray.get(actor.isolation.remote())["pid"]
+    netns = lambda p: os.readlink(f"/proc/{{p}}/ns/net")
+    out["evaluator_in_drivers_netns"] = netns(pid) == netns("self")  # the driver runs on the head
+    ray.kill(actor)
+    return out
+"""
+
+
+def test_the_evaluator_actor_on_the_head_serves_rank_0_on_another_host(ray_hosts, digits16, tmp_path):
+    """As a job places them: the evaluator actor on one host (here pinned to the head by ``eval.resources``),
+    rank 0 on another submits G_ema to it and gets the metrics back across the link."""
+    import json
+
+    from conftest import tiny_config
+
+    from orchestrator.eval.extractors import train_feature_extractor
+
+    extractor = tmp_path / "dataset-cnn.pt"
+    train_feature_extractor(str(digits16 / "train-*.tar"), extractor, epochs=1)
+    cfg = tiny_config(
+        digits16,
+        eval={
+            "enabled": True,
+            "feature_extractor": "dataset-cnn",
+            "weights_path": str(extractor),
+            "num_samples": 64,
+            "metrics": ["fid"],
+            "cache_dir": str(tmp_path / "cache"),
+            "resources": {"host_head": 1},
+        },
+    )
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = hosts.driver(ray_hosts, EVALUATOR.format(cfg=tmp_path / "cfg.json", run=tmp_path / "run"), timeout=180)
+    assert out["ip"] == ray_hosts.hosts["w1"].addr
+    assert out["evaluator_in_drivers_netns"]  # the actor ran on the head
+    (row,) = out["rows"]
+    assert row["eval/lag_kimg"] == pytest.approx(0.64 - 0.096)
+    assert row.get("eval/fid", 0) > 0, row
