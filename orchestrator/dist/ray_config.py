@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import StrictConfig
 
@@ -12,7 +12,29 @@ from core.config import StrictConfig
 class RayConfig(StrictConfig):
     """The Ray Train worker group and run settings (used by ``python -m launch.ray_job``)."""
 
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each); elastic: the most")
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="elastic training (Ray Train's num_workers=(min, max)): train on as few as this many workers "
+        "while nodes are missing, and grow back to num_workers when they return. The global batch stays "
+        "train.batch_size at every size (micro-batches and accumulation are recomputed), so every size must split "
+        "it; DDP only. None: a fixed worker count",
+    )
+    resize_interval_s: float = Field(
+        60.0, ge=0, description="elastic: how often a running worker group checks whether it can grow (seconds)"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="how Ray places the workers on nodes: PACK (fewest nodes: fastest collectives) or SPREAD "
+        "(one per node where it can: a lost node costs fewer workers); STRICT_* refuse to start otherwise",
+    )
+    collective_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="gloo/NCCL timeout of a collective (Ray Train's TorchConfig.timeout_s): a worker whose peer "
+        "vanished without Ray noticing fails after this long instead of hanging",
+    )
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs each worker reserves (below 1 leaves room for the evaluator on small machines)"
     )
@@ -41,3 +63,21 @@ class RayConfig(StrictConfig):
         "niced evaluator actor more of a shared core than it should get; 0 restores the normal priority (needs "
         "CAP_SYS_NICE, as root in a VM; where refused, a warning and training goes on). None: leave Ray's",
     )
+
+    @model_validator(mode="after")
+    def _elastic_range(self) -> RayConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"ray.min_workers ({self.min_workers}) must not exceed ray.num_workers ({self.num_workers})"
+            )
+        return self
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may have: one, or each from ``min_workers`` to ``num_workers``."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count may change while training (``min_workers`` below ``num_workers``)."""
+        return len(self.worker_counts) > 1

@@ -53,6 +53,27 @@ def check_batches(cfg: JobConfig, world_size: int) -> None:
             )
 
 
+def check_worker_counts(cfg: JobConfig) -> None:
+    """The Ray job's worker counts: the global batch splits at each size an elastic run may have, and
+    elastic runs use DDP (a ZeRO checkpoint holds one optimizer shard per worker: another count cannot load it)."""
+    r = cfg.ray
+    if r.elastic and cfg.distributed.strategy == "deepspeed":
+        raise ConfigError(
+            f"ray.min_workers: {r.min_workers} (elastic) with distributed.strategy: deepspeed: a ZeRO checkpoint "
+            f"holds one optimizer shard per worker and cannot be loaded by another worker count; use ddp, or "
+            f"drop ray.min_workers"
+        )
+    for n in r.worker_counts:
+        try:
+            check_batches(cfg, n)
+        except ConfigError as e:
+            if not r.elastic:
+                raise
+            raise ConfigError(
+                f"ray.min_workers: {r.min_workers}: an elastic run may train on {n} worker(s), and then: {e}"
+            ) from None
+
+
 def check_distributed(cfg: JobConfig, caps: Capabilities) -> None:
     """Growth settings the family cannot honour, and strategies that cannot follow a growing network or compile."""
     if cfg.growth != type(cfg.growth)() and not caps.growth:

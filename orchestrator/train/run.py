@@ -619,6 +619,9 @@ class Run:
         if self.compiled:
             lrs["perf/compiled_graphs"] = self._count_recompiles()
         return {
+            "dist/workers": self.ctx.world_size,  # with the batch's split: an elastic run shows its resizes
+            "dist/micro_batch": self.micro_batch,
+            "dist/accumulation": self.num_micro,
             "ema/beta": self.last_beta,
             "data/bad_samples": self.loader.health.bad,
             **lrs,
