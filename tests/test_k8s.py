@@ -1,9 +1,12 @@
 """The Kubernetes deployment in k8s/, checked offline: every kustomization renders with
 ``kubectl kustomize``; every RayJob and RayCluster validates against KubeRay's v1 CRD schemas (strictly,
-see :func:`strict`) and every core object and pod template against Kubernetes' own schemas; the pods
-follow the rules platform teams set; the RayJob entrypoint is the README's ``ray job submit`` command;
-the cluster has room for the job it runs; the Dockerfile installs what pyproject.toml declares. One test also
-runs the head's preStop hook, taken from the rendered RayJob, against a live (dev-mode) training run."""
+see :func:`strict`) and every core object and pod template against Kubernetes' own schemas; every RayJob
+passes the rules KubeRay's operator adds to the schema, retries a preempted run (``backoffLimit``) and, when
+queued, what Kueue admits (the example Kueue quota holds the GPU RayJob); the pods follow the rules platform
+teams set; the RayJob entrypoint is the README's ``ray job submit`` command;
+the cluster has room for the job it runs; the Dockerfile installs what pyproject.toml declares. Two tests run the
+head's preStop hook, taken from the rendered RayJob: against a live (dev-mode) training run, and against
+stand-in Ray drivers it must wait for."""
 
 from __future__ import annotations
 
@@ -123,6 +126,56 @@ def crd_errors(obj: dict) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(obj["kind"]).iter_errors(obj)]
 
 
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+def kuberay_spec_errors(rayjob: dict) -> list[str]:
+    """The rules KubeRay's operator applies to a RayJob spec that the CRD schema cannot express (no CEL rule
+    covers them; ``ValidateRayJobSpec`` in ray-operator/controllers/ray/utils/validation.go refuses such a
+    RayJob when it reconciles it), plus ganforge's own: fields a submission mode would ignore are errors."""
+    spec, errors = rayjob["spec"], []
+    mode = spec.get("submissionMode", "K8sJobMode")
+    suspend, shutdown = spec.get("suspend", False), spec.get("shutdownAfterJobFinishes", False)
+    selector, backoff = bool(spec.get("clusterSelector")), spec.get("backoffLimit", 0)
+    if mode not in SUBMISSION_MODES:
+        errors.append(f"submissionMode {mode!r} is not one of {SUBMISSION_MODES}")
+    if suspend and not shutdown:
+        errors.append("a RayJob with shutdownAfterJobFinishes set to false is not allowed to be suspended")
+    if not shutdown and spec.get("ttlSecondsAfterFinished", 0) > 0:
+        errors.append("a RayJob with shutdownAfterJobFinishes set to false cannot have TTLSecondsAfterFinished")
+    if suspend and selector:
+        errors.append("the ClusterSelector mode doesn't support the suspend operation")
+    if selector and backoff > 0:
+        errors.append("BackoffLimit is incompatible with ClusterSelector mode")
+    if mode == "InteractiveMode" and backoff > 0:
+        errors.append("BackoffLimit is incompatible with InteractiveMode")
+    if mode == "SidecarMode":
+        errors += [f"SidecarMode doesn't support {f}" for f in ("submitterPodTemplate", "submitterConfig") if f in spec]
+    if spec.get("activeDeadlineSeconds", 1) <= 0 or backoff < 0:
+        errors.append("activeDeadlineSeconds must be positive and backoffLimit not negative")
+    if mode != "K8sJobMode":  # ganforge: only K8sJobMode runs a submitter pod; the fields would be ignored
+        errors += [f"{f} is ignored in {mode}" for f in ("submitterPodTemplate", "submitterConfig") if f in spec]
+    return errors
+
+
+def kueue_errors(rayjob: dict) -> list[str]:
+    """What keeps Kueue from admitting a RayJob (its RayJob integration's limitations): it must be queued
+    (label), created suspended, delete its cluster when done, and bring its own cluster, not autoscaled."""
+    spec, errors = rayjob["spec"], []
+    if not rayjob["metadata"].get("labels", {}).get(KUEUE_QUEUE_LABEL):
+        errors.append(f"no {KUEUE_QUEUE_LABEL} label")
+    if spec.get("suspend") is not True:
+        errors.append("not created suspended")
+    if spec.get("shutdownAfterJobFinishes") is not True:
+        errors.append("shutdownAfterJobFinishes is not true")
+    if "clusterSelector" in spec or "rayClusterSpec" not in spec:
+        errors.append("runs on an existing cluster (clusterSelector)")
+    elif spec["rayClusterSpec"].get("enableInTreeAutoscaling"):
+        errors.append("autoscaling")
+    return errors
+
+
 def cluster_spec(obj: dict) -> dict:
     """The RayCluster spec of a RayCluster, or the one a RayJob creates."""
     return obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
@@ -195,6 +248,29 @@ def quantity(value) -> float:
     """A Kubernetes CPU or count quantity (``"500m"``, ``"2"``, ``1``) as a number."""
     value = str(value)
     return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def memory(value) -> float:
+    """A Kubernetes memory quantity (``"16Gi"``, ``"500Mi"``, ``"1G"``, bytes) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(value))
+    return float(m.group(1)) * units.get(m.group(2), 1)
+
+
+def requested(obj: dict) -> dict[str, float]:
+    """What every pod of a RayJob asks for together (head, each worker replica, the submitter): the quota a
+    queue must have to admit it. CPU in cores, memory in bytes, GPUs as a count."""
+    spec, total = cluster_spec(obj), {"cpu": 0.0, "memory": 0.0, "nvidia.com/gpu": 0.0}
+    pods = [(1, spec["headGroupSpec"]["template"])]
+    pods += [(g["replicas"] * g.get("numOfHosts", 1), g["template"]) for g in spec.get("workerGroupSpecs", [])]
+    pods += [(1, obj["spec"]["submitterPodTemplate"])] if obj["kind"] == "RayJob" else []
+    for count, pod in pods:
+        for c in containers(pod):
+            req = c["resources"]["requests"]
+            total["cpu"] += count * quantity(req["cpu"])
+            total["memory"] += count * memory(req["memory"])
+            total["nvidia.com/gpu"] += count * quantity(req.get("nvidia.com/gpu", 0))
+    return total
 
 
 def ray_nodes(obj: dict) -> list[dict]:
@@ -341,14 +417,18 @@ def test_head_prestop_hook_and_grace_periods_are_consistent(variant):
     """Text and numbers only (the hook itself runs in the next test): the RayJob head's preStop hook writes the
     STOP file of the entrypoint's run directory and waits for it to go; the grace periods leave room for the
     loop's own (faults.grace_s), and ``ray job stop`` waits as long (RAY_JOB_STOP_WAIT_TIME_S)."""
+    from launch.ray_job import PREEMPTED_FILE
     from orchestrator.faults import STOP_FILE
 
     rayjob = only(render(f"{variant}rayjob"), "RayJob")
     tokens = shlex.split(rayjob["spec"]["entrypoint"])
-    stop_file = f"{tokens[tokens.index('--run-dir') + 1]}/{STOP_FILE}"
+    run_dir = tokens[tokens.index("--run-dir") + 1]
+    stop_file = f"{run_dir}/{STOP_FILE}"
     head = cluster_spec(rayjob)["headGroupSpec"]["template"]["spec"]
     hook = " ".join(head["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
     assert f"touch {stop_file};" in hook and f"while [ -e {stop_file} ]" in hook
+    # a preemption, marked before the stop is asked for (the driver then exits 75 and the RayJob retries)
+    assert 0 <= hook.find(f"echo preempted > {run_dir}/{PREEMPTED_FILE};") < hook.index(f"touch {stop_file};")
     wait = int(re.search(r"timeout (\d+)", hook).group(1))
     grace = job_config(rayjob).faults.grace_s
     assert grace < wait < head["terminationGracePeriodSeconds"]
@@ -382,6 +462,54 @@ def _kill_tree(pid: int) -> None:
             os.killpg(os.getpgid(p), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_the_prestop_hook_waits_for_the_driver_of_its_run_to_exit(tmp_path):
+    """The RayJob head's preStop command, run as the kubelet would with the entrypoint's run directory mapped to a
+    temporary one, against stand-in drivers (processes whose command line is the entrypoint's): it marks the
+    preemption (RUN_DIR/PREEMPTED, read by the driver), asks for the stop, and once the STOP file is served still
+    waits for the driver of its run directory to exit (with 75 the job has failed, so KubeRay retries it, before
+    Ray goes down with the pod); a driver of another run directory does not hold it."""
+    from launch.ray_job import PREEMPTED_FILE
+    from orchestrator.faults import STOP_FILE
+
+    rayjob = only(render("rayjob"), "RayJob")
+    tokens = shlex.split(rayjob["spec"]["entrypoint"])
+    k8s_run_dir = tokens[tokens.index("--run-dir") + 1]
+    head = cluster_spec(rayjob)["headGroupSpec"]["template"]["spec"]
+    run = tmp_path / "run"
+    run.mkdir()
+    hook = [
+        part.replace(k8s_run_dir, str(run)) for part in head["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    ]
+
+    def driver(run_dir: str, seconds: float) -> subprocess.Popen:  # python -c SLEEP -m launch.ray_job ... --run-dir
+        argv = [t.replace(k8s_run_dir, run_dir) for t in tokens[1:]]
+        return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})", *argv])
+
+    other, mine, hooked = driver(f"{run}-other", 60), driver(str(run), 5), None
+    try:
+        hooked = subprocess.Popen(
+            hook, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        deadline = time.monotonic() + 10
+        while not (run / STOP_FILE).exists():
+            assert time.monotonic() < deadline and hooked.poll() is None, "the hook wrote no STOP file"
+            time.sleep(0.05)
+        assert (run / PREEMPTED_FILE).read_text().strip() == "preempted"
+        (run / STOP_FILE).unlink()  # served, as rank 0 does after its checkpoint
+        time.sleep(1.5)
+        assert mine.poll() is None and hooked.poll() is None, "the hook returned while the run's driver still ran"
+        out, _ = hooked.communicate(timeout=30)
+        assert hooked.returncode == 0, out
+        assert mine.poll() is not None and other.poll() is None  # waited for this run's driver only
+    finally:
+        for proc in (other, mine):
+            proc.kill()
+            proc.wait()
+        if hooked is not None and hooked.poll() is None:
+            _kill_tree(hooked.pid)
+            hooked.wait()
 
 
 @pytest.mark.faults
@@ -527,6 +655,98 @@ def test_rayjob_runs_the_readme_command_and_cleans_up(directory):
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 1
     assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode" and "clusterSelector" not in spec
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_every_rayjob_retries_a_preempted_run_and_passes_the_operators_rules(directory):
+    """A preempted run's driver exits 75 (launch/ray_job.py): only a backoffLimit above 0 makes KubeRay run it
+    again, on a new cluster; the submitter pod (K8sJobMode) may be evicted too and has its own retries. The
+    rules KubeRay's operator applies beyond the CRD schema hold (:func:`kuberay_spec_errors`), and a RayJob
+    labelled for Kueue is one Kueue admits (:func:`kueue_errors`)."""
+    rayjobs = [o for o in render(directory) if o["kind"] == "RayJob"]
+    assert bool(rayjobs) == directory.endswith("rayjob")
+    for rayjob in rayjobs:
+        spec = rayjob["spec"]
+        assert spec["backoffLimit"] >= 2, "a retry or two for preemptions, each on a new Ray cluster"
+        assert spec["submitterConfig"]["backoffLimit"] >= 1
+        assert kuberay_spec_errors(rayjob) == []
+        if KUEUE_QUEUE_LABEL in rayjob["metadata"]["labels"] or spec.get("suspend"):
+            assert kueue_errors(rayjob) == []
+
+
+def test_the_operators_rules_catch_what_the_schema_lets_through():
+    """Each rule of :func:`kuberay_spec_errors` and :func:`kueue_errors` fails a RayJob broken on purpose that
+    the strict CRD schema still accepts (the API server would take it; the operator or Kueue would not)."""
+    queued = only(render("overlays/gpu-kueue/rayjob"), "RayJob")
+    plain = only(render("rayjob"), "RayJob")
+    assert not kuberay_spec_errors(queued) and not kueue_errors(queued)
+    assert kueue_errors(plain) == [f"no {KUEUE_QUEUE_LABEL} label", "not created suspended"]
+
+    selector = {"ray.io/cluster": "ganforge"}
+    for obj, mutate, expected in [
+        (queued, lambda s: s.update(shutdownAfterJobFinishes=False), "not allowed to be suspended"),
+        (queued, lambda s: s.update(clusterSelector=selector), "doesn't support the suspend operation"),
+        (plain, lambda s: s.update(clusterSelector=selector), "BackoffLimit is incompatible with ClusterSelector"),
+        (plain, lambda s: s.update(submissionMode="InteractiveMode"), "BackoffLimit is incompatible with Interactive"),
+        (plain, lambda s: s.update(submissionMode="SidecarMode"), "SidecarMode doesn't support submitterPodTemplate"),
+        (plain, lambda s: s.update(submissionMode="HTTPMode"), "submitterPodTemplate is ignored in HTTPMode"),
+        (plain, lambda s: s.update(submissionMode="HttpMode"), "submissionMode 'HttpMode' is not one of"),
+        (plain, lambda s: s.update(backoffLimit=-1), "backoffLimit not negative"),
+        (plain, lambda s: s.update(shutdownAfterJobFinishes=False), "cannot have TTLSecondsAfterFinished"),
+    ]:
+        broken = copy.deepcopy(obj)
+        mutate(broken["spec"])
+        assert not crd_errors(broken), crd_errors(broken)  # the schema alone lets it through
+        assert any(expected in e for e in kuberay_spec_errors(broken)), (expected, kuberay_spec_errors(broken))
+
+    for mutate, expected in [
+        (lambda o: o["metadata"]["labels"].pop(KUEUE_QUEUE_LABEL), "label"),
+        (lambda o: o["spec"].pop("suspend"), "not created suspended"),
+        (lambda o: o["spec"].update(shutdownAfterJobFinishes=False), "shutdownAfterJobFinishes is not true"),
+        (lambda o: o["spec"].update(clusterSelector=selector), "clusterSelector"),
+        (lambda o: cluster_spec(o).update(enableInTreeAutoscaling=True), "autoscaling"),
+    ]:
+        broken = copy.deepcopy(queued)
+        mutate(broken)
+        assert not crd_errors(broken), crd_errors(broken)
+        assert any(expected in e for e in kueue_errors(broken)), (expected, kueue_errors(broken))
+
+
+def test_kueue_overlay_is_the_gpu_rayjob_queued_and_suspended():
+    """k8s/overlays/gpu-kueue/rayjob is the GPU RayJob plus the queue label and ``suspend: true``, nothing else:
+    Kueue unsuspends it once admitted (and suspends it again to preempt it)."""
+    queued = only(render("overlays/gpu-kueue/rayjob"), "RayJob")
+    gpu = only(render("overlays/gpu/rayjob"), "RayJob")
+    assert queued["metadata"]["labels"].pop(KUEUE_QUEUE_LABEL) == "ganforge"
+    assert queued["spec"].pop("suspend") is True and "suspend" not in gpu["spec"]
+    assert queued == gpu
+    assert "overlays/gpu-kueue/rayjob" in KUSTOMIZATIONS  # so every other test of this file covers it too
+
+
+def test_kueue_example_queues_admit_the_gpu_rayjob():
+    """k8s/kueue/queues.yaml (Kueue's CRDs are not vendored, so a hand check): one ResourceFlavor, a ClusterQueue
+    whose resource group covers CPU, memory and GPUs with that flavor, the LocalQueue the overlay's label names
+    pointing at it, and a quota that holds every pod of the GPU RayJob at once (Kueue admits a RayJob whole,
+    submitter included, or not at all)."""
+    objs = {o["kind"]: o for o in yaml.safe_load_all((K8S / "kueue" / "queues.yaml").read_text()) if o}
+    assert set(objs) == {"ResourceFlavor", "ClusterQueue", "LocalQueue"}
+    assert {o["apiVersion"] for o in objs.values()} == {"kueue.x-k8s.io/v1beta1"}
+    assert all(set(o) <= {"apiVersion", "kind", "metadata", "spec"} and "namespace" not in o["metadata"]
+               for o in objs.values())  # fmt: skip
+    queued = only(render("overlays/gpu-kueue/rayjob"), "RayJob")
+    local, cluster = objs["LocalQueue"], objs["ClusterQueue"]
+    assert local["metadata"]["name"] == queued["metadata"]["labels"][KUEUE_QUEUE_LABEL]
+    assert local["spec"] == {"clusterQueue": cluster["metadata"]["name"]}
+    [group] = cluster["spec"]["resourceGroups"]
+    [flavor] = group["flavors"]
+    assert flavor["name"] == objs["ResourceFlavor"]["metadata"]["name"]
+    quota = {r["name"]: r["nominalQuota"] for r in flavor["resources"]}
+    assert set(group["coveredResources"]) == set(quota) == {"cpu", "memory", "nvidia.com/gpu"}
+    need = requested(queued)
+    assert need["nvidia.com/gpu"] >= 5  # 4 training GPUs and the evaluator's
+    for resource, amount in need.items():
+        have = memory(quota[resource]) if resource == "memory" else quantity(quota[resource])
+        assert amount <= have, f"the GPU RayJob needs {amount} {resource}, the ClusterQueue holds {have}"
 
 
 def test_readme_and_docs_submit_the_same_command():
