@@ -56,6 +56,22 @@ def tiny_config(shards: Path, arch: str = "dcgan", **sections) -> dict:
     return cfg
 
 
+def growing_config(shards: Path, model: dict, loss: dict, **train_section) -> dict:
+    """A tiny growing run (progan, stylegan) on 16×16 digits: 4×4 for 4 steps of 16, 8×8 faded in over 8 steps of 8
+    and stable for 8, then 16×16 (batch 16) faded in over 4 steps and stable to the end (28 steps); Adam(0, 0.99)."""
+    raw = tiny_config(
+        shards,
+        train={"batch_size": 16, "total_kimg": 0.32, **train_section},
+        growth={"training_kimg": 0.064, "transition_kimg": 0.064, "batch_size": {8: 8}, "lr": {16: 0.002}},
+        loss=loss,
+        optim={"g": {"lr": 0.001, "betas": [0.0, 0.99]}, "d": {"lr": 0.001, "betas": [0.0, 0.99]}},
+        checkpoint={"every_kimg": 0.1, "keep_last": 10},
+        tracking={"sample_every_kimg": 1.0},
+    )
+    raw["model"] = dict(model)
+    return raw
+
+
 def preset_config(path: Path, shards: Path, **extra):
     """A shipped preset on test shards: quiet, logging every step, checkpoints and grids every 0.16 kimg."""
     from orchestrator.config import load_config

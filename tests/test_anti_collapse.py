@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_nets, local_context, no_augment, tiny_config
+from conftest import TINY_STYLEGAN2, assert_same_nets, local_context, no_augment, tiny_config
 
 import architectures
 from architectures.layers import MinibatchDiscrimination
@@ -131,8 +131,7 @@ def test_feature_matching_g_phase_applies_the_gradient_of_the_papers_objective(m
 
 def test_feature_matching_needs_a_d_with_features(digits16, tmp_path):
     raw = tiny_config(digits16, "dcgan", loss={"feature_matching": "alone"}, data={"num_classes": 0})
-    raw["model"] = {"arch": "stylegan2", "z_dim": 8, "w_dim": 8, "mapping_layers": 1, "channel_base": 64,
-                    "channel_max": 8, "mbstd_group_size": 2}  # fmt: skip
+    raw["model"] = dict(TINY_STYLEGAN2)
     with pytest.raises(ConfigError, match=r"loss.feature_matching.*stylegan2 D does not"):
         train(validate_config(raw, "fm"), tmp_path / "run")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_same_nets, local_context, run_d_phase, run_g_phase, tiny_config
+from conftest import growing_config as shared_growing_config
 from PIL import Image
 
 import architectures
@@ -197,19 +198,10 @@ def test_acgan_term_trains_the_class_outputs_only_when_on(ac_weight):
 
 
 def growing_config(shards: Path, **train_section) -> dict:
-    """A tiny conditional ProGAN on 16×16 digits: 4×4 for 4 steps of 16, 8×8 faded in over 8 steps of 8
-    and stable for 8, then 16×16 (batch 16) faded in over 4 steps and stable to the end (28 steps)."""
-    raw = tiny_config(
-        shards,
-        train={"batch_size": 16, "total_kimg": 0.32, **train_section},
-        growth={"training_kimg": 0.064, "transition_kimg": 0.064, "batch_size": {8: 8}, "lr": {16: 0.002}},
-        loss={"kind": "wgan", "gp_weight": 10, "drift": 0.001, "ac_weight": 1.0},
-        optim={"g": {"lr": 0.001, "betas": [0.0, 0.99]}, "d": {"lr": 0.001, "betas": [0.0, 0.99]}},
-        checkpoint={"every_kimg": 0.1, "keep_last": 10},
-        tracking={"sample_every_kimg": 1.0},
-    )
-    raw["model"] = dict(TINY_MODEL)
-    return raw
+    """A tiny conditional ProGAN growing 4×4 → 16×16 (conftest's schedule) with the paper's WGAN-GP, drift and
+    AC-GAN terms."""
+    loss = {"kind": "wgan", "gp_weight": 10, "drift": 0.001, "ac_weight": 1.0}
+    return shared_growing_config(shards, TINY_MODEL, loss, **train_section)
 
 
 def test_resume_in_the_middle_of_fade_ins_reaches_the_same_weights(digits16, tmp_path):

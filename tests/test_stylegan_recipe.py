@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 import torch
-from conftest import assert_same_nets, preset_config, tiny_config
+from conftest import assert_same_nets, preset_config
+from conftest import growing_config as shared_growing_config
 
 import architectures
 from architectures.registry import count_params
@@ -27,19 +28,9 @@ TINY_MODEL = {
 
 
 def growing_config(shards: Path, **train_section) -> dict:
-    """A tiny StyleGAN on 16×16 digits: 4×4 for 4 steps of 16, 8×8 faded in over 8 steps of 8 and stable for
-    8, then 16×16 (batch 16) faded in over 4 steps and stable to the end (28 steps), with R1 and style mixing."""
-    raw = tiny_config(
-        shards,
-        train={"batch_size": 16, "total_kimg": 0.32, **train_section},
-        growth={"training_kimg": 0.064, "transition_kimg": 0.064, "batch_size": {8: 8}, "lr": {16: 0.002}},
-        loss={"kind": "nonsaturating", "r1_gamma": 1.0, "r1_interval": 1, "style_mixing_prob": 0.9},
-        optim={"g": {"lr": 0.001, "betas": [0.0, 0.99]}, "d": {"lr": 0.001, "betas": [0.0, 0.99]}},
-        checkpoint={"every_kimg": 0.1, "keep_last": 10},
-        tracking={"sample_every_kimg": 1.0},
-    )
-    raw["model"] = dict(TINY_MODEL)
-    return raw
+    """A tiny StyleGAN growing 4×4 → 16×16 (conftest's schedule) with R1 and style mixing."""
+    loss = {"kind": "nonsaturating", "r1_gamma": 1.0, "r1_interval": 1, "style_mixing_prob": 0.9}
+    return shared_growing_config(shards, TINY_MODEL, loss, **train_section)
 
 
 def test_dev_preset_trains_two_steps_into_a_fade_in_with_style_mixing_and_w_avg(digits16, tmp_path):
