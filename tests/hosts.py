@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -87,6 +88,7 @@ def make_hosts(names: list[str], tag: str | None = None) -> Hosts:
 
     On any failure what was made so far is removed before the error propagates."""
     tag = tag or f"gf{os.getpid()}"
+    remove_stale()  # a killed earlier run's subnet and names would otherwise stay taken
     prefix = free_prefix()
     hosts = Hosts(prefix, f"{tag}br", {})
     try:
@@ -158,6 +160,26 @@ def leftovers(tag: str) -> list[str]:
     return netns + [link for link in links if link.startswith(tag)]
 
 
+def remove_stale() -> list[str]:
+    """Remove what an earlier test process left behind when it was killed before its teardown (SIGKILL, a CI
+    timeout): the namespaces, links and bridges named ``gf<pid>…`` whose pid no longer runs, with every process
+    inside. Returns the names removed."""
+
+    def stale(name: str) -> bool:
+        m = re.match(r"gf(\d+)", name)
+        return bool(m) and not Path(f"/proc/{m.group(1)}").exists()
+
+    netns = [n for n in (line.split()[0] for line in sh("ip", "netns", "list").stdout.splitlines()) if stale(n)]
+    for ns in netns:
+        kill_all(ns)
+        sh("ip", "netns", "del", ns, check=False)
+    links = [line.split()[0].split("@")[0] for line in sh("ip", "-br", "link").stdout.splitlines()]
+    links = [n for n in links if stale(n)]
+    for link in links:  # veths first went with their namespaces' ends; what is left: root-side veths, bridges
+        sh("ip", "link", "del", link, check=False)
+    return netns + links
+
+
 def ray_env(home: Path) -> dict[str, str]:
     """The environment of Ray's CLI and drivers in the namespaces: this venv first, no usage stats."""
     return {
@@ -179,10 +201,12 @@ def run_in(host: Host, cmd: list[str], env: dict, timeout: float = 180, check: b
     return p
 
 
-def ray_start(host: Host, env: dict, head: Host | None = None, num_cpus: int = 1) -> None:
+def ray_start(host: Host, env: dict, head: Host | None = None, num_cpus: int = 1, dashboard: bool = False) -> None:
     """``ray start`` in ``host``'s namespace on its own address, with a ``host_<name>`` resource: the head when
-    ``head`` is None, else a worker node joined to ``head``."""
-    where = ["--head", f"--port={RAY_PORT}", "--include-dashboard=false"] if head is None else []
+    ``head`` is None (with the dashboard and job API on its address, port 8265, when ``dashboard``), else a
+    worker node joined to ``head``."""
+    web = [f"--dashboard-host={host.addr}"] if dashboard else ["--include-dashboard=false"]
+    where = ["--head", f"--port={RAY_PORT}", *web] if head is None else []
     join = [f"--address={head.addr}:{RAY_PORT}"] if head is not None else []
     cmd = [
         "ray", "start", *where, *join,
@@ -243,37 +267,71 @@ class RayCluster:
     head: Host
     env: dict[str, str]
     start_s: float = 0.0
+    num_cpus: dict[str, int] = field(default_factory=dict)
+    dashboard: bool = False
+
+    def start(self) -> None:
+        """Start the head, then join every other host to it; wait until all nodes are alive."""
+        for host in self.hosts.hosts.values():
+            host.temp = Path(tempfile.mkdtemp(prefix=f"{host.ns}-"))  # short: Ray's socket paths fit in 107 bytes
+        ray_start(self.head, self.env, num_cpus=self.num_cpus.get(self.head.name, 1), dashboard=self.dashboard)
+        for host in self.hosts.hosts.values():
+            if host is not self.head:
+                ray_start(host, self.env, head=self.head, num_cpus=self.num_cpus.get(host.name, 1))
+        alive = wait_for_nodes(self.head, self.env, len(self.hosts.hosts))
+        if len(alive) != len(self.hosts.hosts):
+            raise RuntimeError(f"{len(alive)} of {len(self.hosts.hosts)} Ray nodes came up: {alive}")
+
+    def stop(self) -> None:
+        """Stop every node, workers first and the head last (the namespaces stay)."""
+        for host in reversed(list(self.hosts.hosts.values())):
+            ray_stop(host)
 
     @property
     def address(self) -> str:
         return f"{self.head.addr}:{RAY_PORT}"
 
+    @property
+    def job_api(self) -> str:
+        """The head's job API (``ray job submit --address``), when started with the dashboard."""
+        return f"http://{self.head.addr}:8265"
+
+    def rejoin(self, name: str) -> None:
+        """Start host ``name``'s Ray node again (after :func:`kill_all` or a partition) and wait until it is
+        alive: a lost host that came back."""
+        host = self.hosts[name]
+        kill_all(host.ns)  # what is left of the old node (a raylet told it was dead exits; make sure)
+        alive = len([n for n in ray_nodes(self.head, self.env) if n["alive"]])
+        ray_start(host, self.env, head=self.head, num_cpus=self.num_cpus.get(name, 1))
+        if len(wait_for_nodes(self.head, self.env, alive + 1)) < alive + 1:
+            raise RuntimeError(f"{name} did not rejoin the cluster")
+
 
 @contextmanager
-def ray_cluster(names: list[str], home: Path, tag: str | None = None) -> Iterator[RayCluster]:
+def ray_cluster(
+    names: list[str],
+    home: Path,
+    tag: str | None = None,
+    num_cpus: dict[str, int] | None = None,
+    dashboard: bool = False,
+    env: dict[str, str] | None = None,
+) -> Iterator[RayCluster]:
     """Hosts ``names`` (the first is the Ray head, the others worker nodes joined to it), each a Ray node on its
-    own address with ``--num-cpus 1`` and a ``host_<name>`` resource. Afterwards (also after a failed start)
-    every node is stopped, the namespaces, links and temp dirs are removed, and nothing must be left."""
+    own address with ``num_cpus[name]`` CPUs (default 1), a ``host_<name>`` resource, and ``env`` added to its
+    environment; the head with the job API when ``dashboard``. Afterwards (also after a failed start) every
+    node is stopped, the namespaces, links and temp dirs are removed, and nothing must be left."""
     t0 = time.monotonic()
     hosts = make_hosts(names, tag)
     tag = hosts.bridge.removesuffix("br")
-    env = ray_env(home)
-    cluster = RayCluster(hosts, hosts[names[0]], env)
+    env = {**ray_env(home), **(env or {})}
+    cluster = RayCluster(hosts, hosts[names[0]], env, num_cpus=num_cpus or {}, dashboard=dashboard)
     try:
-        for host in hosts.hosts.values():
-            host.temp = Path(tempfile.mkdtemp(prefix=f"{host.ns}-"))  # short: Ray's socket paths fit in 107 bytes
-        ray_start(cluster.head, env)
-        for name in names[1:]:
-            ray_start(hosts[name], env, head=cluster.head)
-        alive = wait_for_nodes(cluster.head, env, len(names))
-        if len(alive) != len(names):
-            raise RuntimeError(f"{len(alive)} of {len(names)} Ray nodes came up: {alive}")
+        cluster.start()
         cluster.start_s = time.monotonic() - t0
         yield cluster
     finally:
         try:
-            for host in reversed(list(hosts.hosts.values())):  # workers first, the head last
-                ray_stop(host)
+            cluster.stop()
         finally:
             remove_hosts(hosts)
         left = leftovers(tag)

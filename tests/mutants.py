@@ -531,6 +531,48 @@ MUTANTS = [
         "        super().__init__(img_resolution, img_channels, 0, **kwargs)",
         (SG1 + "test_discriminator_blurs_before_the_downscaling_conv_and_progans_does_not",),
     ),
+    Mutant(
+        "ray-preempted-exits-0",
+        "the Ray driver exits 0 after a preemption before the end, so a RayJob ends succeeded and is never retried",
+        "launch/ray_job.py",
+        "    if preempted:\n        return PREEMPTED_EXIT_CODE, (",
+        "    if False:\n        return PREEMPTED_EXIT_CODE, (",
+        ("tests/test_ray_driver.py::test_exit_status",),
+    ),
+    Mutant(
+        "ray-placement-ignored",
+        "the driver never passes ray.placement_strategy to Ray Train (PACK always: both workers on one host; "
+        "tests/test_multinode_jobs.py's DDP job test fails too, checked by hand: 3 min)",
+        "launch/ray_job.py",
+        "placement_strategy=r.placement_strategy,",
+        'placement_strategy="PACK",',
+        ("tests/test_ray_driver.py::test_the_worker_group_ray_train_gets",),
+    ),
+    Mutant(
+        "elastic-fixed-count",
+        "ray.min_workers is ignored: Ray Train gets a fixed worker count, and a lost host stalls the run",
+        "launch/ray_job.py",
+        "num_workers=(r.min_workers, r.num_workers) if r.elastic else r.num_workers,",
+        "num_workers=r.num_workers,",
+        ("tests/test_ray_driver.py::test_the_worker_group_ray_train_gets",),
+    ),
+    Mutant(
+        "elastic-batch-checked-at-max-only",
+        "an elastic run's global batch is checked at num_workers only: a shrink to a count that cannot split it "
+        "fails after the node loss instead of before the start",
+        "orchestrator/train/preflight.py",
+        "    for n in r.worker_counts:\n",
+        "    for n in [r.num_workers]:\n",
+        ("tests/test_ray_driver.py::test_an_elastic_run_must_split_its_global_batch_at_every_worker_count",),
+    ),
+    Mutant(
+        "stale-hosts-kept",
+        "make_hosts no longer removes what a killed test process left (namespaces, veths, bridge, processes)",
+        "tests/hosts.py",
+        "    remove_stale()  # a killed",
+        "    pass  # a killed",
+        ("tests/test_multinode.py::test_what_a_killed_test_process_left_behind_is_removed_by_the_next",),
+    ),
 ]
 
 

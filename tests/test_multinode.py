@@ -219,3 +219,28 @@ def test_the_evaluator_actor_on_the_head_serves_rank_0_on_another_host(ray_hosts
     (row,) = out["rows"]
     assert row["eval/lag_kimg"] == pytest.approx(0.64 - 0.096)
     assert row.get("eval/fid", 0) > 0, row
+
+
+def test_what_a_killed_test_process_left_behind_is_removed_by_the_next():
+    """A pytest killed before its teardown leaves namespaces, veths and a bridge named after its pid; the next
+    make_hosts removes them (and the processes inside) because that pid no longer runs."""
+    reason = hosts.unavailable()
+    if reason:
+        pytest.skip(reason)
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that ran and is gone
+    tag = f"gf{dead.pid}"
+    left = hosts.make_hosts(["a"], tag=tag)  # what the killed process had made
+    sleeper = subprocess.Popen(["ip", "netns", "exec", left["a"].ns, "sleep", "600"])
+    assert sorted(hosts.leftovers(tag)) == sorted([left["a"].ns, left["a"].veth, left.bridge])
+    mine = hosts.make_hosts(["b"], tag=f"gf{os.getpid()}s")  # the next run's hosts: made after a clean-up
+    try:
+        assert hosts.leftovers(tag) == []
+        assert sleeper.wait(timeout=10) != 0  # killed with its namespace
+        assert sorted(hosts.leftovers(f"gf{os.getpid()}s")) == sorted([mine["b"].ns, mine["b"].veth, mine.bridge])
+        assert hosts.remove_stale() == []  # a live process's hosts are not stale
+    finally:
+        hosts.remove_hosts(mine)
+        hosts.remove_hosts(left)
