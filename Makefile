@@ -8,7 +8,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,cpu)
 export WANDB_SILENT = true
 
-.PHONY: install demo demo-stylegan2 demo-stylegan demo-progan demo-pix2pix demo-cyclegan demo-srgan test test-fast test-faults lint format mutants bench bench-modes clean
+.PHONY: install demo demo-stylegan2 demo-stylegan demo-progan demo-pix2pix demo-cyclegan demo-srgan test test-fast test-faults lint format mutants bench bench-modes bench-multinode clean
 
 $(BIN)/ganforge: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -93,6 +93,10 @@ bench: $(BIN)/ganforge
 # trains every variant with seeds 0 1 2, two runs at a time; e.g. BENCH_MODES_ARGS="--variants dcgan --seeds 0".
 bench-modes: $(BIN)/ganforge data/digits16/manifest.json
 	$(BIN)/python -m benchmarks.modes $(BENCH_MODES_ARGS)
+
+# Cross-host against single-host step time of the same Ray job on three namespace hosts (issue 19; needs root).
+bench-multinode: $(BIN)/ganforge
+	$(BIN)/python -m benchmarks.multinode $(BENCH_MULTINODE_ARGS)
 
 clean:
 	rm -rf runs data/digits32 data/digits16 data/stacked-digits .pytest_cache

@@ -566,8 +566,9 @@ def ada_small_data(
     seeds: tuple[int, ...] = (0, 1),
     eval_every: float | None = None,
     runs: dict[str, list[str]] | None = None,
+    config: str = "configs/dev/dcgan-digits.yaml",
 ) -> None:
-    """The demo's DCGAN (32×32 digits, unconditional) on a 10% subset (``max_train`` training images, the whole
+    """The demo's DCGAN (or ``config``; 32×32 digits, unconditional) on a 10% subset (``max_train`` training images, the whole
     held-out split) without augmentation, with ADA (bgc, adaptive p) and with DiffAugment, at equal kimg; FID (dataset-cnn
     features, 2000 samples) against the held-out split, beside the real-vs-real floors; img/s of each. Each
     setting runs with every seed of ``seeds`` (FID on small data varies between seeds); ``eval_every`` kimg
@@ -608,7 +609,7 @@ def ada_small_data(
             f"checkpoint.every_kimg={kimg}", f"tracking.sample_every_kimg={kimg}", *extra,
         ]  # fmt: skip
         t0 = time.time()
-        result = train(load_config(ROOT / "configs/dev/dcgan-digits.yaml", overrides), run_dir)
+        result = train(load_config(ROOT / config, overrides), run_dir)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         speed = sorted(r["perf/img_per_s"] for r in rows if "perf/img_per_s" in r)
         fid = [e["eval/fid"] for e in result.evaluations if "eval/fid" in e]
@@ -623,6 +624,24 @@ def ada_small_data(
             flush=True,
         )
     shutil.rmtree(work, ignore_errors=True)
+
+
+def ada_small_data_stylegan2(
+    kimg: float = 300.0, seeds: tuple[int, ...] = (0, 1), settings: tuple[str, ...] = ("none", "ada")
+) -> None:
+    """:func:`ada_small_data` with the StyleGAN2 dev preset (32×32 here, no BatchNorm in D, lazy R1) instead of the
+    DCGAN: no augmentation against ADA (bgc, adaptive, ``speed_kimg`` 100), 1 thread per run, FID/KID every 50
+    kimg. ``settings`` picks some (run ``("none",)`` and ``("ada",)`` as two processes side by side on 2 cores:
+    the same numbers, half the wall time)."""
+    evaluation = ["eval.enabled=true", "eval.feature_extractor=dataset-cnn",
+                  f"eval.weights_path={ROOT / 'data/digits32/dataset-cnn.pt'}", "eval.metrics=[fid,kid]",
+                  "eval.num_samples=2000", "train.threads=1"]  # fmt: skip
+    runs = {
+        "none": [*evaluation, "augment.kind=none"],
+        "ada": [*evaluation, "augment.kind=ada", "augment.preset=bgc", "augment.speed_kimg=100"],
+    }
+    ada_small_data(kimg, seeds=seeds, eval_every=50, config="configs/stylegan2/dev.yaml",
+                   runs={name: runs[name] for name in settings})  # fmt: skip
 
 
 def augment_cost(calls: int = 20) -> None:
@@ -748,6 +767,7 @@ BENCHMARKS = {
     "stylegan2_cifar_compile": stylegan2_cifar_compile,
     "data_stream": data_stream,
     "ada_small_data": ada_small_data,
+    "ada_small_data_stylegan2": ada_small_data_stylegan2,
     "augment_cost": augment_cost,
     "image_to_image": image_to_image,
     "stability_cost": stability_cost,
