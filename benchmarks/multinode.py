@@ -35,11 +35,7 @@ def job(cluster, config: str, run_dir: Path, placement: str, steps: int, overrid
             "tracking.progress_bar=false", "train.threads=1", "eval.enabled=false", "checkpoint.every_kimg=1000",
             "distributed.strategy=ddp", "ray.num_workers=2", "ray.cpus_per_worker=1",
             f"ray.placement_strategy={placement}", *overrides]  # fmt: skip
-    cmd = ["ip", "netns", "exec", cluster.head.ns, "ray", "job", "submit", "--address", cluster.job_api,
-           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": {"GLOO_SOCKET_IFNAME": "eth0"}}),
-           "--", "python", "-m", "launch.ray_job", config, "--run-dir", str(run_dir)]  # fmt: skip
-    for s in sets:
-        cmd += ["--set", s]
+    cmd = cluster.submit_command(config, run_dir, {"GLOO_SOCKET_IFNAME": "eth0"}, sets=tuple(sets))
     t0 = time.monotonic()
     p = subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0 or "succeeded" not in p.stdout + p.stderr:

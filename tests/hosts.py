@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 RAY_PORT = 6390  # the GCS port inside the head's namespace (namespaces have their own ports; 6379 is avoided anyway)
 
 
@@ -295,6 +296,25 @@ class RayCluster:
     def job_api(self) -> str:
         """The head's job API (``ray job submit --address``), when started with the dashboard."""
         return f"http://{self.head.addr}:8265"
+
+    def submit_command(
+        self,
+        config: str | Path,
+        run_dir: Path,
+        env_vars: dict[str, str],
+        submission_id: str | None = None,
+        sets: tuple[str, ...] = (),
+    ) -> list[str]:
+        """The README's ``ray job submit`` of ``python -m launch.ray_job CONFIG --run-dir RUN_DIR [--set …]``, run
+        in the head's namespace against its job API, the repository as working directory and ``env_vars`` in the
+        job's runtime environment (``GLOO_SOCKET_IFNAME``: the hostname resolves to 127.0.0.1 here)."""
+        ident = ["--submission-id", submission_id] if submission_id else []
+        return [
+            "ip", "netns", "exec", self.head.ns, "ray", "job", "submit", "--address", self.job_api, *ident,
+            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars}),
+            "--", "python", "-m", "launch.ray_job", str(config), "--run-dir", str(run_dir),
+            *[arg for s in sets for arg in ("--set", s)],
+        ]  # fmt: skip
 
     def rejoin(self, name: str) -> None:
         """Start host ``name``'s Ray node again (after :func:`kill_all` or a partition) and wait until it is

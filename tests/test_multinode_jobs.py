@@ -64,19 +64,9 @@ def job_config(tmp_path: Path, shards: Path, **sections) -> Path:
     return path
 
 
-def submit(cluster, config: Path, run_dir: Path, submission_id: str) -> list[str]:
-    """The README's `ray job submit`, run in the head's namespace against the head's job API."""
-    return [
-        "ip", "netns", "exec", cluster.head.ns,
-        "ray", "job", "submit", "--address", cluster.job_api, "--submission-id", submission_id,
-        "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": JOB_ENV}),
-        "--", "python", "-m", "launch.ray_job", str(config), "--run-dir", str(run_dir),
-    ]  # fmt: skip
-
-
 def start(cluster, config: Path, run_dir: Path, submission_id: str) -> subprocess.Popen:
     return subprocess.Popen(
-        submit(cluster, config, run_dir, submission_id),
+        cluster.submit_command(config, run_dir, JOB_ENV, submission_id),
         cwd=ROOT,
         env=cluster.env,
         stdout=subprocess.PIPE,
@@ -255,33 +245,42 @@ def test_after_losing_the_head_a_resubmitted_job_continues_the_run(cluster, digi
 
 def test_an_elastic_run_shrinks_to_one_worker_and_grows_back_with_the_same_global_batch(cluster, digits16, tmp_path):
     """ray.min_workers 1, num_workers 2, one worker per host (2 CPUs each): w2 lost, the run goes on with one
-    worker (micro-batch 16 instead of 8); w2 back, it grows to two again. Every step consumes 16 images."""
+    worker (micro-batch 16 instead of 8); w2 back, it grows to two again, and a STOP file then ends it with a
+    checkpoint (the run is long enough never to end first, however slow the machine). Every step consumes 16
+    images."""
     ray = {"min_workers": 1, "cpus_per_worker": 2, "resize_interval_s": 2}
     config, run_dir = (
-        job_config(tmp_path, digits16, ray=ray, train={"total_kimg": 80 * 16 / 1000, "threads": 1}),
+        job_config(tmp_path, digits16, ray=ray, train={"total_kimg": 5000 * 16 / 1000, "threads": 1}),
         tmp_path / "run",
     )
+
+    def sizes() -> list[int]:
+        seen = [r["dist/workers"] for r in rows(run_dir)]
+        return [n for i, n in enumerate(seen) if i == 0 or n != seen[i - 1]]
+
+    def wait_for_sizes(expected: list[int], what: str) -> None:
+        deadline = time.monotonic() + 300
+        while sizes()[: len(expected)] != expected:
+            assert time.monotonic() < deadline and job.poll() is None, f"{what}: worker counts {sizes()}"
+            time.sleep(0.5)
+
     job = start(cluster, config, run_dir, f"gf-elastic-{os.getpid()}")
     try:
         wait_for_step(run_dir, INTERVAL + 3, job)
         hosts.kill_all(cluster.hosts["w2"].ns)
-        deadline = time.monotonic() + 240
-        while not any(r["dist/workers"] == 1 for r in rows(run_dir)):
-            assert time.monotonic() < deadline and job.poll() is None, "the run did not go on with one worker"
-            time.sleep(0.5)
+        wait_for_sizes([2, 1], "the run did not go on with one worker")
         cluster.rejoin("w2")
+        wait_for_sizes([2, 1, 2], "the run did not grow back to two workers")
+        (run_dir / "STOP").write_text("test: grown back\n")
         out = finish(job, timeout=600)
     finally:
         job.kill()
         if len([n for n in hosts.ray_nodes(cluster.head, cluster.env) if n["alive"]]) < 3:
             cluster.rejoin("w2")
     assert "succeeded" in out, out[-4000:]
+    assert sizes() == [2, 1, 2]
     seen = rows(run_dir)
-    sizes = [r["dist/workers"] for r in seen]
-    changes = [n for i, n in enumerate(sizes) if i == 0 or n != sizes[i - 1]]
-    assert changes == [2, 1, 2], changes
     for r in seen:  # the split changes, the batch does not
         assert r["dist/micro_batch"] * r["dist/accumulation"] * r["dist/workers"] == 16, r
     steps_and_nimg = [(r["step"], round(r["kimg"] * 1000)) for r in seen]
     assert all(n == 16 * s for s, n in steps_and_nimg), steps_and_nimg  # 16 images per step at every size
-    assert seen[-1]["step"] == 80
