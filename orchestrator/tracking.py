@@ -22,6 +22,7 @@ from core.config import StrictConfig
 
 RUN_ID_FILE = "wandb_run_id"
 METRICS_FILE = "metrics.jsonl"
+STEP_KEY = "train/step"  # the x-axis of every W&B chart: the training step a row belongs to
 
 
 class WandbConfig(StrictConfig):
@@ -97,8 +98,10 @@ class Tracker:
                 config=config,
                 settings=wandb.Settings(console="off", silent=True),
             )
-            self.wandb.define_metric("eval/step")
-            self.wandb.define_metric("eval/*", step_metric="eval/step")
+            # Every row carries the training step it belongs to, and every chart is drawn against it: W&B's
+            # own step only goes forward, and a Ray run's evaluations arrive after training moved on.
+            self.wandb.define_metric(STEP_KEY)
+            self.wandb.define_metric("*", step_metric=STEP_KEY)
         self._jsonl = open(self.run_dir / METRICS_FILE, "a")
         if cfg.progress_bar:
             from tqdm import tqdm
@@ -132,7 +135,7 @@ class Tracker:
         )
         self._jsonl.flush()
         if self.wandb is not None:
-            self.wandb.log({**metrics, "kimg": nimg / 1000}, step=step)
+            self.wandb.log({**metrics, "kimg": nimg / 1000, STEP_KEY: step})
         short = "  ".join(
             f"{k.split('/')[-1]} {v:.3g}" for k, v in metrics.items() if k.startswith(("loss/", "perf/img_per_s"))
         )
@@ -142,15 +145,15 @@ class Tracker:
             print(f"step {step:7d}  kimg {nimg / 1000:9.2f}  {short}", flush=True)
 
     def log_eval(self, row: dict) -> None:
-        """An evaluator result: in ``metrics.jsonl`` at the training step it belongs to; in W&B against
-        ``eval/step`` (W&B steps only go forward, and results arrive after training moved on)."""
+        """An evaluator result, at the training step it belongs to (in ``metrics.jsonl`` and as ``train/step``
+        in W&B, a row of its own: results arrive after training moved on)."""
         if not self.active:
             return
         scalars = {k: v for k, v in row.items() if k.startswith("eval/") and isinstance(v, (int, float))}
         self._jsonl.write(json.dumps({"step": row["step"], "kimg": row["kimg"], "time": time.time(), **scalars}) + "\n")
         self._jsonl.flush()
         if self.wandb is not None:
-            self.wandb.log({**scalars, "eval/step": row["step"], "eval/kimg": row["kimg"]})
+            self.wandb.log({**scalars, STEP_KEY: row["step"], "eval/step": row["step"], "eval/kimg": row["kimg"]})
         fid = f"  FID {row['eval/fid']:.2f}" if "eval/fid" in row else ""
         self.note(
             f"eval at step {row['step']} ({row['kimg']:.1f} kimg):{fid}  "
@@ -164,7 +167,7 @@ class Tracker:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({key: wandb.Image(str(path), caption=caption)}, step=step)
+            self.wandb.log({key: wandb.Image(str(path), caption=caption), STEP_KEY: step})
 
     def alert(self, title: str, text: str) -> None:
         """A training-health warning: on the console and as a W&B alert (offline runs record it in

@@ -220,16 +220,45 @@ def test_wandb_offline_run_files_and_resume(digits16, tmp_path):
 
     rows = [h for d in dirs for h in history(finished_records(d / f"run-{run_id}.wandb"))]
     train_rows = [h for h in rows if "loss/D" in h]
-    assert [h["_step"] for h in train_rows] == list(range(2, 21, 2))
+    assert [h["train/step"] for h in train_rows] == list(range(2, 21, 2))
     assert all(math.isfinite(h["grad/G"]) and math.isfinite(h["grad/D"]) for h in train_rows)
     jsonl = {r["step"]: r for r in metrics(run_dir) if "loss/D" in r}
-    assert all(h["loss/D"] == pytest.approx(jsonl[h["_step"]]["loss/D"]) for h in train_rows)
+    assert all(h["loss/D"] == pytest.approx(jsonl[h["train/step"]]["loss/D"]) for h in train_rows)
 
     images = {
-        (h["_step"], k) for h in rows for k, v in h.items() if isinstance(v, dict) and v.get("_type") == "image-file"
+        (h["train/step"], k)
+        for h in rows
+        for k, v in h.items()
+        if isinstance(v, dict) and v.get("_type") == "image-file"
     }
     assert (0, "samples/real") in images
     assert {s for s, k in images if k == "samples/grid"} == {5, 10, 15, 20}  # every 0.08 kimg of 16 images
     evals = [h for h in rows if "eval/fid" in h]
-    assert sorted(h["eval/step"] for h in evals) == [0, 10, 20]  # start, interval (the stop), interval (the end)
+    assert sorted(h["train/step"] for h in evals) == [0, 10, 20]  # start, interval (the stop), interval (the end)
     assert all(h["eval/fid"] > 0 for h in evals)
+
+
+def test_late_evaluations_do_not_push_w_and_b_past_the_training_step(tmp_path):
+    """A Ray run's evaluator results arrive after training logged their step: each is a row of its own at the
+    training step it belongs to, and the grid and scalars logged next are kept (W&B drops a row whose own step
+    is below its current one: ``wandb.log(..., step=)`` lost them)."""
+    from PIL import Image
+
+    from orchestrator.tracking import Tracker, TrackingConfig
+
+    cfg = TrackingConfig(progress_bar=False, wandb={"mode": "offline"})
+    tracker = Tracker(cfg, tmp_path / "run", {}, total_img=160)
+    grid = tmp_path / "grid.png"
+    Image.new("L", (8, 8)).save(grid)
+    tracker.log({"loss/D": 1.0}, step=10, nimg=160)
+    for step in (0, 10):  # the start's evaluation and the last one, both late
+        tracker.log_eval({"step": step, "kimg": step * 0.016, "eval/fid": 50.0 - step})
+    tracker.log_image("samples/grid", grid, step=10)
+    tracker.log({"loss/D": 0.5}, step=11, nimg=176)
+    run_id = tracker.run_id
+    tracker.close()
+    (run_file,) = (tmp_path / "run" / "wandb").glob(f"offline-run-*/run-{run_id}.wandb")
+    rows = history(finished_records(run_file))
+    assert [h["train/step"] for h in rows if "loss/D" in h] == [10, 11]
+    assert [(h["train/step"], h["eval/fid"]) for h in rows if "eval/fid" in h] == [(0, 50.0), (10, 40.0)]
+    assert [h["train/step"] for h in rows if "samples/grid" in h] == [10]
