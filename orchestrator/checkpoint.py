@@ -211,9 +211,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"cannot read {path / STATE}: {e}") from None
 
 
-def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict`` with an error that lists missing, unexpected and mis-shaped keys."""
-    own = module.state_dict()
+def state_mismatches(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` differs from a module's ``own`` state dict: the keys missing from it, the keys only it has,
+    and ``"key: checkpoint (shape) vs model (shape)"`` for each key whose shapes differ (each list sorted)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
@@ -221,6 +223,12 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str
         for k in sorted(set(own) & set(state))
         if state[k].shape != own[k].shape
     ]
+    return missing, unexpected, shapes
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict`` with an error that lists missing, unexpected and mis-shaped keys."""
+    missing, unexpected, shapes = state_mismatches(module.state_dict(), state)
     if missing or unexpected or shapes:
         parts = [
             f"missing {missing[:10]}" if missing else "",

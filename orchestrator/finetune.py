@@ -21,7 +21,7 @@ from pydantic import Field
 
 from architectures.registry import Architecture
 from core.config import ConfigError, StrictConfig
-from orchestrator.checkpoint import CheckpointError, read_checkpoint
+from orchestrator.checkpoint import CheckpointError, read_checkpoint, state_mismatches
 
 
 class FinetuneConfig(StrictConfig):
@@ -56,15 +56,11 @@ def freeze_d_blocks(D: nn.Module, k: int, arch: Architecture) -> None:
 
 def _fit(own: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], name: str) -> tuple[dict, list[str]]:
     """The tensors of ``theirs`` that fit ``own``, and a line for each that does not (name and both shapes)."""
-    fits, problems = {}, []
-    for key, tensor in own.items():
-        if key not in theirs:
-            problems.append(f"{name}.{key}: not in the checkpoint (model {tuple(tensor.shape)})")
-        elif theirs[key].shape != tensor.shape:
-            problems.append(f"{name}.{key}: checkpoint {tuple(theirs[key].shape)} vs model {tuple(tensor.shape)}")
-        else:
-            fits[key] = theirs[key]
-    problems += [f"{name}.{key}: in the checkpoint only" for key in theirs if key not in own]
+    missing, unexpected, shapes = state_mismatches(own, theirs)
+    problems = [f"{name}.{key}: not in the checkpoint (model {tuple(own[key].shape)})" for key in missing]
+    problems += [f"{name}.{line}" for line in shapes]
+    problems += [f"{name}.{key}: in the checkpoint only" for key in unexpected]
+    fits = {key: theirs[key] for key in own if key in theirs and theirs[key].shape == own[key].shape}
     return fits, problems
 
 
