@@ -15,6 +15,7 @@ from pydantic import Field
 from core.config import StrictConfig
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused Adam kernel runs
 
 
 class AdamConfig(StrictConfig):
@@ -52,11 +53,19 @@ def make_adam(params: Iterable[torch.nn.Parameter], cfg: AdamConfig, reg_interva
 
     A lazy regularizer adds one optimizer step per interval, so the main steps take a share
     ``interval / (interval + 1)`` of the updates (Karras et al. 2020, appendix B; StyleGAN2-ADA's
-    ``mb_ratio``): lr and betas are scaled to keep the same effective averaging.
+    ``mb_ratio``): lr and betas are scaled to keep the same effective averaging. torch's fused kernel
+    updates the parameters where it can (:func:`_fusable`).
     """
     ratio = lazy_ratio(reg_interval)
     betas = (cfg.betas[0] ** ratio, cfg.betas[1] ** ratio)
-    return torch.optim.Adam(params, lr=cfg.lr * ratio, betas=betas, eps=cfg.eps)
+    params = list(params)
+    return torch.optim.Adam(params, lr=cfg.lr * ratio, betas=betas, eps=cfg.eps, fused=_fusable(params))
+
+
+def _fusable(params: list[torch.nn.Parameter]) -> bool:
+    """Whether torch's fused Adam kernel can update ``params``: one kernel for all tensors instead of a
+    Python loop over them (a cost per tensor that a second DDP worker cannot divide; docs/benchmarks.md)."""
+    return bool(params) and all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in params)
 
 
 def make_optimizer(

@@ -348,6 +348,14 @@ MUTANTS = [
         ("tests/test_data.py::test_mirror_doubles_the_data_with_flipped_images_and_the_same_labels",),
     ),
     Mutant(
+        "adam-unfused",
+        "Adam updates the tensors one by one in a Python loop instead of torch's fused kernel",
+        "orchestrator/optim.py",
+        "eps=cfg.eps, fused=_fusable(params))",
+        "eps=cfg.eps, fused=False)",
+        ("tests/test_train.py::test_adam_uses_the_fused_kernel_where_it_runs_and_takes_adams_step",),
+    ),
+    Mutant(
         "init-from-ignores-mismatch",
         "--init-from loads what fits and silently leaves the rest, as if finetune.init_partial were on",
         "orchestrator/finetune.py",

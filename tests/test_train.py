@@ -272,3 +272,18 @@ def test_lazy_regularization_corrects_adam():
     opt = make_adam(p, AdamConfig(lr=0.002, betas=(0.0, 0.99)), reg_interval=16)
     g = opt.param_groups[0]
     assert g["lr"] == pytest.approx(0.002 * 16 / 17) and g["betas"][1] == pytest.approx(0.99 ** (16 / 17))
+
+
+def test_adam_uses_the_fused_kernel_where_it_runs_and_takes_adams_step():
+    """One kernel updates every tensor on CPU (and CUDA); a meta tensor falls back to the loop. The first step
+    of Adam moves each weight by lr·g/(|g| + ε) (Kingma & Ba 2015, Algorithm 1 with bias correction)."""
+    p = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.ones(2))]
+    opt = make_adam(p, AdamConfig(lr=0.1, betas=(0.5, 0.9), eps=1e-8))
+    assert opt.defaults["fused"] is True
+    grads = [torch.tensor([2.0, -0.5, 1e-3]), torch.tensor([-4.0, 3.0])]
+    for q, g in zip(p, grads):
+        q.grad = g.clone()
+    opt.step()
+    for q, start, g in zip(p, (0.0, 1.0), grads):
+        torch.testing.assert_close(q.detach(), start - 0.1 * g / (g.abs() + 1e-8), rtol=1e-6, atol=1e-7)
+    assert not make_adam([nn.Parameter(torch.zeros(2, device="meta"))], AdamConfig()).defaults["fused"]
