@@ -348,6 +348,14 @@ MUTANTS = [
         ("tests/test_data.py::test_mirror_doubles_the_data_with_flipped_images_and_the_same_labels",),
     ),
     Mutant(
+        "wandb-eval-at-its-step",
+        "a late evaluation is logged at W&B's own step (step=): W&B drops it, or the rows after it",
+        "orchestrator/tracking.py",
+        'STEP_KEY: row["step"], "eval/step": row["step"], "eval/kimg": row["kimg"]})',
+        '"eval/step": row["step"], "eval/kimg": row["kimg"]}, step=row["step"])',
+        ("tests/test_health.py::test_late_evaluations_do_not_push_w_and_b_past_the_training_step",),
+    ),
+    Mutant(
         "adam-unfused",
         "Adam updates the tensors one by one in a Python loop instead of torch's fused kernel",
         "orchestrator/optim.py",
